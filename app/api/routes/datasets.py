@@ -1,0 +1,105 @@
+"""Datasets: upload a file or post rows inline; list, read, preview."""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Form, HTTPException, Query, UploadFile
+
+from app.api.deps import SessionDep, SettingsDep, StorageDep, TeamDep
+from app.api.errors import PayloadTooLarge
+from app.datasets.readers import sniff_kind
+from app.models import (
+    Dataset,
+    DatasetCreate,
+    DatasetFormat,
+    DatasetPreview,
+    DatasetPublic,
+    DatasetsPublic,
+)
+from app.services import datasets as service
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+CHUNK = 1 << 20
+
+
+@router.post("/upload", response_model=DatasetPublic, status_code=201)
+def upload_dataset(
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    team_id: TeamDep,
+    file: UploadFile,
+    name: Annotated[str | None, Form(max_length=200)] = None,
+    format: Annotated[DatasetFormat | None, Form(description="Detected when omitted")] = None,
+    eval_fraction: Annotated[float, Form(ge=0, lt=1)] = 0.1,
+) -> DatasetPublic:
+    """Upload JSONL, JSON, CSV or Parquet (multipart field `file`)."""
+    limit = settings.api.max_upload_bytes
+    with tempfile.TemporaryDirectory(prefix="studio-upload-") as tmp:
+        path = Path(tmp) / "upload"  # the client's filename never reaches the filesystem
+        size = 0
+        with path.open("wb") as out:
+            while chunk := file.file.read(CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"file: larger than the {limit}-byte upload limit")
+                out.write(chunk)
+        with path.open("rb") as f:
+            kind = sniff_kind(file.filename, f.read(8))
+        dataset = service.create_from_file(
+            session=session, storage=storage, team_id=team_id,
+            name=name or Path(file.filename or "dataset").stem[:200] or "dataset",
+            path=path, kind=kind, fmt=format, eval_fraction=eval_fraction,
+        )  # fmt: skip
+    return DatasetPublic.model_validate(dataset)
+
+
+@router.post("/", response_model=DatasetPublic, status_code=201)
+def create_dataset(
+    session: SessionDep, storage: StorageDep, settings: SettingsDep, team_id: TeamDep,
+    body: DatasetCreate,
+) -> DatasetPublic:  # fmt: skip
+    """Create a dataset from rows in the request body."""
+    if len(body.rows) > settings.api.max_inline_rows:
+        raise PayloadTooLarge(f"rows: more than {settings.api.max_inline_rows} rows; upload a file")
+    dataset = service.create_from_rows(
+        session=session, storage=storage, team_id=team_id, name=body.name, rows=body.rows,
+        fmt=body.format, eval_fraction=body.eval_fraction,
+    )  # fmt: skip
+    return DatasetPublic.model_validate(dataset)
+
+
+@router.get("/", response_model=DatasetsPublic)
+def list_datasets(
+    session: SessionDep, team_id: TeamDep,
+    skip: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> DatasetsPublic:  # fmt: skip
+    """List the team's datasets, newest first."""
+    page, count = service.list_datasets(session=session, team_id=team_id, skip=skip, limit=limit)
+    return DatasetsPublic(data=[DatasetPublic.model_validate(d) for d in page], count=count)
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic)
+def read_dataset(session: SessionDep, team_id: TeamDep, dataset_id: uuid.UUID) -> DatasetPublic:
+    """One dataset's metadata."""
+    return DatasetPublic.model_validate(_get(session, team_id, dataset_id))
+
+
+@router.get("/{dataset_id}/preview", response_model=DatasetPreview)
+def preview_dataset(session: SessionDep, team_id: TeamDep, dataset_id: uuid.UUID) -> DatasetPreview:
+    """The first rows, as uploaded."""
+    dataset = _get(session, team_id, dataset_id)
+    return DatasetPreview(id=dataset.id, format=dataset.format, rows=dataset.preview)
+
+
+def _get(session: SessionDep, team_id: uuid.UUID, dataset_id: uuid.UUID) -> Dataset:
+    dataset = service.get_dataset(session=session, team_id=team_id, dataset_id=dataset_id)
+    if dataset is None:
+        raise HTTPException(404, f"dataset {dataset_id} not found")
+    return dataset
+
+

@@ -1,0 +1,106 @@
+"""`studio experiments`: submit, list, show, watch (live progress bar and loss), stop."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import httpx
+import typer
+from httpx_sse import connect_sse
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from app.cli.client import client, fail, request
+
+app = typer.Typer(help="Submit and follow fine-tuning experiments.", no_args_is_help=True)
+console = Console()
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set key=value`: values are read as JSON when they parse (numbers, bools, lists)."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            fail(f"--set {pair!r}: expected key=value")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    return overrides
+
+
+@app.command()
+def submit(
+    name: Annotated[str, typer.Option(help="Experiment name")],
+    base_model: Annotated[str, typer.Option(help="Hub id or local model directory")],
+    dataset: Annotated[str, typer.Option(help="Dataset id")],
+    recipe: Annotated[str | None, typer.Option(help="Preset from config/recipes")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value (repeatable)")] = None,
+    queue: Annotated[str | None, typer.Option(help="Training queue (GPU class)")] = None,
+    watch_: Annotated[bool, typer.Option("--watch", help="Follow progress until it ends")] = False,
+) -> None:
+    """Submit an experiment; prints its id."""
+    body = {"name": name, "base_model": base_model, "dataset_id": dataset, "recipe": recipe,
+            "hyperparameters": parse_overrides(set_ or []), "queue": queue}  # fmt: skip
+    experiment = request("POST", "/api/experiments/", json=body)
+    console.print(f"[green]experiment {experiment['id']}[/] queued on {experiment['queue']}")
+    if watch_:
+        watch(experiment["id"])
+
+
+@app.command("list")
+def list_(status: Annotated[str | None, typer.Option(help="Filter by status")] = None) -> None:
+    """List experiments, newest first."""
+    body = request("GET", "/api/experiments/", params={"status": status} if status else None)
+    table = Table("id", "name", "status", "base model", "created")
+    for e in body["data"]:
+        table.add_row(e["id"], e["name"], e["status"], e["base_model"][-40:], e["created_at"][:19])
+    console.print(table)
+
+
+@app.command()
+def show(experiment_id: str) -> None:
+    """Show one experiment as JSON."""
+    console.print_json(json.dumps(request("GET", f"/api/experiments/{experiment_id}")))
+
+
+@app.command()
+def stop(experiment_id: str) -> None:
+    """Stop (cancel) an experiment."""
+    experiment = request("POST", f"/api/experiments/{experiment_id}/stop")
+    console.print(f"experiment {experiment_id}: {experiment['status']}"
+                  + (" (stopping)" if experiment["stop_requested"] else ""))  # fmt: skip
+
+
+@app.command()
+def watch(experiment_id: str) -> None:
+    """Follow an experiment live: progress bar, loss; exit code 0 only if it succeeds."""
+    experiment = request("GET", f"/api/experiments/{experiment_id}")
+    total = experiment["hyperparameters"].get("max_steps") or 0
+    status = experiment["status"]
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed:.0f}"),
+               TextColumn("{task.fields[loss]}"), TimeElapsedColumn()]  # fmt: skip
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(status, total=total if total > 0 else None, loss="")
+        try:
+            with client(timeout=None) as http, connect_sse(
+                http, "GET", f"/api/experiments/{experiment_id}/events"
+            ) as source:
+                for sse in source.iter_sse():
+                    data = json.loads(sse.data)
+                    if sse.event == "status":
+                        status = data["status"]
+                        progress.update(task, description=status)
+                    elif sse.event == "metrics" and "loss" in data:
+                        progress.update(task, completed=data.get("step", 0), loss=f"loss {data['loss']:.4f}")
+        except httpx.HTTPError as exc:
+            fail(f"lost the event stream: {exc}")
+    final = request("GET", f"/api/experiments/{experiment_id}")
+    console.print(f"experiment {experiment_id}: {final['status']}"
+                  + (f" — {final['error']}" if final.get("error") else ""))  # fmt: skip
+    if final["status"] != "succeeded":
+        raise typer.Exit(1)

@@ -1,0 +1,136 @@
+"""The `studio` command: run the product, and drive it over its REST API."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from app.cli import experiments
+from app.cli.client import fail, request
+
+app = typer.Typer(help="Fine-Tuning Studio: fine-tune open LLMs and serve them.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Upload and inspect datasets.", no_args_is_help=True)
+models_app = typer.Typer(help="Local models for demos and tests.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(experiments.app, name="experiments")
+app.add_typer(models_app, name="models")
+console = Console()
+
+
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="API port")] = 8000,
+    host: Annotated[str, typer.Option(help="API bind address")] = "127.0.0.1",
+) -> None:
+    """Run everything on this machine: migrate, then API + a training worker + an inference worker."""
+    from app.cli.processes import run_all
+    from app.core.config import get_settings
+    from app.core.migrate import upgrade
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade()
+    raise typer.Exit(run_all(settings, host, port))
+
+
+@app.command()
+def api(
+    port: Annotated[int, typer.Option(help="API port")] = 8000,
+    host: Annotated[str, typer.Option(help="API bind address")] = "127.0.0.1",
+) -> None:
+    """Run the API server alone (production: several behind a load balancer)."""
+    from app.cli.processes import api_command
+
+    os.execv(sys.executable, api_command(host, port))  # noqa: S606 - fixed argv
+
+
+@app.command()
+def worker(
+    queue: Annotated[str, typer.Option(help="Queues to consume, comma-separated (train.h100, inference)")],
+    gpus: Annotated[str | None, typer.Option(help="GPU ids this worker owns, e.g. 0,1")] = None,
+    name: Annotated[str | None, typer.Option(help="Worker name; default <queue>@<host>")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Jobs at once; 1 per GPU group")] = 1,
+) -> None:
+    """Run one Celery worker pinned to a GPU group."""
+    from app.cli.processes import worker_command, worker_env
+
+    queues = [q.strip() for q in queue.split(",") if q.strip()]
+    if not queues:
+        fail("--queue: name at least one queue")
+    suffix = f"-gpu{gpus.replace(',', '-')}" if gpus else ""
+    command = worker_command(queues, name or f"{queues[0]}{suffix}@%h", concurrency)
+    os.execve(sys.executable, command, worker_env(gpus))  # noqa: S606 - fixed argv
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (alembic upgrade head)."""
+    from app.core.migrate import upgrade
+
+    upgrade()
+    console.print("database is up to date")
+
+
+@app.command()
+def flower(
+    port: Annotated[int, typer.Option(help="Flower port")] = 5555,
+    basic_auth: Annotated[
+        str | None, typer.Option(envvar="STUDIO_FLOWER_BASIC_AUTH", help="user:password (required)")
+    ] = None,
+) -> None:
+    """Run the Flower monitoring UI for the worker fleet, behind basic auth."""
+    if not basic_auth or ":" not in basic_auth:
+        fail("--basic-auth user:password (or STUDIO_FLOWER_BASIC_AUTH) is required: Flower can revoke tasks")
+    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower",
+            f"--port={port}", f"--basic-auth={basic_auth}"]  # fmt: skip
+    os.execv(sys.executable, argv)  # noqa: S606 - fixed argv
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL, JSON, CSV or Parquet")],
+    name: Annotated[str | None, typer.Option(help="Dataset name; default the file name")] = None,
+    format: Annotated[str | None, typer.Option(help="Row format; detected when omitted")] = None,
+    eval_fraction: Annotated[float, typer.Option(min=0, max=0.99)] = 0.1,
+) -> None:
+    """Upload a dataset file; prints its id."""
+    data = {"eval_fraction": str(eval_fraction), **({"name": name} if name else {}),
+            **({"format": format} if format else {})}  # fmt: skip
+    with path.open("rb") as f:
+        body = request("POST", "/api/datasets/upload", files={"file": (path.name, f)}, data=data)
+    console.print(f"[green]dataset {body['id']}[/] {body['name']}: {body['format']}, "
+                  f"{body['row_count']} rows ({body['train_rows']} train / {body['eval_rows']} eval)")  # fmt: skip
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
+    """List datasets."""
+    body = request("GET", "/api/datasets/")
+    table = Table("id", "name", "format", "rows", "created")
+    for d in body["data"]:
+        table.add_row(d["id"], d["name"], d["format"], str(d["row_count"]), d["created_at"][:19])
+    console.print(table)
+
+
+@models_app.command("tiny")
+def models_tiny(
+    output_dir: Annotated[Path, typer.Argument(help="Where to write the model")],
+    seed: Annotated[int, typer.Option(help="Same seed, same bytes")] = 0,
+) -> None:
+    """Build a tiny random Llama with a locally trained tokenizer and chat template (offline)."""
+    from workers.training.tiny_model import build_tiny_model
+
+    path = build_tiny_model(output_dir, seed=seed)
+    console.print(f"tiny model written to {path}")
+    console.print(json.dumps({"path": str(path)}))
+
+
+if __name__ == "__main__":
+    app()

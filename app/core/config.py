@@ -1,0 +1,125 @@
+"""Settings: one typed class, env prefix ``STUDIO_``, nested sections (``STUDIO_DATABASE__URL``).
+
+Defaults are the embedded deployment (SQLite, kombu's SQLAlchemy transport, polling for live
+events, a local storage directory), all under ``STUDIO_DATA_DIR``. Production swaps in Postgres,
+Redis and S3 by setting URLs; no code changes. Nothing else in the project reads ``os.environ``
+for configuration.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DatabaseSettings(BaseModel):
+    url: str = Field("", description="SQLAlchemy URL; default sqlite:///$STUDIO_DATA_DIR/studio.db")
+    echo: bool = Field(False, description="Log every SQL statement")
+
+
+class BrokerSettings(BaseModel):
+    url: str = Field(
+        "", description="Celery broker URL; default kombu's SQLAlchemy transport on SQLite"
+    )
+    visibility_timeout_s: int = Field(
+        6 * 3600,
+        description="Redis: seconds before an unacked message is redelivered. Redelivery is "
+        "harmless (jobs are claimed by attempt), so this only bounds recovery delay.",
+    )
+
+
+class EventsSettings(BaseModel):
+    redis_url: str = Field(
+        "", description="Redis URL for live notifications; empty = clients poll the database"
+    )
+    poll_interval_s: float = Field(1.0, description="How often SSE streams re-read the database")
+
+
+class StorageSettings(BaseModel):
+    backend: Literal["local", "s3"] = "local"
+    root: str = Field("", description="Local storage directory; default $STUDIO_DATA_DIR/storage")
+    s3_bucket: str = ""
+    s3_prefix: str = ""
+    s3_endpoint_url: str = Field("", description="For MinIO or other S3-compatible stores")
+    s3_region: str = ""
+
+
+class TrainQueue(BaseModel):
+    name: str = Field(description="Celery queue name, e.g. train.h100")
+    cuda: bool = Field(description="Workers on this queue have CUDA GPUs (QLoRA needs one)")
+
+
+class TrainingSettings(BaseModel):
+    queues: list[TrainQueue] = Field(
+        default_factory=lambda: [TrainQueue(name="train.cpu", cuda=False)],
+        description="Training queues, one per GPU class",
+    )
+    default_queue: str = "train.cpu"
+    work_dir: str = Field("", description="Scratch dir for runs; default $STUDIO_DATA_DIR/runs")
+    heartbeat_interval_s: float = 2.0
+    stale_after_s: float = Field(
+        120.0, description="A running job whose heartbeat is older than this is requeued"
+    )
+    stop_grace_s: float = Field(
+        10.0, description="Seconds a stopped trainer gets to exit before SIGKILL"
+    )
+    log_tail_lines: int = Field(50, description="Log lines kept on the row when a run fails")
+    max_steps_cap: int = Field(100_000, description="Largest max_steps a request may ask for")
+    max_seq_length_cap: int = Field(32_768, description="Largest max_seq_length allowed")
+    python: str = Field("", description="Interpreter for the trainer child; default this one")
+
+
+class ApiSettings(BaseModel):
+    max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest dataset upload (413)")
+    max_inline_rows: int = Field(50_000, description="Most rows in an inline dataset body")
+    relay_interval_s: float = Field(0.5, description="Outbox relay poll interval")
+    models_dir: str = Field(
+        "", description="Extra directory where base_model names resolve to local models"
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STUDIO_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Field(Path(".studio"), description="Where embedded state lives")
+    database: DatabaseSettings = DatabaseSettings()
+    broker: BrokerSettings = BrokerSettings()
+    events: EventsSettings = EventsSettings()
+    storage: StorageSettings = StorageSettings()
+    training: TrainingSettings = TrainingSettings()
+    api: ApiSettings = ApiSettings()
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        data = self.data_dir.resolve()
+        if not self.database.url:
+            self.database.url = f"sqlite:///{data / 'studio.db'}"
+        if not self.broker.url:
+            self.broker.url = f"sqla+sqlite:///{data / 'broker.db'}"
+        if not self.storage.root:
+            self.storage.root = str(data / "storage")
+        if not self.training.work_dir:
+            self.training.work_dir = str(data / "runs")
+        names = [q.name for q in self.training.queues]
+        if self.training.default_queue not in names:
+            raise ValueError(
+                f"training.default_queue {self.training.default_queue!r} is not one of {names}"
+            )
+        if self.environment == "production" and self.database.url.startswith("sqlite"):
+            raise ValueError("database.url: production needs Postgres, not SQLite")
+        return self
+
+    def train_queue(self, name: str) -> TrainQueue | None:
+        return next((q for q in self.training.queues if q.name == name), None)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

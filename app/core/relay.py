@@ -1,0 +1,77 @@
+"""The API's background loop: send outbox rows to the broker, and requeue runs whose worker died.
+
+Runs as a daemon thread in every API process (Postgres row locks let replicas share the work).
+Routes call ``wake()`` after a commit so a new job is sent at once instead of on the next tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from app.core import notify
+from app.core.config import Settings
+from app.core.db import session_scope
+from app.services.experiments import requeue_stale
+from app.services.outbox import relay_once
+
+log = logging.getLogger(__name__)
+REAP_EVERY_S = 5.0
+
+
+def celery_send(task_name: str, queue: str, kwargs: dict[str, Any]) -> None:
+    from workers.celery_app import celery_app  # torch-free; the API sends tasks by name
+
+    celery_app.send_task(task_name, kwargs=kwargs, queue=queue)
+
+
+class OutboxRelay:
+    def __init__(self, settings: Settings) -> None:
+        self.interval = settings.api.relay_interval_s
+        self.stale_after = settings.training.stale_after_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="outbox-relay", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        next_reap = 0.0
+        while not self._stop.is_set():
+            try:
+                with session_scope() as session:
+                    relay_once(session, celery_send)
+                if time.monotonic() >= next_reap:
+                    next_reap = time.monotonic() + REAP_EVERY_S
+                    with session_scope() as session:
+                        for experiment_id in requeue_stale(session=session, stale_after_s=self.stale_after):
+                            log.warning("requeued experiment %s: its worker stopped heartbeating", experiment_id)
+                            notify.publish(experiment_id)
+            except Exception:  # the loop must survive a database or broker outage
+                log.exception("outbox relay pass failed")
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+
+_relay: OutboxRelay | None = None
+
+
+def set_relay(relay: OutboxRelay | None) -> None:
+    global _relay
+    _relay = relay
+
+
+def wake_relay() -> None:
+    if _relay is not None:
+        _relay.wake()

@@ -1,0 +1,152 @@
+"""Dataset row formats: detect, validate (errors name the row and the field), convert to trl's.
+
+Pure Python on purpose: the API validates uploads with it, and the training worker converts rows
+with it, without either importing torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from app.models import DatasetFormat
+
+MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "tool": "tool"}  # fmt: skip
+MAX_REPORTED_ERRORS = 10
+
+
+@dataclass(frozen=True)
+class RowError:
+    row: int  # 1-based; for JSONL files, the line number
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"row {self.row}: field '{self.field}': {self.message}"
+
+
+class DatasetInvalid(ValueError):
+    def __init__(self, errors: list[RowError]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(str(e) for e in errors))
+
+
+def detect_format(row: dict[str, Any]) -> DatasetFormat | None:
+    """Guess the format from one row's keys; the most specific match wins."""
+    keys = set(row)
+    if "messages" in keys:
+        return DatasetFormat.messages
+    if "conversations" in keys:
+        return DatasetFormat.sharegpt
+    if {"chosen", "rejected"} <= keys:
+        return DatasetFormat.preference
+    if "instruction" in keys:
+        return DatasetFormat.alpaca
+    if {"prompt", "completion"} <= keys:
+        return DatasetFormat.prompt_completion
+    if "text" in keys:
+        return DatasetFormat.text
+    return None
+
+
+def _need_text(row: dict[str, Any], field: str, *, allow_empty: bool = False) -> str | None:
+    if field not in row or row[field] is None:
+        return "is required"
+    if not isinstance(row[field], str):
+        return f"must be a string, got {type(row[field]).__name__}"
+    if not allow_empty and not row[field].strip():
+        return "must not be empty"
+    return None
+
+
+def _check_turns(
+    turns: Any, field: str, role_key: str, text_key: str, roles: Iterable[str]
+) -> list[tuple[str, str]]:
+    if not isinstance(turns, list) or not turns:
+        return [(field, "must be a non-empty list of turns")]
+    allowed = set(roles)
+    problems: list[tuple[str, str]] = []
+    for i, turn in enumerate(turns):
+        where = f"{field}[{i}]"
+        if not isinstance(turn, dict):
+            problems.append((where, "must be an object"))
+        elif turn.get(role_key) not in allowed:
+            problems.append((f"{where}.{role_key}", f"must be one of {sorted(allowed)}"))
+        elif not isinstance(turn.get(text_key), str):
+            problems.append((f"{where}.{text_key}", "must be a string"))
+    if not problems and not any(SHAREGPT_ROLES.get(t[role_key]) == "assistant" for t in turns):
+        problems.append((field, "needs at least one assistant turn to learn from"))
+    return problems
+
+
+def _problems(row: dict[str, Any], fmt: DatasetFormat) -> list[tuple[str, str]]:
+    def texts(*fields: str, optional: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+        found = [(f, m) for f in fields if (m := _need_text(row, f))]
+        found += [(f, m) for f in optional if f in row and (m := _need_text(row, f, allow_empty=True))]
+        return found
+
+    checks: dict[DatasetFormat, Callable[[], list[tuple[str, str]]]] = {
+        DatasetFormat.text: lambda: texts("text"),
+        DatasetFormat.alpaca: lambda: texts("instruction", "output", optional=("input",)),
+        DatasetFormat.prompt_completion: lambda: texts("prompt", "completion"),
+        DatasetFormat.preference: lambda: texts("prompt", "chosen", "rejected"),
+        DatasetFormat.messages: lambda: _check_turns(
+            row.get("messages"), "messages", "role", "content", MESSAGE_ROLES
+        ),
+        DatasetFormat.sharegpt: lambda: _check_turns(
+            row.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES
+        ),
+    }
+    return checks[fmt]()
+
+
+def validate_rows(
+    rows: Iterable[tuple[int, dict[str, Any]]], fmt: DatasetFormat | None = None
+) -> DatasetFormat:
+    """Validate numbered rows; return the (detected) format or raise DatasetInvalid."""
+    errors: list[RowError] = []
+    seen = 0
+    for number, row in rows:
+        seen += 1
+        if not isinstance(row, dict):
+            errors.append(RowError(number, "*", "must be a JSON object"))
+        else:
+            if fmt is None:
+                fmt = detect_format(row)
+                if fmt is None:
+                    fields = sorted(row)[:8]
+                    errors.append(RowError(number, "*", f"unrecognised format (fields {fields}); "
+                                           "expected text, messages, conversations, "
+                                           "instruction/output, prompt/completion or "
+                                           "prompt/chosen/rejected"))
+                    break
+            errors += [RowError(number, f, m) for f, m in _problems(row, fmt)]
+        if len(errors) >= MAX_REPORTED_ERRORS:
+            break
+    if not seen:
+        errors.append(RowError(0, "*", "the dataset has no rows"))
+    if errors:
+        raise DatasetInvalid(errors[:MAX_REPORTED_ERRORS])
+    assert fmt is not None
+    return fmt
+
+
+def to_training_record(row: dict[str, Any], fmt: DatasetFormat) -> dict[str, Any]:
+    """Convert a validated row to one of the formats trl's SFTTrainer reads."""
+    if fmt is DatasetFormat.text:
+        return {"text": row["text"]}
+    if fmt is DatasetFormat.messages:
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
+    if fmt is DatasetFormat.sharegpt:
+        return {"messages": [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]}
+                             for t in row["conversations"]]}  # fmt: skip
+    if fmt is DatasetFormat.alpaca:
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        return {"messages": [{"role": "user", "content": prompt},
+                             {"role": "assistant", "content": row["output"]}]}  # fmt: skip
+    if fmt is DatasetFormat.prompt_completion:
+        return {"prompt": row["prompt"], "completion": row["completion"]}
+    raise ValueError(f"{fmt.value} datasets need preference training (DPO), not SFT")

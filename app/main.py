@@ -1,0 +1,42 @@
+"""The FastAPI app: middleware, error handlers, routers, and the outbox relay's lifetime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api.errors import install_error_handlers
+from app.api.limits import BodySizeLimit
+from app.api.main import api_router
+from app.api.routes import health
+from app.core.config import get_settings
+from app.core.relay import OutboxRelay, set_relay
+
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    relay = OutboxRelay(get_settings())
+    set_relay(relay)
+    relay.start()
+    try:
+        yield
+    finally:
+        relay.stop()
+        set_relay(None)
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    app = FastAPI(title="Fine-Tuning Studio", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_upload_bytes + MULTIPART_OVERHEAD)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(api_router, prefix="/api")
+    return app
+
+
+app = create_app()

@@ -1,0 +1,61 @@
+"""The per-experiment event log: status changes, metrics, checkpoints, in gap-free ``seq`` order.
+
+Postgres (or SQLite) is the truth; Redis only says "something new" (see app.core.notify).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlmodel import Session, col, select, update
+
+from app.models import Experiment, ExperimentEvent, ExperimentStatus
+
+
+class Fenced(RuntimeError):
+    """The job is no longer owned by this attempt (stopped, requeued, or claimed elsewhere)."""
+
+
+def record_event(
+    session: Session,
+    experiment_id: uuid.UUID,
+    type_: str,
+    data: dict[str, Any],
+    *,
+    attempt: int | None = None,
+) -> ExperimentEvent:
+    """Append an event in the caller's transaction. With ``attempt``, only the owner may write."""
+    stmt = update(Experiment).where(col(Experiment.id) == experiment_id)
+    if attempt is not None:
+        stmt = stmt.where(
+            col(Experiment.attempt) == attempt, col(Experiment.status) == ExperimentStatus.running
+        )
+    # The row update both allocates the next seq and serialises concurrent writers.
+    seq = session.exec(  # type: ignore[call-overload]
+        stmt.values(event_seq=col(Experiment.event_seq) + 1).returning(col(Experiment.event_seq))
+    ).scalar_one_or_none()
+    if seq is None:
+        raise Fenced(f"experiment {experiment_id} is not owned by attempt {attempt}")
+    event = ExperimentEvent(experiment_id=experiment_id, seq=seq, type=type_, data=data)
+    session.add(event)
+    return event
+
+
+def status_event(
+    session: Session, experiment: Experiment, **extra: Any
+) -> ExperimentEvent:
+    data = {"status": experiment.status.value, "attempt": experiment.attempt, **extra}
+    return record_event(session, experiment.id, "status", data)
+
+
+def events_after(
+    session: Session, experiment_id: uuid.UUID, after_seq: int, *, type_: str | None = None,
+    limit: int = 1000,
+) -> list[ExperimentEvent]:
+    query = select(ExperimentEvent).where(
+        ExperimentEvent.experiment_id == experiment_id, col(ExperimentEvent.seq) > after_seq
+    )
+    if type_:
+        query = query.where(ExperimentEvent.type == type_)
+    return list(session.exec(query.order_by(col(ExperimentEvent.seq)).limit(limit)).all())

@@ -1,0 +1,205 @@
+"""Experiment lifecycle on the API side: create (validate + queue), retry, stop, requeue stale runs.
+
+Every state change writes the row, a status event and (when work must run) an outbox message in
+one transaction. The Celery message carries only ``experiment_id`` and the attempt to claim.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+from pydantic import ValidationError
+from sqlmodel import Session, col, func, select
+
+from app.core.config import Settings
+from app.models import (
+    Dataset,
+    DatasetFormat,
+    Experiment,
+    ExperimentCreate,
+    ExperimentStatus,
+    utcnow,
+)
+from app.services.events import status_event
+from app.services.outbox import TRAIN_TASK, enqueue
+from app.training.hyperparameters import Hyperparameters, RecipeNotFound, resolve
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
+
+
+class InvalidRequest(ValueError):
+    """A 4xx: ``field`` is the request field at fault (dotted path)."""
+
+    def __init__(self, field: str, message: str, status_code: int = 422) -> None:
+        self.field = field
+        self.message = message
+        self.status_code = status_code
+        super().__init__(f"{field}: {message}")
+
+
+class Conflict(InvalidRequest):
+    def __init__(self, message: str) -> None:
+        super().__init__("status", message, status_code=409)
+
+
+def check_base_model(name: str, settings: Settings) -> str:
+    """Accept a local model directory or a Hub id; refuse a path that holds no model."""
+    candidates = [Path(name).expanduser()]
+    if settings.api.models_dir:
+        candidates.append(Path(settings.api.models_dir) / name)
+    for path in candidates:
+        if path.exists():
+            if not (path / "config.json").is_file():
+                raise InvalidRequest("base_model", f"{name!r} has no config.json: not a model directory")
+            return str(path.resolve())
+    if name.startswith(("/", ".", "~")) or not HUB_ID.match(name):
+        raise InvalidRequest("base_model", f"no model directory at {name!r}, and it is not a Hub id")
+    return name  # a Hub id: the worker resolves it (its local cache, or the Hub where reachable)
+
+
+def resolve_hyperparameters(body: ExperimentCreate, settings: Settings) -> Hyperparameters:
+    try:
+        params = resolve(body.recipe, body.hyperparameters)
+    except RecipeNotFound as exc:
+        raise InvalidRequest("recipe", str(exc)) from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "hyperparameters"
+        raise InvalidRequest(f"hyperparameters.{where}", first["msg"]) from None
+    caps = settings.training
+    if params.max_steps > caps.max_steps_cap:
+        raise InvalidRequest("hyperparameters.max_steps", f"must be <= {caps.max_steps_cap}")
+    if params.max_seq_length > caps.max_seq_length_cap:
+        raise InvalidRequest(
+            "hyperparameters.max_seq_length", f"must be <= {caps.max_seq_length_cap}"
+        )
+    return params
+
+
+def create_experiment(
+    *, session: Session, settings: Settings, team_id: uuid.UUID, body: ExperimentCreate
+) -> Experiment:
+    dataset = session.get(Dataset, body.dataset_id)
+    if dataset is None or dataset.team_id != team_id:
+        raise InvalidRequest("dataset_id", f"no dataset {body.dataset_id}", status_code=404)
+    if dataset.format is DatasetFormat.preference:
+        raise InvalidRequest("dataset_id", "preference datasets need DPO, which SFT cannot train on")
+    params = resolve_hyperparameters(body, settings)
+    queue_name = body.queue or settings.training.default_queue
+    queue = settings.train_queue(queue_name)
+    if queue is None:
+        names = [q.name for q in settings.training.queues]
+        raise InvalidRequest("queue", f"unknown training queue {queue_name!r}; known: {names}")
+    if params.method == "qlora" and not queue.cuda:
+        raise InvalidRequest(
+            "hyperparameters.method", f"qlora needs a CUDA GPU, and queue {queue.name!r} has none"
+        )
+    base_model = check_base_model(body.base_model, settings)
+    experiment = Experiment(
+        team_id=team_id, name=body.name, base_model=base_model, dataset_id=dataset.id,
+        recipe=body.recipe, hyperparameters=params.model_dump(), queue=queue.name,
+    )  # fmt: skip
+    session.add(experiment)
+    session.flush()
+    _queue_attempt(session, experiment)
+    session.commit()
+    session.refresh(experiment)
+    return experiment
+
+
+def _queue_attempt(session: Session, experiment: Experiment, **extra: str) -> None:
+    """Mark queued and send a wake-up for the next attempt, in the caller's transaction."""
+    experiment.status = ExperimentStatus.queued
+    experiment.stop_requested = False
+    session.add(experiment)
+    session.flush()
+    status_event(session, experiment, **extra)
+    payload = {"experiment_id": str(experiment.id), "attempt": experiment.attempt + 1}
+    enqueue(session, TRAIN_TASK, experiment.queue, payload)
+
+
+def start_experiment(*, session: Session, experiment: Experiment) -> Experiment:
+    """Run again after a failure or cancel; resumes from the last stored checkpoint."""
+    if experiment.status not in (ExperimentStatus.failed, ExperimentStatus.cancelled):
+        raise Conflict(f"experiment is {experiment.status.value}; only failed or cancelled "
+                       "experiments can be started again")  # fmt: skip
+    experiment.error = None
+    experiment.finished_at = None
+    _queue_attempt(session, experiment, reason="started again")
+    session.commit()
+    session.refresh(experiment)
+    return experiment
+
+
+def stop_experiment(*, session: Session, experiment: Experiment) -> Experiment:
+    """A queued job is cancelled at once; a running one is flagged and its worker kills it."""
+    if experiment.status.terminal:
+        raise Conflict(f"experiment is already {experiment.status.value}")
+    session.refresh(experiment, with_for_update=session.get_bind().dialect.name == "postgresql")
+    if experiment.status is ExperimentStatus.queued:
+        experiment.status = ExperimentStatus.cancelled
+        experiment.finished_at = utcnow()
+        session.add(experiment)
+        session.flush()
+        status_event(session, experiment, reason="stopped before it started")
+    elif not experiment.stop_requested:
+        experiment.stop_requested = True
+        session.add(experiment)
+    session.commit()
+    session.refresh(experiment)
+    return experiment
+
+
+def requeue_stale(*, session: Session, stale_after_s: float) -> list[uuid.UUID]:
+    """Running jobs whose worker stopped heartbeating go back to the queue (resume from checkpoint)."""
+    cutoff = utcnow() - timedelta(seconds=stale_after_s)
+    query = select(Experiment).where(
+        Experiment.status == ExperimentStatus.running, col(Experiment.heartbeat_at) < cutoff
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    requeued = []
+    for experiment in session.exec(query).all():
+        if experiment.stop_requested:
+            experiment.status = ExperimentStatus.cancelled
+            experiment.finished_at = utcnow()
+            session.add(experiment)
+            session.flush()
+            status_event(session, experiment, reason="worker lost while stopping")
+        else:
+            _queue_attempt(session, experiment, reason="worker lost; requeued")
+        requeued.append(experiment.id)
+    session.commit()
+    return requeued
+
+
+def get_experiment(
+    *, session: Session, team_id: uuid.UUID, experiment_id: uuid.UUID
+) -> Experiment | None:
+    experiment = session.get(Experiment, experiment_id)
+    return experiment if experiment and experiment.team_id == team_id else None
+
+
+def list_experiments(
+    *, session: Session, team_id: uuid.UUID, status: ExperimentStatus | None, skip: int, limit: int
+) -> tuple[list[Experiment], int]:
+    where = [col(Experiment.team_id) == team_id]
+    if status:
+        where.append(col(Experiment.status) == status)
+    count = session.exec(select(func.count()).select_from(Experiment).where(*where)).one()
+    page = session.exec(
+        select(Experiment).where(*where).order_by(col(Experiment.created_at).desc())
+        .offset(skip).limit(limit)
+    ).all()  # fmt: skip
+    return list(page), count
+
+
+def artifact_prefix(experiment_id: uuid.UUID) -> str:
+    return f"experiments/{experiment_id}/artifacts"
+
+
+def checkpoint_prefix(experiment_id: uuid.UUID) -> str:
+    return f"experiments/{experiment_id}/checkpoints"

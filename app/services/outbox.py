@@ -1,0 +1,60 @@
+"""Transactional outbox: a task send is a row committed with the change it belongs to.
+
+The relay sends unsent rows to the broker and marks them sent. If the API dies between the commit
+and the send, the row is still there and the next relay pass (in any API process) sends it. A send
+that happens twice (relay died after sending, before marking) is harmless: tasks claim jobs by
+attempt number, so the second delivery does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from app.models import OutboxMessage, utcnow
+
+log = logging.getLogger(__name__)
+
+Sender = Callable[[str, str, dict[str, Any]], None]  # (task_name, queue, kwargs)
+
+TRAIN_TASK = "studio.train"
+
+
+def enqueue(session: Session, task_name: str, queue: str, payload: dict[str, Any]) -> None:
+    """Add a send to the caller's transaction; it leaves only if the transaction commits."""
+    session.add(OutboxMessage(task_name=task_name, queue=queue, payload=payload))
+
+
+def relay_once(session: Session, send: Sender, limit: int = 100) -> int:
+    """Send pending messages in id order; returns how many were sent."""
+    query = (
+        select(OutboxMessage)
+        .where(col(OutboxMessage.sent_at).is_(None))
+        .order_by(col(OutboxMessage.id))
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        # Several API replicas may relay at once; each takes different rows.
+        query = query.with_for_update(skip_locked=True)
+    sent = 0
+    for message in session.exec(query).all():
+        try:
+            send(message.task_name, message.queue, message.payload)
+        except Exception as exc:  # broker down: keep the row, try again next pass
+            message.send_attempts += 1
+            message.last_error = str(exc)[:1000]
+            log.warning("outbox send %s failed: %s", message.id, exc)
+            session.add(message)
+            break
+        message.sent_at = utcnow()
+        session.add(message)
+        sent += 1
+    session.commit()
+    return sent
+
+
+def pending_count(session: Session) -> int:
+    return len(session.exec(select(OutboxMessage.id).where(col(OutboxMessage.sent_at).is_(None))).all())

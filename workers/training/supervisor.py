@@ -1,0 +1,291 @@
+"""Supervise one training attempt: prepare the run dir, launch the trainer child, relay its events.
+
+The child (``python -m workers.training.run config.json``) knows nothing of the database: it writes
+JSON lines to ``events.jsonl``. This side persists them (fenced on the attempt), uploads
+checkpoints and the final artifacts to storage, heartbeats, and kills the child's whole process
+group on stop. A crash of the trainer is a failed job, never a dead worker.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import col, select
+
+from app.core.config import Settings, get_settings
+from app.core.db import session_scope
+from app.core.storage import Storage, download_prefix, get_storage, upload_dir
+from app.datasets.formats import to_training_record
+from app.datasets.split import split_indices
+from app.models import Dataset, Experiment, ExperimentEvent, ExperimentStatus
+from app.services.datasets import read_dataset_rows
+from app.services.events import Fenced
+from app.services.experiments import artifact_prefix, checkpoint_prefix
+from workers import jobs
+
+log = logging.getLogger(__name__)
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class RunFiles:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def stop(self) -> Path:
+        return self.root / "STOP"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "train.log"
+
+    @property
+    def output(self) -> Path:
+        return self.root / "out"
+
+
+def run_training(experiment_id: uuid.UUID, attempt: int, worker: str) -> str:
+    """Entry point of the Celery task. Returns the outcome for the worker log."""
+    experiment = jobs.claim(experiment_id, attempt, worker)
+    if experiment is None:
+        log.info("experiment %s attempt %s: not claimable, skipping duplicate", experiment_id, attempt)
+        return "skipped"
+    settings, storage = get_settings(), get_storage()
+    files = RunFiles(Path(settings.training.work_dir) / str(experiment_id) / f"attempt-{attempt}")
+    try:
+        prepare_run(experiment, files, settings, storage)
+    except Exception as exc:
+        log.exception("preparing experiment %s failed", experiment_id)
+        jobs.finish(experiment_id, attempt, ExperimentStatus.failed, error=f"setup failed: {exc}")
+        return "failed"
+    outcome = Supervision(experiment_id, attempt, files, settings, storage).run()
+    if outcome != "lost":
+        shutil.rmtree(files.root, ignore_errors=True)
+    return outcome
+
+
+# ---------------------------------------------------------------- preparation
+
+
+def prepare_run(experiment: Experiment, files: RunFiles, settings: Settings, storage: Storage) -> None:
+    """Write the datasets and the resolved config the child reads; fetch a checkpoint to resume."""
+    if files.root.exists():
+        shutil.rmtree(files.root)
+    files.root.mkdir(parents=True)
+    params: dict[str, Any] = dict(experiment.hyperparameters)
+    with session_scope() as session:
+        dataset = session.get(Dataset, experiment.dataset_id)
+        assert dataset is not None
+        resume_key = _last_checkpoint_key(session, experiment.id)
+    rows = read_dataset_rows(storage, dataset)
+    eval_fraction = params.pop("eval_fraction", None)
+    train_idx, eval_idx = split_indices(
+        rows, dataset.eval_fraction if eval_fraction is None else eval_fraction
+    )
+    _write_jsonl(files.root / "train.jsonl", (to_training_record(rows[i], dataset.format) for i in train_idx))
+    if eval_idx:
+        _write_jsonl(files.root / "eval.jsonl", (to_training_record(rows[i], dataset.format) for i in eval_idx))
+    resume_dir = None
+    if resume_key:
+        resume_dir = files.root / "resume" / resume_key.rsplit("/", 1)[-1]
+        download_prefix(storage, resume_key, resume_dir)
+    config = {
+        "base_model": experiment.base_model,
+        "train_file": str(files.root / "train.jsonl"),
+        "eval_file": str(files.root / "eval.jsonl") if eval_idx else None,
+        "output_dir": str(files.output),
+        "events_file": str(files.events),
+        "stop_file": str(files.stop),
+        "resume_from_checkpoint": str(resume_dir) if resume_dir else None,
+        "experiment_name": experiment.name,
+        "dataset_name": dataset.name,
+        **_run_config_params(params),
+    }
+    files.config.write_text(json.dumps(config, indent=2))
+
+
+def _run_config_params(params: dict[str, Any]) -> dict[str, Any]:
+    """API hyperparameter names → the trainer's RunConfig names."""
+    renames = {"epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
+               "lr_scheduler": "lr_scheduler_type"}  # fmt: skip
+    return {renames.get(k, k): v for k, v in params.items()}
+
+
+def _last_checkpoint_key(session: Any, experiment_id: uuid.UUID) -> str | None:
+    event = session.exec(
+        select(ExperimentEvent)
+        .where(ExperimentEvent.experiment_id == experiment_id, ExperimentEvent.type == "checkpoint")
+        .order_by(col(ExperimentEvent.seq).desc())
+        .limit(1)
+    ).first()
+    return event.data.get("key") if event else None
+
+
+def _write_jsonl(path: Path, records: Any) -> None:
+    with path.open("w") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------- supervision
+
+
+def _die_with_parent() -> None:
+    """Child side of fork: get SIGKILL if the supervising worker dies, so no orphan holds a GPU."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def trainer_command(config_path: Path) -> list[str]:
+    python = get_settings().training.python or sys.executable
+    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    if len(gpus) > 1:  # one process per GPU of this worker's group (DDP / DeepSpeed)
+        return [python, "-m", "accelerate.commands.launch", "--num_processes", str(len(gpus)),
+                "-m", "workers.training.run", str(config_path)]  # fmt: skip
+    return [python, "-m", "workers.training.run", str(config_path)]
+
+
+@dataclass
+class Supervision:
+    experiment_id: uuid.UUID
+    attempt: int
+    files: RunFiles
+    settings: Settings
+    storage: Storage
+    completed: dict[str, Any] | None = None
+    stop_requested: bool = False
+    _events_offset: int = 0
+    _log_tail: deque[str] = field(default_factory=lambda: deque(maxlen=200))
+
+    def run(self) -> str:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        with self.files.log.open("wb") as log_file:
+            proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+                trainer_command(self.files.config), cwd=PROJECT_ROOT, env=env,
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )  # fmt: skip
+        try:
+            return self._watch(proc)
+        finally:
+            _kill_group(proc.pid, signal.SIGKILL)  # nothing of the job outlives its supervision
+            proc.wait()
+
+    def _watch(self, proc: subprocess.Popen[bytes]) -> str:
+        interval = self.settings.training.heartbeat_interval_s
+        next_beat, kill_at = 0.0, None
+        while True:
+            now = time.monotonic()
+            try:
+                if now >= next_beat:
+                    next_beat = now + interval
+                    if jobs.heartbeat(self.experiment_id, self.attempt, pid=proc.pid) and kill_at is None:
+                        self.stop_requested = True
+                        self.files.stop.touch()  # lets the trainer's callback stop cleanly
+                        _kill_group(proc.pid, signal.SIGTERM)
+                        kill_at = now + self.settings.training.stop_grace_s
+                self._relay_events()
+            except Fenced:
+                log.warning("experiment %s attempt %s lost ownership; killing trainer",
+                            self.experiment_id, self.attempt)  # fmt: skip
+                return "lost"
+            if kill_at is not None and now >= kill_at:
+                _kill_group(proc.pid, signal.SIGKILL)
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        return self._conclude(proc.returncode)
+
+    def _conclude(self, returncode: int) -> str:
+        try:
+            self._relay_events()
+            if self.stop_requested:
+                status, outcome = ExperimentStatus.cancelled, "cancelled"
+                jobs.finish(self.experiment_id, self.attempt, status)
+            elif returncode == 0 and self.completed is not None:
+                final_dir = Path(self.completed["final_dir"])
+                upload_dir(self.storage, final_dir, artifact_prefix(self.experiment_id))
+                self.storage.put_file(f"{artifact_prefix(self.experiment_id)}/train.log", self.files.log)
+                jobs.finish(self.experiment_id, self.attempt, ExperimentStatus.succeeded,
+                            final_metrics=self.completed.get("metrics", {}))  # fmt: skip
+                outcome = "succeeded"
+            else:
+                tail = _tail(self.files.log, self.settings.training.log_tail_lines)
+                error = _error_line(tail) or f"trainer exited with code {returncode}"
+                jobs.finish(self.experiment_id, self.attempt, ExperimentStatus.failed,
+                            error=error, log_tail=tail)  # fmt: skip
+                outcome = "failed"
+        except Fenced:
+            return "lost"
+        return outcome
+
+    def _relay_events(self) -> None:
+        """Persist new complete lines of the child's events file."""
+        if not self.files.events.exists():
+            return
+        with self.files.events.open("rb") as f:
+            f.seek(self._events_offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits
+        self._events_offset += len(complete)
+        batch: list[tuple[str, dict[str, Any]]] = []
+        for line in complete.splitlines():
+            event = json.loads(line)
+            kind = event.pop("type")
+            if kind == "checkpoint":
+                batch.append(("checkpoint", self._store_checkpoint(event)))
+            elif kind == "completed":
+                self.completed = event
+            elif kind in ("metrics", "started", "stopped"):
+                batch.append((kind, event))
+        jobs.add_events(self.experiment_id, self.attempt, batch)
+
+    def _store_checkpoint(self, event: dict[str, Any]) -> dict[str, Any]:
+        local = Path(event["path"])
+        key = f"{checkpoint_prefix(self.experiment_id)}/{local.name}"
+        upload_dir(self.storage, local, key)
+        return {"step": event.get("step"), "key": key, "time": event.get("time")}
+
+
+def _kill_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)  # the child leads its own session, so its pgid is its pid
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _tail(path: Path, lines: int) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _error_line(tail: str) -> str | None:
+    """The exception line of a Python traceback, the most useful one-line reason."""
+    for line in reversed(tail.splitlines()):
+        if line and not line.startswith((" ", "\t")) and ("Error" in line or "Exception" in line):
+            return line.strip()[:1000]
+    return None
