@@ -91,6 +91,8 @@ def watch(experiment_id: str) -> None:
                 http, "GET", f"/api/experiments/{experiment_id}/events"
             ) as source:
                 for sse in source.iter_sse():
+                    if not sse.data:  # keep-alive ping
+                        continue
                     data = json.loads(sse.data)
                     if sse.event == "status":
                         status = data["status"]

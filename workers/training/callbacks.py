@@ -21,7 +21,11 @@ _TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "ent
 
 
 def _jsonable(value: Any) -> Any:
-    """Make a log value JSON-safe: tensors/numpy scalars to Python numbers, NaN/inf to None."""
+    """Make a value strict-JSON-safe: tensors/numpy scalars to Python numbers, NaN/inf to None (recursively)."""
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -109,6 +113,8 @@ class EventsCallback(TrainerCallback):
     ) -> TrainerControl:
         if not self.stopped and self._stop_requested() and state.global_step < state.max_steps:
             control.should_training_stop = True
+            # Write a checkpoint at the stop step too, so a stopped run can be resumed where it left off.
+            control.should_save = True
             self.stopped_at_step = state.global_step
             self.writer.emit("stopped", step=state.global_step, reason=self.stop_reason)
         return control
@@ -130,12 +136,10 @@ class EventsCallback(TrainerCallback):
         # Anything else is the end-of-training summary (train_loss, train_runtime...), which the run reports
         # in its "completed" event instead.
 
-    def on_save(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         # on_save fires after the Trainer wrote weights, optimizer, RNG and trainer_state.json and rotated old
         # checkpoints, so the directory named here is complete and safe to resume from.
-        path = Path(args.output_dir).resolve() / f"checkpoint-{state.global_step}"
+        path = Path(args.output_dir or ".").resolve() / f"checkpoint-{state.global_step}"
         if path.is_dir():
             self.last_checkpoint = str(path)
             self.writer.emit("checkpoint", step=state.global_step, path=str(path))
@@ -143,6 +147,9 @@ class EventsCallback(TrainerCallback):
     # --------------------------------------------------------------------------------------------------- helpers
 
     def _emit_train(self, state: TrainerState, logs: dict[str, Any]) -> None:
+        # tokens_per_second covers the window since the previous training log, so it tracks current speed
+        # (the Trainer's own train_tokens_per_second is a since-start average); eval or checkpoint time that
+        # falls inside the window counts against it.
         now = time.time()
         tokens = state.num_input_tokens_seen
         fields: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch}

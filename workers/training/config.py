@@ -60,9 +60,7 @@ class RunConfig:
     )
     events_file: str | None = field(
         default=None,
-        metadata={
-            "help": "JSON-lines file the run appends its events to. Defaults to `output_dir/events.jsonl`."
-        },
+        metadata={"help": "JSON-lines file the run appends its events to. Defaults to `output_dir/events.jsonl`."},
     )
     stop_file: str | None = field(
         default=None,
@@ -154,9 +152,7 @@ class RunConfig:
         metadata={"help": "Learning-rate schedule after warmup.", "choices": list(LR_SCHEDULERS)},
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: float = field(
-        default=1.0, metadata={"help": "Gradient clipping norm; 0 disables clipping."}
-    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables clipping."})
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute activations in the backward pass to save memory (about 20% slower)."},
@@ -175,9 +171,7 @@ class RunConfig:
             "Hub kernel reference such as `kernels-community/flash-attn`."
         },
     )
-    deepspeed: str | None = field(
-        default=None, metadata={"help": "Optional path to a DeepSpeed ZeRO JSON config."}
-    )
+    deepspeed: str | None = field(default=None, metadata={"help": "Optional path to a DeepSpeed ZeRO JSON config."})
 
     # Logging, evaluation and checkpoints
     logging_steps: int = field(default=1, metadata={"help": "Emit a metrics event every N optimizer steps."})
@@ -208,39 +202,58 @@ class RunConfig:
 
     def _validate(self) -> None:
         for name in ("base_model", "train_file", "output_dir"):
-            _require(isinstance(getattr(self, name), str) and getattr(self, name).strip() != "", name,
-                     "must be a non-empty string")
+            _require(
+                isinstance(getattr(self, name), str) and getattr(self, name).strip() != "",
+                name,
+                "must be a non-empty string",
+            )
         _require(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         _require(_is_int(self.lora_r) and self.lora_r > 0, "lora_r", "must be a positive integer")
         _require(_is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "must be > 0")
         _require(_is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
         self._validate_target_modules()
         _require(_is_number(self.learning_rate) and self.learning_rate > 0, "learning_rate", "must be > 0")
+        _require(_is_number(self.num_train_epochs) and self.num_train_epochs > 0, "num_train_epochs", "must be > 0")
         _require(
-            _is_number(self.num_train_epochs) and self.num_train_epochs > 0, "num_train_epochs", "must be > 0"
+            _is_int(self.max_steps) and (self.max_steps == -1 or self.max_steps > 0),
+            "max_steps",
+            "must be -1 (use num_train_epochs) or a positive integer",
         )
-        _require(_is_int(self.max_steps) and (self.max_steps == -1 or self.max_steps > 0), "max_steps",
-                 "must be -1 (use num_train_epochs) or a positive integer")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length",
-                     "logging_steps", "save_steps"):
+        for name in (
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "max_seq_length",
+            "logging_steps",
+            "save_steps",
+        ):
             _require(_is_int(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive integer")
         for name in ("per_device_eval_batch_size", "eval_steps", "save_total_limit"):
             value = getattr(self, name)
             _require(value is None or (_is_int(value) and value > 0), name, "must be a positive integer or null")
         # transformers 5 reads a warmup_steps value below 1 as a ratio, so 1.0 would silently mean "one step".
         _require(_is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
-        _require(self.lr_scheduler_type in LR_SCHEDULERS, "lr_scheduler_type",
-                 f"must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler_type!r}")
+        _require(
+            self.lr_scheduler_type in LR_SCHEDULERS,
+            "lr_scheduler_type",
+            f"must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler_type!r}",
+        )
         _require(_is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _require(_is_number(self.max_grad_norm) and self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
         _require(_is_int(self.seed) and self.seed >= 0, "seed", "must be a non-negative integer")
         _require(self.bf16 in (True, False, "auto"), "bf16", f"must be true, false or 'auto', got {self.bf16!r}")
-        _require(isinstance(self.attn_implementation, str) and self.attn_implementation != "",
-                 "attn_implementation", "must be a non-empty string")
-        _require(not (self.merge_adapter and self.method == "full"), "merge_adapter",
-                 "only applies to lora/qlora (a full fine-tune has no adapter to merge)")
-        _require(not (self.eval_steps is not None and self.eval_file is None), "eval_steps",
-                 "is set but eval_file is not")
+        _require(
+            isinstance(self.attn_implementation, str) and self.attn_implementation != "",
+            "attn_implementation",
+            "must be a non-empty string",
+        )
+        _require(
+            not (self.merge_adapter and self.method == "full"),
+            "merge_adapter",
+            "only applies to lora/qlora (a full fine-tune has no adapter to merge)",
+        )
+        _require(
+            not (self.eval_steps is not None and self.eval_file is None), "eval_steps", "is set but eval_file is not"
+        )
 
     def _validate_target_modules(self) -> None:
         value = self.lora_target_modules

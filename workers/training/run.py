@@ -59,6 +59,7 @@ class SFTRecipe:
         self.is_main = is_main_process()
         self.writer: EventWriter = EventWriter(cfg.events_file or "", enabled=self.is_main)
         self.trainer: SFTTrainer | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
         self.callback: EventsCallback | None = None
         # Facts about the run reported in the "started" event and the model card.
         self.info: dict[str, Any] = {}
@@ -74,13 +75,17 @@ class SFTRecipe:
 
         cfg = self.cfg
         device = _resolve_device(cfg)
+        # Checked before the expensive loading below so a bad path fails in a second.
+        resume = cfg.resume_from_checkpoint
+        if resume is not None and not Path(resume, "trainer_state.json").is_file():
+            raise ValueError(f"resume_from_checkpoint: {resume} is not a trainer checkpoint directory")
         bf16 = _resolve_bf16(cfg.bf16)
         set_seed(cfg.seed)
         log.info("run %s: %s fine-tune of %s on %s", cfg.experiment_name, cfg.method, cfg.base_model, device)
 
         train_dataset, data_format = load_rows(cfg.train_file, "train_file")
         eval_dataset = load_rows(cfg.eval_file, "eval_file")[0] if cfg.eval_file else None
-        tokenizer = load_tokenizer(cfg.base_model, conversational=data_format == "messages")
+        tokenizer = self.tokenizer = load_tokenizer(cfg.base_model, conversational=data_format == "messages")
         # SFTConfig must exist before the model is loaded: with DeepSpeed ZeRO-3 it installs the hook that
         # partitions weights while they are created.
         args = build_sft_config(cfg, bf16=bf16, has_eval=eval_dataset is not None)
@@ -123,17 +128,18 @@ class SFTRecipe:
         self._install_sigterm_handler()
         log.info(
             "%d train rows, %d eval rows (%s); %s trainable of %s parameters",
-            self.info["train_rows"], self.info["eval_rows"], data_format, f"{trainable:,}", f"{total:,}",
+            self.info["train_rows"],
+            self.info["eval_rows"],
+            data_format,
+            f"{trainable:,}",
+            f"{total:,}",
         )
 
     # ================================================================================================== train
 
     def train(self) -> None:
         trainer, callback = self._require_trainer()
-        resume = self.cfg.resume_from_checkpoint
-        if resume is not None and not Path(resume, "trainer_state.json").is_file():
-            raise ValueError(f"resume_from_checkpoint: {resume} is not a trainer checkpoint directory")
-        result = trainer.train(resume_from_checkpoint=resume)
+        result = trainer.train(resume_from_checkpoint=self.cfg.resume_from_checkpoint)
         self.train_metrics = dict(result.metrics)
         self.train_metrics["global_step"] = result.global_step
         self.train_metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
@@ -203,8 +209,15 @@ class SFTRecipe:
         return final_dir
 
     def _final_metrics(self) -> dict[str, Any]:
-        keep = ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
-                "total_flos", "global_step", "num_input_tokens_seen")
+        keep = (
+            "train_loss",
+            "train_runtime",
+            "train_samples_per_second",
+            "train_steps_per_second",
+            "total_flos",
+            "global_step",
+            "num_input_tokens_seen",
+        )
         metrics = {k: self.train_metrics[k] for k in keep if k in self.train_metrics}
         metrics.update(self.eval_metrics)
         metrics["stopped_early"] = bool(self.callback and self.callback.stopped)
@@ -221,12 +234,11 @@ class SFTRecipe:
         # The trained model cannot be merged in place: a QLoRA base is 4-bit, and the trainer patched its
         # forward. A fresh load in the checkpoint's own dtype on CPU also keeps GPU memory out of it.
         self._release_trainer_model()
-        base = AutoModelForCausalLM.from_pretrained(
-            self.cfg.base_model, dtype="auto", use_safetensors=True, low_cpu_mem_usage=True
-        )
+        base = AutoModelForCausalLM.from_pretrained(self.cfg.base_model, dtype="auto", use_safetensors=True)
         merged = PeftModel.from_pretrained(base, str(final_dir)).merge_and_unload()
         merged.save_pretrained(str(merged_dir))
-        self._require_trainer()[0].processing_class.save_pretrained(str(merged_dir))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(merged_dir))
         write_model_card(self.cfg, merged_dir, metrics, extra=self.info, merged=True)
         log.info("saved merged model to %s", merged_dir)
         return merged_dir
@@ -310,9 +322,7 @@ def detect_format(columns: list[str]) -> str:
     for name, required in DATASET_FORMATS.items():
         if all(column in columns for column in required):
             return name
-    raise ValueError(
-        f"rows must have 'messages', 'text', or 'prompt' and 'completion' fields; found columns {columns}"
-    )
+    raise ValueError(f"rows must have 'messages', 'text', or 'prompt' and 'completion' fields; found columns {columns}")
 
 
 def load_rows(path: str | None, field_name: str) -> tuple[Dataset, str]:

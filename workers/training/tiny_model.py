@@ -38,16 +38,37 @@ CHAT_TEMPLATE = (
 
 _SUBJECTS = ["the cat", "a dog", "my friend", "the teacher", "our team", "the model", "a robot", "the user"]
 _VERBS = ["likes", "reads", "writes", "finds", "answers", "builds", "learns", "tells"]
-_OBJECTS = ["a short story", "the answer", "a simple question", "the new plan", "some code",
-            "a long letter", "the right word", "a good example"]
+_OBJECTS = [
+    "a short story",
+    "the answer",
+    "a simple question",
+    "the new plan",
+    "some code",
+    "a long letter",
+    "the right word",
+    "a good example",
+]
 _TAILS = ["today.", "every morning.", "with care.", "in the garden.", "before lunch.", "very quickly."]
-_QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?",
-              "Can you write a haiku?", "Why is the sky blue?", "What time is it?",
-              "Please summarize this text.", "Translate hello to Spanish.", "Hello, who are you?"]
-_ANSWERS = ["The capital of France is Paris.", "A spider has eight legs.",
-            "Quiet pond, a frog jumps in, the water sounds.", "Sunlight scatters off the air.",
-            "I do not have a clock.", "The text is about a cat and a dog.", "Hello is hola in Spanish.",
-            "I am a helpful assistant."]
+_QUESTIONS = [
+    "What is the capital of France?",
+    "How many legs does a spider have?",
+    "Can you write a haiku?",
+    "Why is the sky blue?",
+    "What time is it?",
+    "Please summarize this text.",
+    "Translate hello to Spanish.",
+    "Hello, who are you?",
+]
+_ANSWERS = [
+    "The capital of France is Paris.",
+    "A spider has eight legs.",
+    "Quiet pond, a frog jumps in, the water sounds.",
+    "Sunlight scatters off the air.",
+    "I do not have a clock.",
+    "The text is about a cat and a dog.",
+    "Hello is hola in Spanish.",
+    "I am a helpful assistant.",
+]
 
 
 def tiny_corpus() -> list[str]:
@@ -126,7 +147,7 @@ def build_tiny_model(
     # shift the randomness of whatever runs next.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32)
+        model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from sqlmodel import func, select
+
+from app.core.config import get_settings
+from app.core.db import session_scope
+from app.main import app
+from app.models import Dataset
+
+ALPACA = [{"instruction": f"Say {i}", "input": "", "output": f"{i}!"} for i in range(20)]
+
+
+def jsonl(rows: list[dict[str, object]]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def _counts() -> tuple[int, int]:
+    with session_scope() as session:
+        n = session.exec(select(func.count()).select_from(Dataset)).one()
+    storage = Path(get_settings().storage.root) / "datasets"
+    return n, len(list(storage.glob("*"))) if storage.exists() else 0
+
+
+def test_upload_jsonl_detects_format_and_splits(client: TestClient) -> None:
+    r = client.post("/api/datasets/upload", files={"file": ("alpaca.jsonl", jsonl(ALPACA))},
+                    data={"eval_fraction": "0.25"})  # fmt: skip
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert (body["format"], body["row_count"], body["train_rows"], body["eval_rows"]) == ("alpaca", 20, 15, 5)
+    assert body["name"] == "alpaca" and len(body["content_hash"]) == 64
+    again = client.post("/api/datasets/upload", files={"file": ("x.jsonl", jsonl(ALPACA))}).json()
+    assert again["content_hash"] == body["content_hash"]
+
+    listed = client.get("/api/datasets/").json()
+    assert body["id"] in [d["id"] for d in listed["data"]] and listed["count"] >= 2
+    assert client.get(f"/api/datasets/{body['id']}").json()["row_count"] == 20
+    preview = client.get(f"/api/datasets/{body['id']}/preview").json()
+    assert preview["rows"][0] == ALPACA[0] and len(preview["rows"]) == 5
+
+
+def test_upload_csv_json_and_parquet(client: TestClient) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"text": f"line {i}"} for i in range(4)]), buf)
+    cases = [
+        ("d.csv", b"prompt,completion\nhi,there\nup,down\n", "prompt_completion"),
+        ("d.json", json.dumps([{"conversations": [{"from": "human", "value": "a"},
+                                                   {"from": "gpt", "value": "b"}]}]).encode(), "sharegpt"),
+        ("d.parquet", buf.getvalue(), "text"),
+    ]  # fmt: skip
+    for name, content, fmt in cases:
+        r = client.post("/api/datasets/upload", files={"file": (name, content)})
+        assert r.status_code == 201, r.text
+        assert r.json()["format"] == fmt
+
+
+def test_inline_rows(client: TestClient) -> None:
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 3
+    r = client.post("/api/datasets/", json={"name": "chat", "rows": rows})
+    assert r.status_code == 201 and r.json()["format"] == "messages"
+
+
+def test_bad_files_are_refused_and_store_nothing(client: TestClient) -> None:
+    before = _counts()
+    lines = [json.dumps(r) for r in ALPACA[:10]]
+    lines[6] = '{"instruction": "broken", '
+    r = client.post("/api/datasets/upload", files={"file": ("bad.jsonl", "\n".join(lines).encode())})
+    assert r.status_code == 422 and r.json()["errors"][0]["row"] == 7
+    assert "row 7" in r.json()["detail"]
+
+    missing = [*ALPACA[:3], {"instruction": "no answer"}]
+    r = client.post("/api/datasets/upload", files={"file": ("m.jsonl", jsonl(missing))})
+    assert r.status_code == 422
+    assert r.json()["errors"] == [{"row": 4, "field": "output", "message": "is required"}]
+
+    r = client.post("/api/datasets/upload", files={"file": ("f.jsonl", jsonl(ALPACA))}, data={"format": "text"})
+    assert r.status_code == 422 and "'text'" in r.json()["detail"]
+    r = client.post("/api/datasets/upload", files={"file": ("f.jsonl", jsonl(ALPACA))}, data={"eval_fraction": "1.5"})
+    assert r.status_code == 422 and "eval_fraction" in r.text
+    assert _counts() == before
+
+
+def test_upload_over_the_limit_is_413(client: TestClient) -> None:
+    settings = get_settings().model_copy(deep=True)
+    settings.api.max_upload_bytes = 1000
+    app.dependency_overrides[get_settings] = lambda: settings
+    try:
+        before = _counts()
+        r = client.post("/api/datasets/upload", files={"file": ("big.jsonl", jsonl(ALPACA * 5))})
+        assert r.status_code == 413 and "file" in r.json()["detail"]
+        assert _counts() == before
+    finally:
+        app.dependency_overrides.clear()
+
+
+def test_unknown_dataset_is_404(client: TestClient) -> None:
+    r = client.get("/api/datasets/00000000-0000-0000-0000-00000000abcd")
+    assert r.status_code == 404 and "not found" in r.json()["detail"]

@@ -1,0 +1,72 @@
+"""The embedded default: `studio up` on SQLite + kombu's SQLAlchemy transport, driven by the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.cli.processes import wait_healthy
+from tests.e2e.stack import REPO, free_port
+
+pytestmark = pytest.mark.e2e
+EMBEDDED_ENV = ("STUDIO_DATABASE__URL", "STUDIO_BROKER__URL", "STUDIO_EVENTS__REDIS_URL")
+
+
+def studio(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app.cli.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_studio_up_trains_on_the_embedded_default(tmp_path: Path, tiny_model: Path, alpaca_file: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in EMBEDDED_ENV}
+    env |= {"STUDIO_DATA_DIR": str(tmp_path / ".studio"), "STUDIO_API_URL": f"http://127.0.0.1:{free_port()}",
+            "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    port = env["STUDIO_API_URL"].rsplit(":", 1)[1]
+    log = (tmp_path / "up.log").open("wb")
+    up = subprocess.Popen([sys.executable, "-m", "app.cli.main", "up", "--port", port], cwd=REPO, env=env,
+                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        assert wait_healthy(env["STUDIO_API_URL"], procs=[up]), (tmp_path / "up.log").read_text()[-3000:]
+        uploaded = studio(env, "datasets", "upload", str(alpaca_file))
+        assert uploaded.returncode == 0, uploaded.stderr
+        dataset_id = uploaded.stdout.split()[1]
+
+        bad = studio(env, "experiments", "submit", "--name", "x", "--base-model", str(tiny_model),
+                     "--dataset", dataset_id, "--set", "learning_rate=-1")  # fmt: skip
+        assert bad.returncode == 1 and "hyperparameters.learning_rate" in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+
+        run = studio(env, "experiments", "submit", "--name", "demo", "--base-model", str(tiny_model),
+                     "--dataset", dataset_id, "--recipe", "tiny_lora_cpu", "--watch")  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "up.log").read_text()[-3000:]
+        assert "succeeded" in run.stdout
+        experiment_id = run.stdout.split()[1]
+        with httpx.Client(base_url=env["STUDIO_API_URL"]) as http:
+            metrics = http.get(f"/api/experiments/{experiment_id}/metrics").json()["data"]
+            losses = [m["data"]["loss"] for m in metrics if "loss" in m["data"]]
+            assert sum(losses[-3:]) / 3 < losses[0]
+            files = {a["path"] for a in http.get(f"/api/experiments/{experiment_id}/artifacts").json()["data"]}
+            assert {"adapter_model.safetensors", "README.md"} <= files
+        assert (tmp_path / ".studio" / "studio.db").exists()
+        assert list((tmp_path / ".studio" / "storage" / "experiments").glob("*/artifacts/adapter_model.safetensors"))
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+    assert not _processes_with_env(f"STUDIO_DATA_DIR={tmp_path / '.studio'}"), "studio up left processes behind"
+
+
+def _processes_with_env(entry: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
