@@ -78,3 +78,15 @@ def tiny_model() -> Path:
     from workers.training.tiny_model import build_tiny_model
 
     return build_tiny_model(DATA_DIR / "models" / "tiny", seed=0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests run where CUDA exists (the device machine) and are skipped elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,40 @@
+# Fine-Tuning Studio — the README's two commands are `make up` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+export STUDIO_DATA_DIR ?= $(CURDIR)/.studio
+
+.PHONY: setup up test test-fast lint services clean
+
+setup: $(VENV)/.installed
+
+# torch is installed first and pinned exactly: 2.13.0 is the CPU build that CI machines have on disk.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+## Run the product on the embedded default (SQLite + local storage) with a tiny demo model.
+up: setup
+	@test -f $(STUDIO_DATA_DIR)/models/tiny/config.json || $(BIN)/studio models tiny $(STUDIO_DATA_DIR)/models/tiny
+	$(BIN)/studio up
+
+## The whole test suite against real Postgres and Redis (started here if they are down).
+test: setup services
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: setup services
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+services:
+	@bash .ci/services.sh
+
+lint: setup
+	$(BIN)/ruff check app workers tests benchmarks
+	$(BIN)/ruff format --check app workers tests benchmarks
+	$(BIN)/mypy app workers
+
+clean:
+	rm -rf $(VENV) .studio .pytest_cache .mypy_cache .ruff_cache *.egg-info
