@@ -123,7 +123,7 @@ class Experiment(ExperimentBase, table=True):
     attempt: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
     stop_requested: bool = False
     event_seq: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
-    worker: str | None = Field(None, max_length=200)
+    worker: str | None = Field(default=None, max_length=200)
     pid: int | None = None
     heartbeat_at: datetime | None = None
     error: str | None = None

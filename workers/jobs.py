@@ -38,8 +38,14 @@ def claim(experiment_id: uuid.UUID, attempt: int, worker: str) -> Experiment | N
                 col(Experiment.status) == ExperimentStatus.queued,
                 col(Experiment.attempt) == attempt - 1,
             )
-            .values(status=ExperimentStatus.running, attempt=attempt, worker=worker,
-                    heartbeat_at=now, started_at=now, stop_requested=False)  # fmt: skip
+            .values(
+                status=ExperimentStatus.running,
+                attempt=attempt,
+                worker=worker,
+                heartbeat_at=now,
+                started_at=now,
+                stop_requested=False,
+            )  # fmt: skip
         )
         if result.rowcount != 1:
             session.rollback()
@@ -67,9 +73,7 @@ def heartbeat(experiment_id: uuid.UUID, attempt: int, pid: int | None = None) ->
     return bool(stop)
 
 
-def add_events(
-    experiment_id: uuid.UUID, attempt: int, events: list[tuple[str, dict[str, Any]]]
-) -> None:
+def add_events(experiment_id: uuid.UUID, attempt: int, events: list[tuple[str, dict[str, Any]]]) -> None:
     """Persist trainer events in one transaction, then tell watchers."""
     if not events:
         return

@@ -87,9 +87,10 @@ def watch(experiment_id: str) -> None:
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(status, total=total if total > 0 else None, loss="")
         try:
-            with client(timeout=None) as http, connect_sse(
-                http, "GET", f"/api/experiments/{experiment_id}/events"
-            ) as source:
+            with (
+                client(timeout=None) as http,
+                connect_sse(http, "GET", f"/api/experiments/{experiment_id}/events") as source,
+            ):
                 for sse in source.iter_sse():
                     if not sse.data:  # keep-alive ping
                         continue

@@ -22,9 +22,7 @@ class DatabaseSettings(BaseModel):
 
 
 class BrokerSettings(BaseModel):
-    url: str = Field(
-        "", description="Celery broker URL; default kombu's SQLAlchemy transport on SQLite"
-    )
+    url: str = Field("", description="Celery broker URL; default kombu's SQLAlchemy transport on SQLite")
     visibility_timeout_s: int = Field(
         6 * 3600,
         description="Redis: seconds before an unacked message is redelivered. Redelivery is "
@@ -33,9 +31,7 @@ class BrokerSettings(BaseModel):
 
 
 class EventsSettings(BaseModel):
-    redis_url: str = Field(
-        "", description="Redis URL for live notifications; empty = clients poll the database"
-    )
+    redis_url: str = Field("", description="Redis URL for live notifications; empty = clients poll the database")
     poll_interval_s: float = Field(1.0, description="How often SSE streams re-read the database")
 
 
@@ -61,12 +57,8 @@ class TrainingSettings(BaseModel):
     default_queue: str = "train.cpu"
     work_dir: str = Field("", description="Scratch dir for runs; default $STUDIO_DATA_DIR/runs")
     heartbeat_interval_s: float = 2.0
-    stale_after_s: float = Field(
-        120.0, description="A running job whose heartbeat is older than this is requeued"
-    )
-    stop_grace_s: float = Field(
-        10.0, description="Seconds a stopped trainer gets to exit before SIGKILL"
-    )
+    stale_after_s: float = Field(120.0, description="A running job whose heartbeat is older than this is requeued")
+    stop_grace_s: float = Field(10.0, description="Seconds a stopped trainer gets to exit before SIGKILL")
     log_tail_lines: int = Field(50, description="Log lines kept on the row when a run fails")
     max_steps_cap: int = Field(100_000, description="Largest max_steps a request may ask for")
     max_seq_length_cap: int = Field(32_768, description="Largest max_seq_length allowed")
@@ -77,15 +69,11 @@ class ApiSettings(BaseModel):
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest dataset upload (413)")
     max_inline_rows: int = Field(50_000, description="Most rows in an inline dataset body")
     relay_interval_s: float = Field(0.5, description="Outbox relay poll interval")
-    models_dir: str = Field(
-        "", description="Extra directory where base_model names resolve to local models"
-    )
+    models_dir: str = Field("", description="Extra directory where base_model names resolve to local models")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="STUDIO_", env_nested_delimiter="__", env_file=".env", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="STUDIO_", env_nested_delimiter="__", env_file=".env", extra="ignore")
 
     environment: Literal["development", "production"] = "development"
     data_dir: Path = Field(Path(".studio"), description="Where embedded state lives")
@@ -109,9 +97,7 @@ class Settings(BaseSettings):
             self.training.work_dir = str(data / "runs")
         names = [q.name for q in self.training.queues]
         if self.training.default_queue not in names:
-            raise ValueError(
-                f"training.default_queue {self.training.default_queue!r} is not one of {names}"
-            )
+            raise ValueError(f"training.default_queue {self.training.default_queue!r} is not one of {names}")
         if self.environment == "production" and self.database.url.startswith("sqlite"):
             raise ValueError("database.url: production needs Postgres, not SQLite")
         return self

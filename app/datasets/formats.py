@@ -62,9 +62,7 @@ def _need_text(row: dict[str, Any], field: str, *, allow_empty: bool = False) ->
     return None
 
 
-def _check_turns(
-    turns: Any, field: str, role_key: str, text_key: str, roles: Iterable[str]
-) -> list[tuple[str, str]]:
+def _check_turns(turns: Any, field: str, role_key: str, text_key: str, roles: Iterable[str]) -> list[tuple[str, str]]:
     if not isinstance(turns, list) or not turns:
         return [(field, "must be a non-empty list of turns")]
     allowed = set(roles)
@@ -93,9 +91,7 @@ def _problems(row: dict[str, Any], fmt: DatasetFormat) -> list[tuple[str, str]]:
         DatasetFormat.alpaca: lambda: texts("instruction", "output", optional=("input",)),
         DatasetFormat.prompt_completion: lambda: texts("prompt", "completion"),
         DatasetFormat.preference: lambda: texts("prompt", "chosen", "rejected"),
-        DatasetFormat.messages: lambda: _check_turns(
-            row.get("messages"), "messages", "role", "content", MESSAGE_ROLES
-        ),
+        DatasetFormat.messages: lambda: _check_turns(row.get("messages"), "messages", "role", "content", MESSAGE_ROLES),
         DatasetFormat.sharegpt: lambda: _check_turns(
             row.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES
         ),
@@ -103,9 +99,7 @@ def _problems(row: dict[str, Any], fmt: DatasetFormat) -> list[tuple[str, str]]:
     return checks[fmt]()
 
 
-def validate_rows(
-    rows: Iterable[tuple[int, dict[str, Any]]], fmt: DatasetFormat | None = None
-) -> DatasetFormat:
+def validate_rows(rows: Iterable[tuple[int, dict[str, Any]]], fmt: DatasetFormat | None = None) -> DatasetFormat:
     """Validate numbered rows; return the (detected) format or raise DatasetInvalid."""
     errors: list[RowError] = []
     seen = 0
@@ -118,10 +112,16 @@ def validate_rows(
                 fmt = detect_format(row)
                 if fmt is None:
                     fields = sorted(row)[:8]
-                    errors.append(RowError(number, "*", f"unrecognised format (fields {fields}); "
-                                           "expected text, messages, conversations, "
-                                           "instruction/output, prompt/completion or "
-                                           "prompt/chosen/rejected"))
+                    errors.append(
+                        RowError(
+                            number,
+                            "*",
+                            f"unrecognised format (fields {fields}); "
+                            "expected text, messages, conversations, "
+                            "instruction/output, prompt/completion or "
+                            "prompt/chosen/rejected",
+                        )
+                    )
                     break
             errors += [RowError(number, f, m) for f, m in _problems(row, fmt)]
         if len(errors) >= MAX_REPORTED_ERRORS:

@@ -19,9 +19,7 @@ def eval_count(n_rows: int, eval_fraction: float) -> int:
     return min(n_rows - 1, max(1, round(n_rows * eval_fraction)))
 
 
-def split_indices(
-    rows: list[dict[str, Any]], eval_fraction: float, seed: int = 0
-) -> tuple[list[int], list[int]]:
+def split_indices(rows: list[dict[str, Any]], eval_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """Rank rows by a content hash and hold out the first ones: stable under reordering."""
     order = sorted(range(len(rows)), key=lambda i: (row_key(rows[i], seed), i))
     k = eval_count(len(rows), eval_fraction)

@@ -119,9 +119,7 @@ def get_dataset(*, session: Session, team_id: uuid.UUID, dataset_id: uuid.UUID) 
     return dataset if dataset and dataset.team_id == team_id else None
 
 
-def list_datasets(
-    *, session: Session, team_id: uuid.UUID, skip: int, limit: int
-) -> tuple[list[Dataset], int]:
+def list_datasets(*, session: Session, team_id: uuid.UUID, skip: int, limit: int) -> tuple[list[Dataset], int]:
     where = Dataset.team_id == team_id
     count = session.exec(select(func.count()).select_from(Dataset).where(where)).one()
     page = session.exec(

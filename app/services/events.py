@@ -28,9 +28,7 @@ def record_event(
     """Append an event in the caller's transaction. With ``attempt``, only the owner may write."""
     stmt = update(Experiment).where(col(Experiment.id) == experiment_id)
     if attempt is not None:
-        stmt = stmt.where(
-            col(Experiment.attempt) == attempt, col(Experiment.status) == ExperimentStatus.running
-        )
+        stmt = stmt.where(col(Experiment.attempt) == attempt, col(Experiment.status) == ExperimentStatus.running)
     # The row update both allocates the next seq and serialises concurrent writers.
     seq = session.exec(  # type: ignore[call-overload]
         stmt.values(event_seq=col(Experiment.event_seq) + 1).returning(col(Experiment.event_seq))
@@ -42,15 +40,17 @@ def record_event(
     return event
 
 
-def status_event(
-    session: Session, experiment: Experiment, **extra: Any
-) -> ExperimentEvent:
+def status_event(session: Session, experiment: Experiment, **extra: Any) -> ExperimentEvent:
     data = {"status": experiment.status.value, "attempt": experiment.attempt, **extra}
     return record_event(session, experiment.id, "status", data)
 
 
 def events_after(
-    session: Session, experiment_id: uuid.UUID, after_seq: int, *, type_: str | None = None,
+    session: Session,
+    experiment_id: uuid.UUID,
+    after_seq: int,
+    *,
+    type_: str | None = None,
     limit: int = 1000,
 ) -> list[ExperimentEvent]:
     query = select(ExperimentEvent).where(

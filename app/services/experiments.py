@@ -73,9 +73,7 @@ def resolve_hyperparameters(body: ExperimentCreate, settings: Settings) -> Hyper
     if params.max_steps > caps.max_steps_cap:
         raise InvalidRequest("hyperparameters.max_steps", f"must be <= {caps.max_steps_cap}")
     if params.max_seq_length > caps.max_seq_length_cap:
-        raise InvalidRequest(
-            "hyperparameters.max_seq_length", f"must be <= {caps.max_seq_length_cap}"
-        )
+        raise InvalidRequest("hyperparameters.max_seq_length", f"must be <= {caps.max_seq_length_cap}")
     return params
 
 
@@ -94,9 +92,7 @@ def create_experiment(
         names = [q.name for q in settings.training.queues]
         raise InvalidRequest("queue", f"unknown training queue {queue_name!r}; known: {names}")
     if params.method == "qlora" and not queue.cuda:
-        raise InvalidRequest(
-            "hyperparameters.method", f"qlora needs a CUDA GPU, and queue {queue.name!r} has none"
-        )
+        raise InvalidRequest("hyperparameters.method", f"qlora needs a CUDA GPU, and queue {queue.name!r} has none")
     base_model = check_base_model(body.base_model, settings)
     experiment = Experiment(
         team_id=team_id, name=body.name, base_model=base_model, dataset_id=dataset.id,
@@ -176,9 +172,7 @@ def requeue_stale(*, session: Session, stale_after_s: float) -> list[uuid.UUID]:
     return requeued
 
 
-def get_experiment(
-    *, session: Session, team_id: uuid.UUID, experiment_id: uuid.UUID
-) -> Experiment | None:
+def get_experiment(*, session: Session, team_id: uuid.UUID, experiment_id: uuid.UUID) -> Experiment | None:
     experiment = session.get(Experiment, experiment_id)
     return experiment if experiment and experiment.team_id == team_id else None
 

@@ -31,10 +31,7 @@ def enqueue(session: Session, task_name: str, queue: str, payload: dict[str, Any
 def relay_once(session: Session, send: Sender, limit: int = 100) -> int:
     """Send pending messages in id order; returns how many were sent."""
     query = (
-        select(OutboxMessage)
-        .where(col(OutboxMessage.sent_at).is_(None))
-        .order_by(col(OutboxMessage.id))
-        .limit(limit)
+        select(OutboxMessage).where(col(OutboxMessage.sent_at).is_(None)).order_by(col(OutboxMessage.id)).limit(limit)
     )
     if session.get_bind().dialect.name == "postgresql":
         # Several API replicas may relay at once; each takes different rows.

@@ -57,9 +57,10 @@ def follow(stack: Stack, experiment_id: str, last_event_id: int | None = None, s
     """Read the SSE stream until it ends (terminal status) or `stop_after` events."""
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
     seen: list[tuple[int, str, dict[str, Any]]] = []
-    with httpx.Client(base_url=stack.url, timeout=180) as http, connect_sse(
-        http, "GET", f"/api/experiments/{experiment_id}/events", headers=headers
-    ) as source:
+    with (
+        httpx.Client(base_url=stack.url, timeout=180) as http,
+        connect_sse(http, "GET", f"/api/experiments/{experiment_id}/events", headers=headers) as source,
+    ):
         for sse in source.iter_sse():
             if not sse.data:  # keep-alive ping
                 continue
@@ -189,7 +190,7 @@ def test_worker_loss_requeues_and_resumes_from_checkpoint(stack: Stack, tiny_mod
     started = [i for i, (_, k, _) in enumerate(events) if k == "started"]
     assert len(started) == 2
     assert "checkpoint-" in events[started[1]][2]["resume_from_checkpoint"]
-    resumed_steps = [d["step"] for _, k, d in events[started[1]:] if k == "metrics" and "loss" in d]
+    resumed_steps = [d["step"] for _, k, d in events[started[1] :] if k == "metrics" and "loss" in d]
     assert resumed_steps[0] > 5, "the second attempt started over instead of resuming"
 
 

@@ -8,6 +8,7 @@ group on stop. A crash of the trainer is a failed job, never a dead worker.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -100,9 +101,7 @@ def prepare_run(experiment: Experiment, files: RunFiles, settings: Settings, sto
         resume_key = _last_checkpoint_key(session, experiment.id)
     rows = read_dataset_rows(storage, dataset)
     eval_fraction = params.pop("eval_fraction", None)
-    train_idx, eval_idx = split_indices(
-        rows, dataset.eval_fraction if eval_fraction is None else eval_fraction
-    )
+    train_idx, eval_idx = split_indices(rows, dataset.eval_fraction if eval_fraction is None else eval_fraction)
     _write_jsonl(files.root / "train.jsonl", (to_training_record(rows[i], dataset.format) for i in train_idx))
     if eval_idx:
         _write_jsonl(files.root / "eval.jsonl", (to_training_record(rows[i], dataset.format) for i in eval_idx))
@@ -110,6 +109,8 @@ def prepare_run(experiment: Experiment, files: RunFiles, settings: Settings, sto
     if resume_key:
         resume_dir = files.root / "resume" / resume_key.rsplit("/", 1)[-1]
         download_prefix(storage, resume_key, resume_dir)
+    if not eval_idx:
+        params.pop("eval_steps", None)  # nothing held out, so nothing to evaluate
     config = {
         "base_model": experiment.base_model,
         "train_file": str(files.root / "train.jsonl"),
@@ -153,10 +154,8 @@ def _write_jsonl(path: Path, records: Any) -> None:
 
 def _die_with_parent() -> None:
     """Child side of fork: get SIGKILL if the supervising worker dies, so no orphan holds a GPU."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def trainer_command(config_path: Path) -> list[str]:
@@ -271,10 +270,8 @@ class Supervision:
 
 
 def _kill_group(pid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)  # the child leads its own session, so its pgid is its pid
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _tail(path: Path, lines: int) -> str:

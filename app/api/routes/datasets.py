@@ -101,5 +101,3 @@ def _get(session: SessionDep, team_id: uuid.UUID, dataset_id: uuid.UUID) -> Data
     if dataset is None:
         raise HTTPException(404, f"dataset {dataset_id} not found")
     return dataset
-
-

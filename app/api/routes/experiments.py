@@ -50,9 +50,7 @@ def list_experiments(
     skip: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> ExperimentsPublic:  # fmt: skip
     """List the team's experiments, newest first, optionally by status."""
-    page, count = service.list_experiments(
-        session=session, team_id=team_id, status=status, skip=skip, limit=limit
-    )
+    page, count = service.list_experiments(session=session, team_id=team_id, status=status, skip=skip, limit=limit)
     return ExperimentsPublic(data=[ExperimentPublic.model_validate(e) for e in page], count=count)
 
 
