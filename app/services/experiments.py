@@ -132,9 +132,10 @@ def start_experiment(*, session: Session, experiment: Experiment) -> Experiment:
 
 def stop_experiment(*, session: Session, experiment: Experiment) -> Experiment:
     """A queued job is cancelled at once; a running one is flagged and its worker kills it."""
+    # Lock and re-read first, so a worker finishing the job concurrently cannot be overwritten.
+    session.refresh(experiment, with_for_update=session.get_bind().dialect.name == "postgresql")
     if experiment.status.terminal:
         raise Conflict(f"experiment is already {experiment.status.value}")
-    session.refresh(experiment, with_for_update=session.get_bind().dialect.name == "postgresql")
     if experiment.status is ExperimentStatus.queued:
         experiment.status = ExperimentStatus.cancelled
         experiment.finished_at = utcnow()
