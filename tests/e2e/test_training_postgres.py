@@ -14,8 +14,9 @@ import httpx
 import pytest
 import redis
 from httpx_sse import connect_sse
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
+from app.core.db import make_engine
 from tests.conftest import REDIS_BASE, RUN_ID, create_database, drop_database
 from tests.e2e.stack import Stack, running_stack, wait_for
 
@@ -30,7 +31,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     url = create_database(E2E_DB)
     data = tmp_path_factory.mktemp("pg-stack")
     env = {"STUDIO_DATA_DIR": str(data), "STUDIO_DATABASE__URL": url, "STUDIO_BROKER__URL": E2E_REDIS,
-           "STUDIO_EVENTS__REDIS_URL": E2E_REDIS, "STUDIO_TRAINING__STALE_AFTER_S": "20"}  # fmt: skip
+           "STUDIO_EVENTS__REDIS_URL": E2E_REDIS, "STUDIO_TRAINING__STALE_AFTER_S": "8"}  # fmt: skip
     try:
         with running_stack(env, data / "logs") as s:
             yield s
@@ -70,14 +71,18 @@ def follow(stack: Stack, experiment_id: str, last_event_id: int | None = None, s
     return seen
 
 
-def experiment_row(stack: Stack, experiment_id: str) -> dict[str, Any]:
-    engine = create_engine(stack.env["STUDIO_DATABASE__URL"].replace("postgresql://", "postgresql+psycopg://"))
+def query(stack: Stack, sql: str, experiment_id: str) -> list[dict[str, Any]]:
+    """Read the stack's database directly (what the API does not expose, like the trainer pid)."""
+    engine = make_engine(stack.env["STUDIO_DATABASE__URL"])
     try:
         with engine.connect() as conn:
-            row = conn.execute(text("SELECT * FROM experiment WHERE id = :id"), {"id": uuid.UUID(experiment_id)})
-            return dict(row.mappings().one())
+            return [dict(r) for r in conn.execute(text(sql), {"id": uuid.UUID(experiment_id)}).mappings()]
     finally:
         engine.dispose()
+
+
+def experiment_row(stack: Stack, experiment_id: str) -> dict[str, Any]:
+    return query(stack, "SELECT * FROM experiment WHERE id = :id", experiment_id)[0]
 
 
 def test_fine_tune_end_to_end(stack: Stack, tiny_model: Path, alpaca_file: Path, chat_file: Path,
@@ -192,17 +197,12 @@ def test_worker_loss_requeues_and_resumes_from_checkpoint(stack: Stack, tiny_mod
     assert "checkpoint-" in events[started[1]][2]["resume_from_checkpoint"]
     resumed_steps = [d["step"] for _, k, d in events[started[1] :] if k == "metrics" and "loss" in d]
     assert resumed_steps[0] > 5, "the second attempt started over instead of resuming"
+    stored = Path(stack.env["STUDIO_DATA_DIR"], "storage", "experiments", exp["id"], "checkpoints")
+    assert 1 <= len(list(stored.iterdir())) <= 4, "storage keeps the newest two checkpoints per attempt"
 
 
 def _all_events(stack: Stack, experiment_id: str) -> list[dict[str, Any]]:
-    engine = create_engine(stack.env["STUDIO_DATABASE__URL"].replace("postgresql://", "postgresql+psycopg://"))
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(text("SELECT type, data FROM experiment_event WHERE experiment_id = :id ORDER BY seq"),
-                                {"id": uuid.UUID(experiment_id)})  # fmt: skip
-            return [dict(r) for r in rows.mappings()]
-    finally:
-        engine.dispose()
+    return query(stack, "SELECT type, data FROM experiment_event WHERE experiment_id = :id ORDER BY seq", experiment_id)
 
 
 def _alive(pid: int) -> bool:

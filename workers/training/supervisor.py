@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from workers import jobs
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+KEEP_CHECKPOINTS = 2  # per attempt, in storage; resume needs only the newest
 
 
 @dataclass
@@ -118,6 +118,9 @@ def prepare_run(experiment: Experiment, files: RunFiles, settings: Settings, sto
         "output_dir": str(files.output),
         "events_file": str(files.events),
         "stop_file": str(files.stop),
+        # The supervisor owns checkpoint retention: it uploads each one, then deletes the local copy.
+        # Trainer-side rotation could delete a checkpoint before it has been uploaded.
+        "save_total_limit": None,
         "resume_from_checkpoint": str(resume_dir) if resume_dir else None,
         "experiment_name": experiment.name,
         "dataset_name": dataset.name,
@@ -177,7 +180,7 @@ class Supervision:
     completed: dict[str, Any] | None = None
     stop_requested: bool = False
     _events_offset: int = 0
-    _log_tail: deque[str] = field(default_factory=lambda: deque(maxlen=200))
+    _stored_checkpoints: list[str] = field(default_factory=list)
 
     def run(self) -> str:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -261,11 +264,21 @@ class Supervision:
             elif kind in ("metrics", "started", "stopped"):
                 batch.append((kind, event))
         jobs.add_events(self.experiment_id, self.attempt, batch)
+        self._prune_checkpoints()
+
+    def _prune_checkpoints(self) -> None:
+        """Drop older stored checkpoints, only once newer ones are recorded (resume reads the events)."""
+        for key in self._stored_checkpoints[:-KEEP_CHECKPOINTS]:
+            self.storage.delete_prefix(key)
+        del self._stored_checkpoints[:-KEEP_CHECKPOINTS]
 
     def _store_checkpoint(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Upload a finished checkpoint and free its local disk."""
         local = Path(event["path"])
         key = f"{checkpoint_prefix(self.experiment_id)}/{local.name}"
         upload_dir(self.storage, local, key)
+        shutil.rmtree(local, ignore_errors=True)
+        self._stored_checkpoints.append(key)
         return {"step": event.get("step"), "key": key, "time": event.get("time")}
 
 
