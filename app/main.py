@@ -12,13 +12,17 @@ from app.api.limits import BodySizeLimit
 from app.api.main import api_router
 from app.api.routes import health
 from app.core.config import get_settings
+from app.core.db import session_scope
 from app.core.relay import OutboxRelay, set_relay
+from app.services.accounts import bootstrap_admin
 
 MULTIPART_OVERHEAD = 64 * 1024
 
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    with session_scope() as session:  # first start: the admin named by STUDIO_ADMIN_EMAIL / _PASSWORD
+        bootstrap_admin(session, get_settings())
     relay = OutboxRelay(get_settings())
     set_relay(relay)
     relay.start()

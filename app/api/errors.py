@@ -6,7 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app.datasets.formats import DatasetInvalid
-from app.services.experiments import InvalidRequest
+from app.services.errors import InvalidRequest
 
 
 class PayloadTooLarge(Exception):

@@ -8,6 +8,8 @@ from typing import Any, NoReturn
 import httpx
 import typer
 
+from app.cli.credentials import load_token
+
 DEFAULT_API = "http://127.0.0.1:8000"
 
 
@@ -20,8 +22,17 @@ def fail(reason: str) -> NoReturn:
     raise typer.Exit(1)
 
 
+def auth_headers() -> dict[str, str]:
+    headers = {}
+    if token := load_token(api_url()):
+        headers["Authorization"] = f"Bearer {token}"
+    if team := os.environ.get("STUDIO_TEAM_ID"):
+        headers["X-Team-Id"] = team
+    return headers
+
+
 def client(timeout: float | None = 60.0) -> httpx.Client:
-    return httpx.Client(base_url=api_url(), timeout=timeout)
+    return httpx.Client(base_url=api_url(), timeout=timeout, headers=auth_headers())
 
 
 def request(method: str, path: str, **kwargs: Any) -> Any:
@@ -30,9 +41,11 @@ def request(method: str, path: str, **kwargs: Any) -> Any:
             response = http.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
         fail(f"cannot reach the API at {api_url()}: {exc}")
+    if response.status_code == 401:
+        fail(f"401 {_detail(response)} (run `studio login`, or set STUDIO_API_KEY)")
     if response.status_code >= 400:
         fail(f"{response.status_code} {_detail(response)}")
-    return response.json()
+    return response.json() if response.content else None
 
 
 def _detail(response: httpx.Response) -> str:

@@ -12,8 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from app.cli import experiments
+from app.cli import accounts, experiments
 from app.cli.client import fail, request
+from app.core.config import Settings
 
 app = typer.Typer(help="Fine-Tuning Studio: fine-tune open LLMs and serve them.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Upload and inspect datasets.", no_args_is_help=True)
@@ -21,7 +22,12 @@ models_app = typer.Typer(help="Local models for demos and tests.", no_args_is_he
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(experiments.app, name="experiments")
 app.add_typer(models_app, name="models")
+app.add_typer(accounts.users_app, name="users")
+app.add_typer(accounts.keys_app, name="keys")
+app.command()(accounts.login)
+app.command()(accounts.logout)
 console = Console()
+LOCAL_ADMIN = "admin@studio.local"
 
 
 @app.command()
@@ -37,7 +43,36 @@ def up(
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade()
+    first_admin(settings, f"http://{host}:{port}")
     raise typer.Exit(run_all(settings, host, port))
+
+
+def first_admin(settings: Settings, url: str) -> None:
+    """No users yet: create the admin from STUDIO_ADMIN_EMAIL/PASSWORD, or in development a local admin
+    with a random password (printed once), and log this machine's CLI in with an API key for it."""
+    import secrets
+
+    from app.cli.credentials import save_token
+    from app.core.db import session_scope
+    from app.models import DEFAULT_TEAM_ID, ApiKeyCreate, Role
+    from app.services import accounts, api_keys
+    from app.services.principal import Principal
+
+    with session_scope() as session:
+        if accounts.user_count(session):
+            return
+        if settings.admin_email and settings.admin_password.get_secret_value():
+            accounts.bootstrap_admin(session, settings)
+            return
+        if settings.environment != "development":
+            fail("no users yet: set STUDIO_ADMIN_EMAIL and STUDIO_ADMIN_PASSWORD, or run `studio users create-admin`")
+        password = secrets.token_urlsafe(12)
+        admin = accounts.create_admin(session, email=LOCAL_ADMIN, password=password)
+        actor = Principal(admin.id, DEFAULT_TEAM_ID, Role.admin)
+        _, key = api_keys.create_key(session, actor, ApiKeyCreate(name="local CLI", role=Role.admin))
+    path = save_token(url, key)
+    console.print(f"[bold]First start:[/] created admin [cyan]{LOCAL_ADMIN}[/] with password [cyan]{password}[/] "
+                  f"(shown once). This machine's CLI is logged in ({path}).")  # fmt: skip
 
 
 @app.command()

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -72,6 +72,26 @@ class ApiSettings(BaseModel):
     models_dir: str = Field("", description="Extra directory where base_model names resolve to local models")
 
 
+class AuthSettings(BaseModel):
+    jwt_keys: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="JWT signing keys by key id (JSON object, each >= 32 chars). Tokens signed with any listed "
+        "key verify; drop a key id to revoke its tokens. Empty in development = a key generated under data_dir",
+    )
+    jwt_active_kid: str = Field("", description="Key id that signs new tokens; default the last listed")
+    issuer: str = Field("fine-tuning-studio", description="JWT `iss`, checked on every request")
+    audience: str = Field("studio-api", description="JWT `aud`, checked on every request")
+    access_token_ttl_s: int = Field(8 * 3600, ge=60, description="Lifetime of a login token")
+    login_max_failures: int = Field(20, ge=1, description="Failed logins (per email, per client) before 429")
+    login_window_s: int = Field(900, ge=1, description="Window for counting failed logins")
+    invitation_ttl_s: int = Field(7 * 24 * 3600, description="How long an invitation can be accepted")
+
+
+class QuotaSettings(BaseModel):
+    max_active_jobs: int = Field(8, ge=1, description="Per team: queued + running experiments (429 beyond)")
+    max_queued_jobs: int = Field(32, ge=1, description="Per team: experiments waiting in the queue (429 beyond)")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STUDIO_", env_nested_delimiter="__", env_file=".env", extra="ignore")
 
@@ -83,6 +103,10 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     training: TrainingSettings = TrainingSettings()
     api: ApiSettings = ApiSettings()
+    auth: AuthSettings = AuthSettings()
+    quotas: QuotaSettings = QuotaSettings()
+    admin_email: str = Field("", description="First start with no users: create this platform admin")
+    admin_password: SecretStr = Field(SecretStr(""), description="Password for admin_email")
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:
@@ -100,6 +124,13 @@ class Settings(BaseSettings):
             raise ValueError(f"training.default_queue {self.training.default_queue!r} is not one of {names}")
         if self.environment == "production" and self.database.url.startswith("sqlite"):
             raise ValueError("database.url: production needs Postgres, not SQLite")
+        if self.environment == "production" and not self.auth.jwt_keys:
+            raise ValueError("auth.jwt_keys: production needs signing keys shared by every API process")
+        for kid, key in self.auth.jwt_keys.items():
+            if len(key.get_secret_value()) < 32:
+                raise ValueError(f"auth.jwt_keys.{kid}: a signing key needs at least 32 characters")
+        if self.auth.jwt_active_kid and self.auth.jwt_active_kid not in self.auth.jwt_keys:
+            raise ValueError(f"auth.jwt_active_kid {self.auth.jwt_active_kid!r} is not in auth.jwt_keys")
         return self
 
     def train_queue(self, name: str) -> TrainQueue | None:

@@ -33,25 +33,25 @@ def _client() -> redis.Redis | None:
     return redis.Redis.from_url(url) if url else None
 
 
-def publish(experiment_id: uuid.UUID, team_id: uuid.UUID | None = None) -> None:
+def publish(experiment_id: uuid.UUID, team_id: uuid.UUID) -> None:
+    """Wake watchers of the experiment and of its team's channel."""
     client = _client()
     if client is None:
         return
     try:
         client.publish(experiment_channel(experiment_id), "changed")
-        if team_id:
-            client.publish(team_channel(team_id), str(experiment_id))
+        client.publish(team_channel(team_id), str(experiment_id))
     except redis.RedisError as exc:  # a lost notification only delays a watcher by one poll
         log.warning("could not publish to redis: %s", exc)
 
 
 class ChangeWaiter:
-    """Wait until an experiment may have changed: a Redis message, or the poll interval."""
+    """Wait until something on a channel may have changed: a Redis message, or the poll interval."""
 
-    def __init__(self, experiment_id: uuid.UUID) -> None:
+    def __init__(self, channel: str) -> None:
         settings = get_settings().events
         self.poll_s = settings.poll_interval_s
-        self.channel = experiment_channel(experiment_id)
+        self.channel = channel
         self._redis = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url else None
         self._pubsub = self._redis.pubsub() if self._redis else None
 

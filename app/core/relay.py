@@ -55,9 +55,9 @@ class OutboxRelay:
                 if time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + REAP_EVERY_S
                     with session_scope() as session:
-                        for experiment_id in requeue_stale(session=session, stale_after_s=self.stale_after):
+                        for experiment_id, team_id in requeue_stale(session=session, stale_after_s=self.stale_after):
                             log.warning("requeued experiment %s: its worker stopped heartbeating", experiment_id)
-                            notify.publish(experiment_id)
+                            notify.publish(experiment_id, team_id)
             except Exception:  # the loop must survive a database or broker outage
                 log.exception("outbox relay pass failed")
             self._wake.wait(self.interval)

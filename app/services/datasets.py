@@ -15,7 +15,10 @@ from app.core.storage import Storage
 from app.datasets.formats import validate_rows
 from app.datasets.readers import FileKind, NumberedRow, read_rows
 from app.datasets.split import split_indices
-from app.models import Dataset, DatasetFormat
+from app.models import Dataset, DatasetFormat, Experiment
+from app.services import audit
+from app.services.errors import Conflict
+from app.services.principal import Principal
 
 PREVIEW_ROWS = 5
 ROWS_FILE = "rows.jsonl"
@@ -29,7 +32,7 @@ def _build(
     *,
     session: Session,
     storage: Storage,
-    team_id: uuid.UUID,
+    actor: Principal,
     name: str,
     numbered: Iterable[NumberedRow],
     fmt: DatasetFormat | None,
@@ -48,7 +51,7 @@ def _build(
     detected = validate_rows(collect(), fmt)
     train, held_out = split_indices(rows, eval_fraction)
     dataset = Dataset(
-        team_id=team_id, name=name, format=detected, row_count=len(rows),
+        team_id=actor.team_id, name=name, format=detected, row_count=len(rows),
         train_rows=len(train), eval_rows=len(held_out), eval_fraction=eval_fraction,
         content_hash=content_hash, size_bytes=size_bytes, storage_prefix="",
         preview=rows[:PREVIEW_ROWS],
@@ -60,6 +63,7 @@ def _build(
         if source:
             storage.put_file(f"{dataset.storage_prefix}/source.{source[1]}", source[0])
         session.add(dataset)
+        audit.record(session, actor, "dataset.create", "dataset", dataset.id, name=name, rows=len(rows))
         session.commit()
     except BaseException:
         session.rollback()
@@ -73,7 +77,7 @@ def create_from_file(
     *,
     session: Session,
     storage: Storage,
-    team_id: uuid.UUID,
+    actor: Principal,
     name: str,
     path: Path,
     kind: FileKind,
@@ -81,7 +85,7 @@ def create_from_file(
     eval_fraction: float,
 ) -> Dataset:
     return _build(
-        session=session, storage=storage, team_id=team_id, name=name,
+        session=session, storage=storage, actor=actor, name=name,
         numbered=read_rows(path, kind), fmt=fmt, eval_fraction=eval_fraction,
         content_hash=_file_sha256(path), size_bytes=path.stat().st_size, source=(path, kind),
     )  # fmt: skip
@@ -91,7 +95,7 @@ def create_from_rows(
     *,
     session: Session,
     storage: Storage,
-    team_id: uuid.UUID,
+    actor: Principal,
     name: str,
     rows: list[dict[str, Any]],
     fmt: DatasetFormat | None,
@@ -99,11 +103,22 @@ def create_from_rows(
 ) -> Dataset:
     body = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows)
     return _build(
-        session=session, storage=storage, team_id=team_id, name=name,
+        session=session, storage=storage, actor=actor, name=name,
         numbered=enumerate(rows, start=1), fmt=fmt, eval_fraction=eval_fraction,
         content_hash=hashlib.sha256(body.encode()).hexdigest(), size_bytes=len(body),
         source=None,
     )  # fmt: skip
+
+
+def delete_dataset(*, session: Session, storage: Storage, actor: Principal, dataset: Dataset) -> None:
+    """Delete rows and files; refused while an experiment still points at the dataset."""
+    used = session.exec(select(func.count()).select_from(Experiment).where(Experiment.dataset_id == dataset.id)).one()
+    if used:
+        raise Conflict(f"dataset is used by {used} experiment(s); delete those first", field="dataset_id")
+    session.delete(dataset)
+    audit.record(session, actor, "dataset.delete", "dataset", dataset.id, name=dataset.name)
+    session.commit()
+    storage.delete_prefix(dataset.storage_prefix)  # after commit: a failed delete leaves files, never a dangling row
 
 
 def _file_sha256(path: Path) -> str:

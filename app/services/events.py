@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlmodel import Session, col, select, update
+from sqlmodel import Session, col, func, select, update
 
 from app.models import Experiment, ExperimentEvent, ExperimentStatus
 
@@ -59,3 +59,20 @@ def events_after(
     if type_:
         query = query.where(ExperimentEvent.type == type_)
     return list(session.exec(query.order_by(col(ExperimentEvent.seq)).limit(limit)).all())
+
+
+def team_status_events(
+    session: Session, team_id: uuid.UUID, after_id: int, *, limit: int = 500
+) -> list[tuple[ExperimentEvent, str]]:
+    """Status changes of a team's experiments with event id > ``after_id``, oldest first, with names."""
+    rows = session.exec(
+        select(ExperimentEvent, Experiment.name)
+        .join(Experiment, col(Experiment.id) == col(ExperimentEvent.experiment_id))
+        .where(Experiment.team_id == team_id, ExperimentEvent.type == "status", col(ExperimentEvent.id) > after_id)
+        .order_by(col(ExperimentEvent.id)).limit(limit)
+    ).all()  # fmt: skip
+    return [(event, name) for event, name in rows]
+
+
+def latest_event_id(session: Session) -> int:
+    return session.exec(select(func.max(ExperimentEvent.id))).one() or 0

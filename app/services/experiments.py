@@ -12,37 +12,28 @@ from datetime import timedelta
 from pathlib import Path
 
 from pydantic import ValidationError
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, col, delete, func, select
 
 from app.core.config import Settings
+from app.core.storage import Storage
 from app.models import (
     Dataset,
     DatasetFormat,
     Experiment,
     ExperimentCreate,
+    ExperimentEvent,
     ExperimentStatus,
     utcnow,
 )
+from app.services import audit
+from app.services.errors import Conflict, InvalidRequest
 from app.services.events import status_event
 from app.services.outbox import TRAIN_TASK, enqueue
+from app.services.principal import Principal
+from app.services.teams import check_quota
 from app.training.hyperparameters import Hyperparameters, RecipeNotFound, resolve
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
-
-
-class InvalidRequest(ValueError):
-    """A 4xx: ``field`` is the request field at fault (dotted path)."""
-
-    def __init__(self, field: str, message: str, status_code: int = 422) -> None:
-        self.field = field
-        self.message = message
-        self.status_code = status_code
-        super().__init__(f"{field}: {message}")
-
-
-class Conflict(InvalidRequest):
-    def __init__(self, message: str) -> None:
-        super().__init__("status", message, status_code=409)
 
 
 def check_base_model(name: str, settings: Settings) -> str:
@@ -77,11 +68,9 @@ def resolve_hyperparameters(body: ExperimentCreate, settings: Settings) -> Hyper
     return params
 
 
-def create_experiment(
-    *, session: Session, settings: Settings, team_id: uuid.UUID, body: ExperimentCreate
-) -> Experiment:
+def create_experiment(*, session: Session, settings: Settings, actor: Principal, body: ExperimentCreate) -> Experiment:
     dataset = session.get(Dataset, body.dataset_id)
-    if dataset is None or dataset.team_id != team_id:
+    if dataset is None or dataset.team_id != actor.team_id:
         raise InvalidRequest("dataset_id", f"no dataset {body.dataset_id}", status_code=404)
     if dataset.format is DatasetFormat.preference:
         raise InvalidRequest("dataset_id", "preference datasets need DPO, which SFT cannot train on")
@@ -94,13 +83,23 @@ def create_experiment(
     if params.method == "qlora" and not queue.cuda:
         raise InvalidRequest("hyperparameters.method", f"qlora needs a CUDA GPU, and queue {queue.name!r} has none")
     base_model = check_base_model(body.base_model, settings)
+    if body.start:
+        check_quota(session, settings, actor.team_id)
     experiment = Experiment(
-        team_id=team_id, name=body.name, base_model=base_model, dataset_id=dataset.id,
+        team_id=actor.team_id, name=body.name, base_model=base_model, dataset_id=dataset.id,
         recipe=body.recipe, hyperparameters=params.model_dump(), queue=queue.name,
     )  # fmt: skip
     session.add(experiment)
     session.flush()
-    _queue_attempt(session, experiment)
+    if body.start:
+        _queue_attempt(session, experiment)
+    else:
+        experiment.status = ExperimentStatus.created
+        session.add(experiment)
+        session.flush()
+        status_event(session, experiment, reason="created without starting")
+    audit.record(session, actor, "experiment.create", "experiment", experiment.id, name=body.name,
+                 started=body.start)  # fmt: skip
     session.commit()
     session.refresh(experiment)
     return experiment
@@ -117,26 +116,28 @@ def _queue_attempt(session: Session, experiment: Experiment, **extra: str) -> No
     enqueue(session, TRAIN_TASK, experiment.queue, payload)
 
 
-def start_experiment(*, session: Session, experiment: Experiment) -> Experiment:
+def start_experiment(*, session: Session, settings: Settings, actor: Principal, experiment: Experiment) -> Experiment:
     """Run again after a failure or cancel; resumes from the last stored checkpoint."""
-    if experiment.status not in (ExperimentStatus.failed, ExperimentStatus.cancelled):
-        raise Conflict(f"experiment is {experiment.status.value}; only failed or cancelled "
-                       "experiments can be started again")  # fmt: skip
+    if experiment.status not in (ExperimentStatus.created, ExperimentStatus.failed, ExperimentStatus.cancelled):
+        raise Conflict(f"experiment is {experiment.status.value}; only created, failed or cancelled "
+                       "experiments can be started")  # fmt: skip
+    check_quota(session, settings, actor.team_id)
     experiment.error = None
     experiment.finished_at = None
     _queue_attempt(session, experiment, reason="started again")
+    audit.record(session, actor, "experiment.start", "experiment", experiment.id, attempt=experiment.attempt + 1)
     session.commit()
     session.refresh(experiment)
     return experiment
 
 
-def stop_experiment(*, session: Session, experiment: Experiment) -> Experiment:
+def stop_experiment(*, session: Session, actor: Principal, experiment: Experiment) -> Experiment:
     """A queued job is cancelled at once; a running one is flagged and its worker kills it."""
     # Lock and re-read first, so a worker finishing the job concurrently cannot be overwritten.
     session.refresh(experiment, with_for_update=session.get_bind().dialect.name == "postgresql")
     if experiment.status.terminal:
         raise Conflict(f"experiment is already {experiment.status.value}")
-    if experiment.status is ExperimentStatus.queued:
+    if experiment.status in (ExperimentStatus.created, ExperimentStatus.queued):
         experiment.status = ExperimentStatus.cancelled
         experiment.finished_at = utcnow()
         session.add(experiment)
@@ -145,12 +146,13 @@ def stop_experiment(*, session: Session, experiment: Experiment) -> Experiment:
     elif not experiment.stop_requested:
         experiment.stop_requested = True
         session.add(experiment)
+    audit.record(session, actor, "experiment.stop", "experiment", experiment.id)
     session.commit()
     session.refresh(experiment)
     return experiment
 
 
-def requeue_stale(*, session: Session, stale_after_s: float) -> list[uuid.UUID]:
+def requeue_stale(*, session: Session, stale_after_s: float) -> list[tuple[uuid.UUID, uuid.UUID]]:
     """Running jobs whose worker stopped heartbeating go back to the queue (resume from checkpoint)."""
     cutoff = utcnow() - timedelta(seconds=stale_after_s)
     query = select(Experiment).where(
@@ -168,9 +170,20 @@ def requeue_stale(*, session: Session, stale_after_s: float) -> list[uuid.UUID]:
             status_event(session, experiment, reason="worker lost while stopping")
         else:
             _queue_attempt(session, experiment, reason="worker lost; requeued")
-        requeued.append(experiment.id)
+        requeued.append((experiment.id, experiment.team_id))
     session.commit()
     return requeued
+
+
+def delete_experiment(*, session: Session, storage: Storage, actor: Principal, experiment: Experiment) -> None:
+    """Delete a finished experiment with its events, checkpoints and artifacts."""
+    if experiment.status in (ExperimentStatus.queued, ExperimentStatus.running):
+        raise Conflict(f"experiment is {experiment.status.value}; stop it before deleting")
+    session.exec(delete(ExperimentEvent).where(col(ExperimentEvent.experiment_id) == experiment.id))  # type: ignore[call-overload]
+    session.delete(experiment)
+    audit.record(session, actor, "experiment.delete", "experiment", experiment.id, name=experiment.name)
+    session.commit()
+    storage.delete_prefix(f"experiments/{experiment.id}")
 
 
 def get_experiment(*, session: Session, team_id: uuid.UUID, experiment_id: uuid.UUID) -> Experiment | None:

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+
+from tests.conftest import create_database, drop_database
+from tests.e2e.stack import E2E_DB, E2E_REDIS, Stack, running_stack
 
 ALPACA_ROWS = [
     {"instruction": "What is the capital of France?", "input": "", "output": "The capital of France is Paris."},
@@ -33,3 +38,17 @@ def alpaca_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def chat_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    redis.Redis.from_url(E2E_REDIS).flushdb()
+    url = create_database(E2E_DB)
+    data = tmp_path_factory.mktemp("pg-stack")
+    env = {"STUDIO_DATA_DIR": str(data), "STUDIO_DATABASE__URL": url, "STUDIO_BROKER__URL": E2E_REDIS,
+           "STUDIO_EVENTS__REDIS_URL": E2E_REDIS, "STUDIO_TRAINING__STALE_AFTER_S": "8"}  # fmt: skip
+    try:
+        with running_stack(env, data / "logs") as s:
+            yield s
+    finally:
+        drop_database(E2E_DB)

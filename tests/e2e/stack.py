@@ -16,8 +16,11 @@ from pathlib import Path
 import httpx
 
 from app.cli.processes import api_command, wait_healthy, worker_command
+from tests.conftest import REDIS_BASE, RUN_ID
 
 REPO = Path(__file__).resolve().parents[2]
+E2E_DB = f"studio_e2e_{RUN_ID}"
+E2E_REDIS = f"{REDIS_BASE}/12"  # its own Redis db: the in-process tests use 11
 
 
 def free_port() -> int:
@@ -26,15 +29,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+ADMIN_EMAIL = "admin@e2e.test"
+ADMIN_PASSWORD = "e2e-admin-password"
+
+
 @dataclass
 class Stack:
     url: str
     env: dict[str, str]
     logs: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # the admin's API key, once logged in
 
-    def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60)
+    def http(self, timeout: float = 60) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout, headers=self.headers)
+
+    def log_in(self) -> None:
+        """Log in as the admin over HTTP and act with a fresh API key from then on."""
+        with httpx.Client(base_url=self.url, timeout=60) as http:
+            r = http.post("/api/auth/login", data={"username": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+            assert r.status_code == 200, r.text
+            jwt_headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
+            team = http.get("/api/users/me", headers=jwt_headers).json()["teams"][0]["id"]
+            r = http.post(f"/api/teams/{team}/api-keys/", json={"name": "e2e", "role": "admin"}, headers=jwt_headers)
+            assert r.status_code == 201, r.text
+        self.headers = {"Authorization": f"Bearer {r.json()['key']}"}
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
@@ -74,6 +93,8 @@ def running_stack(env_overrides: dict[str, str], logs: Path, workers: bool = Tru
     env = {**os.environ, **env_overrides, "PYTHONUNBUFFERED": "1"}
     subprocess.run([sys.executable, "-m", "app.cli.main", "migrate"], cwd=REPO, env=env, check=True,
                    capture_output=True)  # fmt: skip
+    subprocess.run([sys.executable, "-m", "app.cli.main", "users", "create-admin", "--email", ADMIN_EMAIL,
+                    "--password", ADMIN_PASSWORD], cwd=REPO, env=env, check=True, capture_output=True)  # fmt: skip
     port = free_port()
     stack = Stack(url=f"http://127.0.0.1:{port}", env=env, logs=logs)
     try:
@@ -81,6 +102,7 @@ def running_stack(env_overrides: dict[str, str], logs: Path, workers: bool = Tru
         if workers:
             stack.start("worker", worker_command(["train.cpu"], "train-test@%h"))
         assert wait_healthy(stack.url, procs=list(stack.procs.values())), stack.log("api")
+        stack.log_in()
         yield stack
     finally:
         for name in list(stack.procs):

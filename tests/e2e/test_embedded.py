@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -26,13 +27,21 @@ def studio(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 def test_studio_up_trains_on_the_embedded_default(tmp_path: Path, tiny_model: Path, alpaca_file: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in EMBEDDED_ENV}
     env |= {"STUDIO_DATA_DIR": str(tmp_path / ".studio"), "STUDIO_API_URL": f"http://127.0.0.1:{free_port()}",
-            "PYTHONUNBUFFERED": "1"}  # fmt: skip
+            "PYTHONUNBUFFERED": "1", "STUDIO_CREDENTIALS_FILE": str(tmp_path / "credentials.json")}  # fmt: skip
+    env.pop("STUDIO_API_KEY", None)
     port = env["STUDIO_API_URL"].rsplit(":", 1)[1]
     log = (tmp_path / "up.log").open("wb")
     up = subprocess.Popen([sys.executable, "-m", "app.cli.main", "up", "--port", port], cwd=REPO, env=env,
                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         assert wait_healthy(env["STUDIO_API_URL"], procs=[up]), (tmp_path / "up.log").read_text()[-3000:]
+        # First start created a local admin, printed its password once, and logged this CLI in.
+        assert "created admin admin@studio.local with password" in (tmp_path / "up.log").read_text()
+        key = json.loads((tmp_path / "credentials.json").read_text())[env["STUDIO_API_URL"]]
+        assert (tmp_path / "credentials.json").stat().st_mode & 0o077 == 0
+        assert (
+            studio(env | {"STUDIO_CREDENTIALS_FILE": str(tmp_path / "none.json")}, "datasets", "list").returncode == 1
+        )
         uploaded = studio(env, "datasets", "upload", str(alpaca_file))
         assert uploaded.returncode == 0, uploaded.stderr
         dataset_id = uploaded.stdout.split()[1]
@@ -47,7 +56,7 @@ def test_studio_up_trains_on_the_embedded_default(tmp_path: Path, tiny_model: Pa
         assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "up.log").read_text()[-3000:]
         assert "succeeded" in run.stdout
         experiment_id = run.stdout.split()[1]
-        with httpx.Client(base_url=env["STUDIO_API_URL"]) as http:
+        with httpx.Client(base_url=env["STUDIO_API_URL"], headers={"Authorization": f"Bearer {key}"}) as http:
             metrics = http.get(f"/api/experiments/{experiment_id}/metrics").json()["data"]
             losses = [m["data"]["loss"] for m in metrics if "loss" in m["data"]]
             assert sum(losses[-3:]) / 3 < losses[0]

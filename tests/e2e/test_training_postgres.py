@@ -6,37 +6,18 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
 from httpx_sse import connect_sse
 from sqlalchemy import text
 
 from app.core.db import make_engine
-from tests.conftest import REDIS_BASE, RUN_ID, create_database, drop_database
-from tests.e2e.stack import Stack, running_stack, wait_for
+from tests.e2e.stack import E2E_REDIS, Stack, wait_for
 
 pytestmark = pytest.mark.e2e
-E2E_DB = f"studio_e2e_{RUN_ID}"
-E2E_REDIS = f"{REDIS_BASE}/12"
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    redis.Redis.from_url(E2E_REDIS).flushdb()
-    url = create_database(E2E_DB)
-    data = tmp_path_factory.mktemp("pg-stack")
-    env = {"STUDIO_DATA_DIR": str(data), "STUDIO_DATABASE__URL": url, "STUDIO_BROKER__URL": E2E_REDIS,
-           "STUDIO_EVENTS__REDIS_URL": E2E_REDIS, "STUDIO_TRAINING__STALE_AFTER_S": "8"}  # fmt: skip
-    try:
-        with running_stack(env, data / "logs") as s:
-            yield s
-    finally:
-        drop_database(E2E_DB)
 
 
 def upload(http: httpx.Client, path: Path) -> dict[str, Any]:
@@ -59,7 +40,7 @@ def follow(stack: Stack, experiment_id: str, last_event_id: int | None = None, s
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
     seen: list[tuple[int, str, dict[str, Any]]] = []
     with (
-        httpx.Client(base_url=stack.url, timeout=180) as http,
+        stack.http(timeout=180) as http,
         connect_sse(http, "GET", f"/api/experiments/{experiment_id}/events", headers=headers) as source,
     ):
         for sse in source.iter_sse():

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, HTTPException, Query, UploadFile
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep, TeamDep
+from app.api.deps import SessionDep, SettingsDep, StorageDep, Trainer, Viewer
 from app.api.errors import PayloadTooLarge
 from app.datasets.readers import sniff_kind
 from app.models import (
@@ -31,7 +31,7 @@ def upload_dataset(
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
-    team_id: TeamDep,
+    principal: Trainer,
     file: UploadFile,
     name: Annotated[str | None, Form(max_length=200)] = None,
     format: Annotated[DatasetFormat | None, Form(description="Detected when omitted")] = None,
@@ -51,7 +51,7 @@ def upload_dataset(
         with path.open("rb") as f:
             kind = sniff_kind(file.filename, f.read(8))
         dataset = service.create_from_file(
-            session=session, storage=storage, team_id=team_id,
+            session=session, storage=storage, actor=principal,
             name=name or Path(file.filename or "dataset").stem[:200] or "dataset",
             path=path, kind=kind, fmt=format, eval_fraction=eval_fraction,
         )  # fmt: skip
@@ -60,14 +60,14 @@ def upload_dataset(
 
 @router.post("/", response_model=DatasetPublic, status_code=201)
 def create_dataset(
-    session: SessionDep, storage: StorageDep, settings: SettingsDep, team_id: TeamDep,
+    session: SessionDep, storage: StorageDep, settings: SettingsDep, principal: Trainer,
     body: DatasetCreate,
 ) -> DatasetPublic:  # fmt: skip
     """Create a dataset from rows in the request body."""
     if len(body.rows) > settings.api.max_inline_rows:
         raise PayloadTooLarge(f"rows: more than {settings.api.max_inline_rows} rows; upload a file")
     dataset = service.create_from_rows(
-        session=session, storage=storage, team_id=team_id, name=body.name, rows=body.rows,
+        session=session, storage=storage, actor=principal, name=body.name, rows=body.rows,
         fmt=body.format, eval_fraction=body.eval_fraction,
     )  # fmt: skip
     return DatasetPublic.model_validate(dataset)
@@ -75,25 +75,32 @@ def create_dataset(
 
 @router.get("/", response_model=DatasetsPublic)
 def list_datasets(
-    session: SessionDep, team_id: TeamDep,
+    session: SessionDep, principal: Viewer,
     skip: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> DatasetsPublic:  # fmt: skip
     """List the team's datasets, newest first."""
-    page, count = service.list_datasets(session=session, team_id=team_id, skip=skip, limit=limit)
+    page, count = service.list_datasets(session=session, team_id=principal.team_id, skip=skip, limit=limit)
     return DatasetsPublic(data=[DatasetPublic.model_validate(d) for d in page], count=count)
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
-def read_dataset(session: SessionDep, team_id: TeamDep, dataset_id: uuid.UUID) -> DatasetPublic:
+def read_dataset(session: SessionDep, principal: Viewer, dataset_id: uuid.UUID) -> DatasetPublic:
     """One dataset's metadata."""
-    return DatasetPublic.model_validate(_get(session, team_id, dataset_id))
+    return DatasetPublic.model_validate(_get(session, principal.team_id, dataset_id))
 
 
 @router.get("/{dataset_id}/preview", response_model=DatasetPreview)
-def preview_dataset(session: SessionDep, team_id: TeamDep, dataset_id: uuid.UUID) -> DatasetPreview:
+def preview_dataset(session: SessionDep, principal: Viewer, dataset_id: uuid.UUID) -> DatasetPreview:
     """The first rows, as uploaded."""
-    dataset = _get(session, team_id, dataset_id)
+    dataset = _get(session, principal.team_id, dataset_id)
     return DatasetPreview(id=dataset.id, format=dataset.format, rows=dataset.preview)
+
+
+@router.delete("/{dataset_id}", status_code=204)
+def delete_dataset(session: SessionDep, storage: StorageDep, principal: Trainer, dataset_id: uuid.UUID) -> None:
+    """Delete a dataset and its files (409 while experiments use it)."""
+    service.delete_dataset(session=session, storage=storage, actor=principal,
+                           dataset=_get(session, principal.team_id, dataset_id))  # fmt: skip
 
 
 def _get(session: SessionDep, team_id: uuid.UUID, dataset_id: uuid.UUID) -> Dataset:

@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep, TeamDep
+from app.api.deps import SessionDep, SettingsDep, StorageDep, Trainer, Viewer
 from app.core import notify
 from app.core.db import session_scope
 from app.core.relay import wake_relay
@@ -35,73 +35,79 @@ router = APIRouter(prefix="/experiments", tags=["experiments"])
 
 @router.post("/", response_model=ExperimentPublic, status_code=201)
 def create_experiment(
-    session: SessionDep, settings: SettingsDep, team_id: TeamDep, body: ExperimentCreate
+    session: SessionDep, settings: SettingsDep, principal: Trainer, body: ExperimentCreate
 ) -> ExperimentPublic:
-    """Submit a fine-tuning experiment; it is queued at once."""
-    experiment = service.create_experiment(session=session, settings=settings, team_id=team_id, body=body)
+    """Submit a fine-tuning experiment; it is queued at once (429 when the team is at its quota)."""
+    experiment = service.create_experiment(session=session, settings=settings, actor=principal, body=body)
     _after_commit(experiment)
     return ExperimentPublic.model_validate(experiment)
 
 
 @router.get("/", response_model=ExperimentsPublic)
 def list_experiments(
-    session: SessionDep, team_id: TeamDep,
+    session: SessionDep, principal: Viewer,
     status: ExperimentStatus | None = None,
     skip: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> ExperimentsPublic:  # fmt: skip
     """List the team's experiments, newest first, optionally by status."""
-    page, count = service.list_experiments(session=session, team_id=team_id, status=status, skip=skip, limit=limit)
+    page, count = service.list_experiments(
+        session=session, team_id=principal.team_id, status=status, skip=skip, limit=limit
+    )
     return ExperimentsPublic(data=[ExperimentPublic.model_validate(e) for e in page], count=count)
 
 
 @router.get("/{experiment_id}", response_model=ExperimentPublic)
-def read_experiment(session: SessionDep, team_id: TeamDep, experiment_id: uuid.UUID) -> ExperimentPublic:
+def read_experiment(session: SessionDep, principal: Viewer, experiment_id: uuid.UUID) -> ExperimentPublic:
     """One experiment: status, attempt, hyperparameters, error, final metrics."""
-    return ExperimentPublic.model_validate(_get(session, team_id, experiment_id))
+    return ExperimentPublic.model_validate(_get(session, principal.team_id, experiment_id))
 
 
 @router.post("/{experiment_id}/start", response_model=ExperimentPublic)
-def start_experiment(session: SessionDep, team_id: TeamDep, experiment_id: uuid.UUID) -> ExperimentPublic:
-    """Queue a failed or cancelled experiment again; it resumes from its last checkpoint."""
-    experiment = service.start_experiment(session=session, experiment=_get(session, team_id, experiment_id))
+def start_experiment(
+    session: SessionDep, settings: SettingsDep, principal: Trainer, experiment_id: uuid.UUID
+) -> ExperimentPublic:
+    """Queue a created, failed or cancelled experiment; it resumes from its last checkpoint."""
+    experiment = service.start_experiment(session=session, settings=settings, actor=principal,
+                                          experiment=_get(session, principal.team_id, experiment_id))  # fmt: skip
     _after_commit(experiment)
     return ExperimentPublic.model_validate(experiment)
 
 
 @router.post("/{experiment_id}/stop", response_model=ExperimentPublic)
-def stop_experiment(session: SessionDep, team_id: TeamDep, experiment_id: uuid.UUID) -> ExperimentPublic:
+def stop_experiment(session: SessionDep, principal: Trainer, experiment_id: uuid.UUID) -> ExperimentPublic:
     """Cancel: a queued job at once, a running one as soon as its worker sees the flag."""
-    experiment = service.stop_experiment(session=session, experiment=_get(session, team_id, experiment_id))
+    experiment = service.stop_experiment(session=session, actor=principal,
+                                         experiment=_get(session, principal.team_id, experiment_id))  # fmt: skip
     _after_commit(experiment)
     return ExperimentPublic.model_validate(experiment)
 
 
 @router.get("/{experiment_id}/metrics", response_model=MetricsPublic)
 def read_metrics(
-    session: SessionDep, team_id: TeamDep, experiment_id: uuid.UUID,
+    session: SessionDep, principal: Viewer, experiment_id: uuid.UUID,
     after: Annotated[int, Query(ge=0, description="Only events with seq > after")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> MetricsPublic:  # fmt: skip
     """Logged training and eval metrics in order (loss, learning rate, grad norm, tokens/s, ...)."""
-    _get(session, team_id, experiment_id)
+    _get(session, principal.team_id, experiment_id)
     rows = events_after(session, experiment_id, after, type_="metrics", limit=limit)
     return MetricsPublic(data=[EventPublic.model_validate(r) for r in rows], count=len(rows))
 
 
 @router.get("/{experiment_id}/events")
 async def stream_events(
-    session: SessionDep, team_id: TeamDep, experiment_id: uuid.UUID,
+    session: SessionDep, principal: Viewer, experiment_id: uuid.UUID,
     last_event_id: Annotated[int | None, Header(ge=0)] = None,
     after: Annotated[int, Query(ge=0)] = 0,
 ) -> EventSourceResponse:  # fmt: skip
     """Server-sent events: every status change and metric, resumable with Last-Event-ID."""
-    await run_in_threadpool(_get, session, team_id, experiment_id)
+    await run_in_threadpool(_get, session, principal.team_id, experiment_id)
     start = last_event_id if last_event_id is not None else after
     return EventSourceResponse(_event_stream(experiment_id, start), ping=10)
 
 
 async def _event_stream(experiment_id: uuid.UUID, after_seq: int) -> AsyncIterator[ServerSentEvent]:
-    async with notify.ChangeWaiter(experiment_id) as waiter:
+    async with notify.ChangeWaiter(notify.experiment_channel(experiment_id)) as waiter:
         while True:
             events, status = await run_in_threadpool(_read_new, experiment_id, after_seq)
             for event in events:
@@ -124,10 +130,10 @@ def _read_new(experiment_id: uuid.UUID, after_seq: int) -> tuple[list[EventPubli
 
 @router.get("/{experiment_id}/artifacts", response_model=ArtifactsPublic)
 def list_artifacts(
-    session: SessionDep, storage: StorageDep, team_id: TeamDep, experiment_id: uuid.UUID
+    session: SessionDep, storage: StorageDep, principal: Viewer, experiment_id: uuid.UUID
 ) -> ArtifactsPublic:
     """Files of a finished run: adapter, tokenizer, config, metrics, model card, log."""
-    _get(session, team_id, experiment_id)
+    _get(session, principal.team_id, experiment_id)
     prefix = service.artifact_prefix(experiment_id)
     files = [ArtifactPublic(path=o.key[len(prefix) + 1 :], size_bytes=o.size_bytes)
              for o in storage.list(prefix)]  # fmt: skip
@@ -136,10 +142,10 @@ def list_artifacts(
 
 @router.get("/{experiment_id}/artifacts/{path:path}")
 def download_artifact(
-    session: SessionDep, storage: StorageDep, team_id: TeamDep, experiment_id: uuid.UUID, path: str
+    session: SessionDep, storage: StorageDep, principal: Viewer, experiment_id: uuid.UUID, path: str
 ) -> StreamingResponse:
     """Download one artifact file."""
-    _get(session, team_id, experiment_id)
+    _get(session, principal.team_id, experiment_id)
     prefix = service.artifact_prefix(experiment_id)
     known = {o.key[len(prefix) + 1 :] for o in storage.list(prefix)}
     if path not in known:  # only names we listed, so a crafted path cannot reach other keys
@@ -154,6 +160,14 @@ def download_artifact(
     filename = path.rsplit("/", 1)[-1]
     return StreamingResponse(chunks(), media_type="application/octet-stream",
                              headers={"Content-Disposition": f'attachment; filename="{filename}"'})  # fmt: skip
+
+
+@router.delete("/{experiment_id}", status_code=204)
+def delete_experiment(session: SessionDep, storage: StorageDep, principal: Trainer, experiment_id: uuid.UUID) -> None:
+    """Delete a finished (or never started) experiment with its metrics, checkpoints and artifacts."""
+    experiment = _get(session, principal.team_id, experiment_id)
+    service.delete_experiment(session=session, storage=storage, actor=principal, experiment=experiment)
+    notify.publish(experiment_id, principal.team_id)
 
 
 def _get(session: SessionDep, team_id: uuid.UUID, experiment_id: uuid.UUID) -> Experiment:

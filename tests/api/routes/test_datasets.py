@@ -103,3 +103,12 @@ def test_upload_over_the_limit_is_413(client: TestClient) -> None:
 def test_unknown_dataset_is_404(client: TestClient) -> None:
     r = client.get("/api/datasets/00000000-0000-0000-0000-00000000abcd")
     assert r.status_code == 404 and "not found" in r.json()["detail"]
+
+
+def test_upload_filename_never_reaches_the_filesystem(client: TestClient, tmp_path: Path) -> None:
+    target = tmp_path / "escaped.jsonl"
+    crafted = f"../../../../../../{target}"
+    r = client.post("/api/datasets/upload", files={"file": (crafted, b'{"text": "hello"}\n')})
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == "escaped"
+    assert not target.exists()

@@ -1,0 +1,33 @@
+"""The caller's own account: profile, teams, password change."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.deps import CurrentUser, SessionDep, SettingsDep
+from app.models import Team, UserMe, UserUpdateMe
+from app.services import accounts
+from app.services.teams import team_public
+
+router = APIRouter(prefix="/users", tags=["users"])
+
+
+@router.get("/me", response_model=UserMe)
+def read_me(session: SessionDep, settings: SettingsDep, user: CurrentUser) -> UserMe:
+    """Who you are, and your teams with your role in each."""
+    return _me(session, settings, user)
+
+
+@router.patch("/me", response_model=UserMe)
+def update_me(session: SessionDep, settings: SettingsDep, user: CurrentUser, body: UserUpdateMe) -> UserMe:
+    """Change your name, or your password (send `current_password` with `new_password`)."""
+    return _me(session, settings, accounts.update_me(session, user, body))
+
+
+def _me(session: SessionDep, settings: SettingsDep, user: CurrentUser) -> UserMe:
+    teams = []
+    for m in accounts.memberships(session, user.id):
+        team = session.get(Team, m.team_id)
+        assert team is not None
+        teams.append(team_public(team, settings, m.role))
+    return UserMe(**user.model_dump(exclude={"hashed_password"}), teams=teams)

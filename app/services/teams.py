@@ -1,0 +1,214 @@
+"""Teams, members, invitations and quotas. Every function takes the team explicitly; callers pass
+the principal's team, so nothing here can reach another team's rows."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from sqlmodel import Session, col, func, select
+
+from app.core.config import Settings
+from app.core.security import new_one_time_token, token_hash
+from app.models import (
+    Experiment,
+    ExperimentStatus,
+    Invitation,
+    InvitationAccept,
+    InvitationCreate,
+    MemberPublic,
+    Membership,
+    QuotaUpdate,
+    Role,
+    Team,
+    TeamPublic,
+    User,
+    utcnow,
+)
+from app.services import audit
+from app.services.accounts import create_user, get_by_email, normalize_email
+from app.services.errors import Conflict, InvalidRequest, NotFound
+from app.services.principal import Principal
+
+
+def team_public(team: Team, settings: Settings, role: Role | None) -> TeamPublic:
+    active, queued = quota_limits(team, settings)
+    return TeamPublic(id=team.id, name=team.name, role=role, max_active_jobs=active, max_queued_jobs=queued,
+                      created_at=team.created_at)  # fmt: skip
+
+
+def create_team(session: Session, user_id: uuid.UUID, name: str) -> Team:
+    if session.exec(select(Team).where(Team.name == name)).first():
+        raise Conflict(f"a team named {name!r} already exists", field="name")
+    team = Team(name=name)
+    session.add(team)
+    session.flush()
+    session.add(Membership(team_id=team.id, user_id=user_id, role=Role.admin))
+    audit.record(session, Principal(user_id, team.id, Role.admin), "team.create", "team", team.id, name=name)
+    session.commit()
+    session.refresh(team)
+    return team
+
+
+# ---------------------------------------------------------------- members
+
+
+def list_members(session: Session, team_id: uuid.UUID) -> list[MemberPublic]:
+    rows = session.exec(
+        select(Membership, User).join(User, col(User.id) == col(Membership.user_id))
+        .where(Membership.team_id == team_id).order_by(col(Membership.created_at))
+    ).all()  # fmt: skip
+    return [MemberPublic(user_id=u.id, email=u.email, full_name=u.full_name, role=m.role, created_at=m.created_at)
+            for m, u in rows]  # fmt: skip
+
+
+def _membership(session: Session, team_id: uuid.UUID, user_id: uuid.UUID) -> Membership:
+    membership = session.get(Membership, (team_id, user_id))
+    if membership is None:
+        raise NotFound("user_id", f"user {user_id} is not a member of this team")
+    return membership
+
+
+def _guard_last_admin(session: Session, membership: Membership) -> None:
+    if membership.role is not Role.admin:
+        return
+    admins = session.exec(
+        select(func.count()).select_from(Membership)
+        .where(Membership.team_id == membership.team_id, Membership.role == Role.admin)
+    ).one()  # fmt: skip
+    if admins <= 1:
+        raise Conflict("the team's last admin cannot be removed or demoted", field="user_id")
+
+
+def set_role(session: Session, actor: Principal, user_id: uuid.UUID, role: Role) -> Membership:
+    membership = _membership(session, actor.team_id, user_id)
+    if role is not Role.admin:
+        _guard_last_admin(session, membership)
+    before = membership.role
+    membership.role = role
+    session.add(membership)
+    audit.record(session, actor, "member.role", "user", user_id, before=before.value, after=role.value)
+    session.commit()
+    session.refresh(membership)
+    return membership
+
+
+def remove_member(session: Session, actor: Principal, user_id: uuid.UUID) -> None:
+    membership = _membership(session, actor.team_id, user_id)
+    _guard_last_admin(session, membership)
+    session.delete(membership)
+    audit.record(session, actor, "member.remove", "user", user_id)
+    session.commit()
+
+
+# ---------------------------------------------------------------- invitations
+
+
+def invite(session: Session, settings: Settings, actor: Principal, body: InvitationCreate) -> tuple[Invitation, str]:
+    email = normalize_email(body.email)
+    existing = get_by_email(session, email)
+    if existing and session.get(Membership, (actor.team_id, existing.id)):
+        raise Conflict(f"{email} is already a member of this team", field="email")
+    token, hashed = new_one_time_token()
+    invitation = Invitation(
+        team_id=actor.team_id, email=email, role=body.role, token_hash=hashed, invited_by=actor.user_id,
+        expires_at=utcnow() + timedelta(seconds=settings.auth.invitation_ttl_s),
+    )  # fmt: skip
+    session.add(invitation)
+    session.flush()
+    audit.record(session, actor, "member.invite", "invitation", invitation.id, email=email, role=body.role.value)
+    session.commit()
+    session.refresh(invitation)
+    return invitation, token
+
+
+def list_invitations(session: Session, team_id: uuid.UUID) -> list[Invitation]:
+    query = select(Invitation).where(Invitation.team_id == team_id).order_by(col(Invitation.created_at).desc())
+    return list(session.exec(query).all())
+
+
+def revoke_invitation(session: Session, actor: Principal, invitation_id: uuid.UUID) -> None:
+    invitation = session.get(Invitation, invitation_id)
+    if invitation is None or invitation.team_id != actor.team_id:
+        raise NotFound("invitation_id", f"invitation {invitation_id} not found")
+    session.delete(invitation)
+    audit.record(session, actor, "invitation.revoke", "invitation", invitation_id, email=invitation.email)
+    session.commit()
+
+
+def accept_invitation(session: Session, body: InvitationAccept) -> tuple[User, Membership]:
+    """The token is the credential: whoever holds it joins (a new account needs a password)."""
+    query = select(Invitation).where(Invitation.token_hash == token_hash(body.token))
+    invitation = session.exec(query.with_for_update() if _pg(session) else query).first()
+    if invitation is None or invitation.accepted_at is not None or invitation.expires_at < utcnow():
+        raise InvalidRequest("token", "invitation is unknown, used or expired", status_code=400)
+    user = get_by_email(session, invitation.email)
+    if user is None:
+        if not body.password:
+            raise InvalidRequest("password", "required to create the invited account")
+        user = create_user(session, email=invitation.email, password=body.password, full_name=body.full_name)
+    membership = session.get(Membership, (invitation.team_id, user.id))
+    if membership is None:
+        membership = Membership(team_id=invitation.team_id, user_id=user.id, role=invitation.role)
+        session.add(membership)
+    invitation.accepted_at = utcnow()
+    session.add(invitation)
+    actor = Principal(user.id, invitation.team_id, invitation.role)
+    audit.record(session, actor, "member.join", "user", user.id, invitation_id=str(invitation.id))
+    session.commit()
+    session.refresh(user)
+    session.refresh(membership)
+    return user, membership
+
+
+# ---------------------------------------------------------------- quotas
+
+
+def quota_limits(team: Team, settings: Settings) -> tuple[int, int]:
+    defaults = settings.quotas
+    active = team.max_active_jobs if team.max_active_jobs is not None else defaults.max_active_jobs
+    queued = team.max_queued_jobs if team.max_queued_jobs is not None else defaults.max_queued_jobs
+    return active, queued
+
+
+def set_quota(session: Session, settings: Settings, actor: Principal, body: QuotaUpdate) -> Team:
+    """Team admins may lower their quota (a budget); raising it above the platform default needs a
+    platform admin, or a team could give itself the whole fleet."""
+    defaults = settings.quotas
+    for field, value, ceiling in (("max_active_jobs", body.max_active_jobs, defaults.max_active_jobs),
+                                  ("max_queued_jobs", body.max_queued_jobs, defaults.max_queued_jobs)):  # fmt: skip
+        if value is not None and value > ceiling and not actor.is_superuser:
+            raise InvalidRequest(field, f"above the platform default {ceiling} needs a platform admin", 403)
+    team = session.get(Team, actor.team_id)
+    assert team is not None
+    team.max_active_jobs, team.max_queued_jobs = body.max_active_jobs, body.max_queued_jobs
+    session.add(team)
+    audit.record(session, actor, "quota.update", "team", team.id, **body.model_dump())
+    session.commit()
+    session.refresh(team)
+    return team
+
+
+def check_quota(session: Session, settings: Settings, team_id: uuid.UUID) -> None:
+    """Before queueing a job: 429 when the team is at its quota. Locks the team row on Postgres so two
+    concurrent submits cannot both take the last slot (the lock lasts until the caller commits)."""
+    query = select(Team).where(Team.id == team_id)
+    team = session.exec(query.with_for_update() if _pg(session) else query).one()
+    max_active, max_queued = quota_limits(team, settings)
+    counts = dict(session.exec(  # type: ignore[arg-type]
+        select(Experiment.status, func.count()).where(
+            Experiment.team_id == team_id,
+            col(Experiment.status).in_([ExperimentStatus.queued, ExperimentStatus.running]),
+        ).group_by(Experiment.status)
+    ).all())  # fmt: skip
+    queued = counts.get(ExperimentStatus.queued, 0)
+    active = queued + counts.get(ExperimentStatus.running, 0)
+    if queued >= max_queued:
+        raise InvalidRequest("quota", f"team has {queued} experiments queued; its quota is {max_queued}", 429)
+    if active >= max_active:
+        raise InvalidRequest("quota", f"team has {active} experiments queued or running; its quota is {max_active}",
+                             429)  # fmt: skip
+
+
+def _pg(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"

@@ -1,0 +1,45 @@
+"""Test helpers: teams, users and API keys made through the real services (and the real database)."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from app.core.db import session_scope
+from app.models import ApiKeyCreate, Membership, Role, Team
+from app.services import accounts, api_keys
+from app.services.principal import Principal
+
+PASSWORD = "correct horse battery"
+
+
+@dataclass(frozen=True)
+class Member:
+    user_id: uuid.UUID
+    team_id: uuid.UUID
+    email: str
+    role: Role
+    key: str  # an API key with the member's role
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def make_team(name: str | None = None) -> uuid.UUID:
+    with session_scope() as session:
+        team = Team(name=name or f"team-{secrets.token_hex(4)}")
+        session.add(team)
+        session.commit()
+        return team.id
+
+
+def make_member(team_id: uuid.UUID, role: Role, email: str | None = None) -> Member:
+    email = email or f"{role.value}-{secrets.token_hex(4)}@example.com"
+    with session_scope() as session:
+        user = accounts.get_by_email(session, email) or accounts.create_user(session, email=email, password=PASSWORD)
+        session.add(Membership(team_id=team_id, user_id=user.id, role=role))
+        session.commit()
+        _, key = api_keys.create_key(session, Principal(user.id, team_id, role), ApiKeyCreate(name="test", role=role))
+        return Member(user.id, team_id, email, role, key)
