@@ -1,0 +1,82 @@
+"""What a caller hands the engine (`GenerationRequest`), what it gets back (`GenerationResult`), and the errors."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+# peft's name for "no adapter" in a mixed-adapter batch (see `LoraLayer._mixed_batch_forward`).
+BASE_ADAPTER = "__base__"
+
+
+class PromptTooLong(ValueError):
+    """The prompt plus `max_tokens` does not fit in the model's context window."""
+
+
+class GenerationError(RuntimeError):
+    """Generation failed inside the engine; `__cause__` holds the original exception."""
+
+
+class EngineClosed(GenerationError):
+    """The engine was closed (or its loop died) before the request finished."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One completion to generate.
+
+    `prompt_ids` are already tokenized (render chat templates with `InferenceEngine.encode_chat`).
+    `max_tokens=None` means "until EOS, a stop string or the end of the context window".
+    `temperature=0` is greedy decoding; otherwise `top_p` nucleus sampling driven by a per-request generator
+    seeded with `seed` (random when None), so a seeded request samples the same text whatever else is batched.
+    `adapter` names a LoRA adapter of the engine's base model (None: the base model itself); with
+    `adapter_path` the engine loads it on demand, without it the adapter must already be loaded.
+    """
+
+    prompt_ids: Sequence[int]
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    adapter: str | None = None
+    adapter_path: str | Path | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def validate(self, vocab_size: int) -> None:
+        """Reject bad arguments at submit time: inside the loop they would fail every request in the batch."""
+        if not self.prompt_ids:
+            raise ValueError("prompt_ids is empty")
+        if any(not 0 <= int(t) < vocab_size for t in self.prompt_ids):
+            raise ValueError(f"prompt_ids has token ids outside the vocabulary [0, {vocab_size})")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            raise TypeError("stop must be a sequence of strings, not a string")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+        if self.adapter == BASE_ADAPTER:
+            raise ValueError(f"{BASE_ADAPTER!r} is reserved; use adapter=None for the base model")
+        if self.adapter_path is not None and self.adapter is None:
+            raise ValueError("adapter_path given without an adapter name")
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    """The final outcome. `completion_tokens` counts every sampled token, the EOS or stop-completing one included."""
+
+    request_id: str
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: tuple[int, ...]
