@@ -10,13 +10,14 @@ from fastapi import FastAPI
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
 from app.api.main import api_router
-from app.api.routes import health
+from app.api.routes import admin, health, openai
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.core.relay import OutboxRelay, set_relay
 from app.services.accounts import bootstrap_admin
 
 MULTIPART_OVERHEAD = 64 * 1024
+UPLOAD_PATH = "/api/datasets/upload"
 
 
 @asynccontextmanager
@@ -36,10 +37,15 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
 def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(title="Fine-Tuning Studio", version="0.1.0", lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.api.max_request_bytes,
+        large={UPLOAD_PATH: settings.api.max_upload_bytes + MULTIPART_OVERHEAD},
+    )  # fmt: skip
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(api_router, prefix="/api")
+    app.include_router(openai.router)
+    app.include_router(admin.router)
     return app
 
 

@@ -1,12 +1,24 @@
-"""Error responses: every 4xx names the field (or the dataset row and field) at fault."""
+"""Error responses: every 4xx names the field (or the dataset row and field) at fault. Under /v1 the
+same errors take OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, which the OpenAI
+SDK turns into its typed exceptions."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from app.datasets.formats import DatasetInvalid
 from app.services.errors import InvalidRequest
+from app.services.inference import InferenceFailed
+
+OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+                429: "rate_limit_error"}  # fmt: skip
 
 
 class PayloadTooLarge(Exception):
@@ -14,10 +26,46 @@ class PayloadTooLarge(Exception):
         self.message = message
 
 
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+    kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)  # fmt: skip
+
+
+def _is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidRequest)
-    async def invalid_request(_: Request, exc: InvalidRequest) -> JSONResponse:
+    async def invalid_request(request: Request, exc: InvalidRequest) -> JSONResponse:
+        if _is_openai(request):
+            return openai_error(400 if exc.status_code == 422 else exc.status_code, str(exc), exc.field)
         return JSONResponse({"detail": str(exc), "field": exc.field}, status_code=exc.status_code)
+
+    @app.exception_handler(InferenceFailed)
+    async def inference_failed(request: Request, exc: InferenceFailed) -> JSONResponse:
+        if _is_openai(request):
+            return openai_error(exc.status, exc.message, exc.param, exc.code)
+        return JSONResponse({"detail": exc.message, "field": exc.param, "code": exc.code}, status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if not _is_openai(request):
+            return await http_exception_handler(request, exc)
+        code = {401: "invalid_api_key", 404: "model_not_found"}.get(exc.status_code)
+        param = "model" if exc.status_code == 404 and "model" in str(exc.detail) else None
+        return openai_error(exc.status_code, str(exc.detail), param, code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
+        if not _is_openai(request):
+            return await request_validation_exception_handler(request, exc)
+        first: dict[str, Any] = exc.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return openai_error(400, message, param, "invalid_value")
 
     @app.exception_handler(DatasetInvalid)
     async def invalid_dataset(_: Request, exc: DatasetInvalid) -> JSONResponse:

@@ -1,6 +1,18 @@
 from fastapi import APIRouter
 
-from app.api.routes import api_keys, audit, auth, datasets, experiments, invitations, team_events, teams, users
+from app.api.routes import (
+    ab_testing,
+    api_keys,
+    audit,
+    auth,
+    datasets,
+    deployments,
+    experiments,
+    invitations,
+    team_events,
+    teams,
+    users,
+)
 
 api_router = APIRouter()
 api_router.include_router(auth.router)
@@ -12,3 +24,5 @@ api_router.include_router(audit.router)
 api_router.include_router(team_events.router)
 api_router.include_router(datasets.router)
 api_router.include_router(experiments.router)
+api_router.include_router(deployments.router)
+api_router.include_router(ab_testing.router)

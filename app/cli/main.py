@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from app.cli import accounts, experiments
+from app.cli import accounts, deployments, experiments
 from app.cli.client import fail, request
 from app.core.config import Settings
 
@@ -24,6 +24,8 @@ app.add_typer(experiments.app, name="experiments")
 app.add_typer(models_app, name="models")
 app.add_typer(accounts.users_app, name="users")
 app.add_typer(accounts.keys_app, name="keys")
+app.add_typer(deployments.app, name="deployments")
+app.command()(deployments.chat)
 app.command()(accounts.login)
 app.command()(accounts.logout)
 console = Console()
@@ -91,7 +93,9 @@ def worker(
     queue: Annotated[str, typer.Option(help="Queues to consume, comma-separated (train.h100, inference)")],
     gpus: Annotated[str | None, typer.Option(help="GPU ids this worker owns, e.g. 0,1")] = None,
     name: Annotated[str | None, typer.Option(help="Worker name; default <queue>@<host>")] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Jobs at once; 1 per GPU group")] = 1,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Jobs at once: training 1 per GPU group; inference default from settings")
+    ] = None,
 ) -> None:
     """Run one Celery worker pinned to a GPU group."""
     from app.cli.processes import worker_command, worker_env

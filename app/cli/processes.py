@@ -10,13 +10,19 @@ import time
 
 import httpx
 
-from app.core.config import Settings
+from app.core.config import Settings, get_settings
 
 
-def worker_command(queues: list[str], name: str, concurrency: int = 1) -> list[str]:
+def worker_command(queues: list[str], name: str, concurrency: int | None = None) -> list[str]:
+    """Training workers run one job per process (prefork); inference workers run a thread per request,
+    so concurrent requests share one engine and meet in its batch."""
+    serving = "inference" in queues
+    if concurrency is None:
+        concurrency = get_settings().inference.concurrency if serving else 1
     return [
         sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
         "-Q", ",".join(queues), "-n", name, "--concurrency", str(concurrency),
+        "--pool", "threads" if serving else "prefork",
         "--prefetch-multiplier", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
     ]  # fmt: skip
 

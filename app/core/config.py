@@ -68,8 +68,24 @@ class TrainingSettings(BaseModel):
 class ApiSettings(BaseModel):
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest dataset upload (413)")
     max_inline_rows: int = Field(50_000, description="Most rows in an inline dataset body")
+    max_request_bytes: int = Field(64 * 1024 * 1024, description="Largest request body except uploads (413)")
     relay_interval_s: float = Field(0.5, description="Outbox relay poll interval")
     models_dir: str = Field("", description="Extra directory where base_model names resolve to local models")
+
+
+class InferenceSettings(BaseModel):
+    concurrency: int = Field(64, ge=1, description="Requests one inference worker takes at once (its threads)")
+    max_batch_size: int = Field(64, ge=1, description="Most sequences decoded together in one step")
+    max_adapters: int = Field(8, ge=1, description="LoRA adapters kept loaded per base model (LRU)")
+    max_base_models: int = Field(1, ge=1, description="Base models one worker keeps loaded at once")
+    device: str = Field("", description="cuda, cpu, ...; default cuda when available")
+    cache_dir: str = Field("", description="Where workers keep downloaded adapters; default $STUDIO_DATA_DIR/adapters")
+    heartbeat_interval_s: float = Field(1.0, description="How often a worker reports its stats")
+    worker_stale_after_s: float = Field(10.0, description="A worker silent this long is lost; its requests fail")
+    queue_timeout_s: float = Field(120.0, description="503 when no worker takes a request within this")
+    request_timeout_s: float = Field(600.0, description="504 when a generation takes longer than this")
+    max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that give none")
 
 
 class AuthSettings(BaseModel):
@@ -104,6 +120,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     api: ApiSettings = ApiSettings()
     auth: AuthSettings = AuthSettings()
+    inference: InferenceSettings = InferenceSettings()
     quotas: QuotaSettings = QuotaSettings()
     admin_email: str = Field("", description="First start with no users: create this platform admin")
     admin_password: SecretStr = Field(SecretStr(""), description="Password for admin_email")
@@ -119,6 +136,8 @@ class Settings(BaseSettings):
             self.storage.root = str(data / "storage")
         if not self.training.work_dir:
             self.training.work_dir = str(data / "runs")
+        if not self.inference.cache_dir:
+            self.inference.cache_dir = str(data / "adapters")
         names = [q.name for q in self.training.queues]
         if self.training.default_queue not in names:
             raise ValueError(f"training.default_queue {self.training.default_queue!r} is not one of {names}")

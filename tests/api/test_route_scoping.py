@@ -45,13 +45,19 @@ def world(client: TestClient, tiny_model: Path) -> dict[str, Any]:
     body = {"name": "b-secret-exp", "base_model": str(tiny_model), "dataset_id": dataset, "recipe": "tiny_lora_cpu"}
     experiment = b.post("/api/experiments/", json=body).json()["id"]
     keys = b.get(f"/api/teams/{b_admin.team_id}/api-keys/").json()["data"]
+    deployment = b.post("/api/deployments/", json={"base_model": str(tiny_model), "name": "b-secret-model"}).json()
+    ab_test = b.post("/api/ab-testing/", json={"name": "b-secret-ab", "deployment_a": deployment["id"],
+                     "deployment_b": b.post("/api/deployments/", json={"base_model": str(tiny_model)}).json()["id"],
+                     "prompts": ["hi"]}).json()  # fmt: skip
     with session_scope() as session:
         invitation, _ = team_service.invite(session, get_settings(), Principal(b_admin.user_id, b_admin.team_id,
                                             Role.admin), InvitationCreate(email="b-guest@example.com"))  # fmt: skip
     ids = {"team_id": str(b_admin.team_id), "dataset_id": dataset, "experiment_id": experiment,
            "user_id": str(b_admin.user_id), "key_id": keys[0]["id"], "invitation_id": str(invitation.id),
-           "path": "README.md"}  # fmt: skip
-    return {"ids": ids, "secrets": ["b-secret-data", "b-secret-exp", *ids.values()], "b_admin": b_admin}
+           "path": "README.md", "deployment_id": deployment["id"], "model_id": deployment["id"],
+           "test_id": ab_test["id"]}  # fmt: skip
+    secrets = ["b-secret-data", "b-secret-exp", "b-secret-model", "b-secret-ab", *ids.values()]
+    return {"ids": ids, "secrets": secrets, "b_admin": b_admin}
 
 
 def _fill(path: str, ids: dict[str, str]) -> str:
@@ -66,6 +72,15 @@ def _fill(path: str, ids: dict[str, str]) -> str:
 def _body(method: str, path: str, ids: dict[str, str], model: Path) -> dict[str, Any] | None:
     """A valid body, so a 404/403 cannot hide behind a 422; ids in bodies are team B's."""
     bodies: dict[str, dict[str, Any]] = {
+        "/api/deployments/": {"experiment_id": ids["experiment_id"]},
+        "/api/ab-testing/": {
+            "name": "x",
+            "deployment_a": ids["deployment_id"],
+            "deployment_b": ids["deployment_id"],
+            "prompts": ["hi"],
+        },
+        "/v1/chat/completions": {"model": "b-secret-model", "messages": [{"role": "user", "content": "hi"}]},
+        "/v1/completions": {"model": "b-secret-model", "prompt": "hi"},
         "/api/experiments/": {"name": "x", "base_model": str(model), "dataset_id": ids["dataset_id"]},
         "/api/teams/{team_id}/quota": {"max_queued_jobs": 1000},
         "/api/teams/{team_id}/members/{user_id}": {"role": "viewer"},
@@ -86,7 +101,7 @@ def test_every_route_refuses_team_b_ids(client: TestClient, world: dict[str, Any
         if has_ids or method != "GET":
             assert r.status_code in (403, 404), f"{method} {path} with team B's ids answered {r.status_code}: {r.text}"
         else:
-            assert r.status_code == 200, f"{method} {path}: {r.status_code} {r.text}"
+            assert r.status_code in (200, 403), f"{method} {path}: {r.status_code} {r.text}"
             leaked = [s for s in world["secrets"] if s in r.text]
             assert not leaked, f"{method} {path} shows team B's {leaked}"
         checked += 1
@@ -103,8 +118,9 @@ def test_own_scope_writes_land_in_the_callers_team(client: TestClient, team_admi
 
 
 def test_every_non_public_route_needs_credentials(anonymous: TestClient) -> None:
-    ids = {name: str(uuid.uuid4()) for name in ("team_id", "dataset_id", "experiment_id", "user_id", "key_id",
-                                                "invitation_id")} | {"path": "x"}  # fmt: skip
+    names = ("team_id", "dataset_id", "experiment_id", "user_id", "key_id", "invitation_id", "deployment_id",
+             "model_id", "test_id")  # fmt: skip
+    ids = {name: str(uuid.uuid4()) for name in names} | {"path": "x"}
     for method, path, _ in _routes():
         if (method, path) in PUBLIC:
             continue

@@ -46,7 +46,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     url = create_database(E2E_DB)
     data = tmp_path_factory.mktemp("pg-stack")
     env = {"STUDIO_DATA_DIR": str(data), "STUDIO_DATABASE__URL": url, "STUDIO_BROKER__URL": E2E_REDIS,
-           "STUDIO_EVENTS__REDIS_URL": E2E_REDIS, "STUDIO_TRAINING__STALE_AFTER_S": "8"}  # fmt: skip
+           "STUDIO_EVENTS__REDIS_URL": E2E_REDIS, "STUDIO_TRAINING__STALE_AFTER_S": "8",
+           "STUDIO_INFERENCE__HEARTBEAT_INTERVAL_S": "0.5", "STUDIO_INFERENCE__WORKER_STALE_AFTER_S": "4",
+           "STUDIO_INFERENCE__QUEUE_TIMEOUT_S": "15", "STUDIO_INFERENCE__MAX_BATCH_SIZE": "32"}  # fmt: skip
     try:
         with running_stack(env, data / "logs") as s:
             yield s

@@ -40,6 +40,7 @@ class Stack:
     logs: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)  # the admin's API key, once logged in
+    jwt_headers: dict[str, str] = field(default_factory=dict)  # the admin's login token (platform admin)
 
     def http(self, timeout: float = 60) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout, headers=self.headers)
@@ -54,6 +55,7 @@ class Stack:
             r = http.post(f"/api/teams/{team}/api-keys/", json={"name": "e2e", "role": "admin"}, headers=jwt_headers)
             assert r.status_code == 201, r.text
         self.headers = {"Authorization": f"Bearer {r.json()['key']}"}
+        self.jwt_headers = jwt_headers
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from app.cli.processes import wait_healthy
@@ -20,19 +21,30 @@ EMBEDDED_ENV = ("STUDIO_DATABASE__URL", "STUDIO_BROKER__URL", "STUDIO_EVENTS__RE
 
 
 def studio(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli.main", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli.main", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_studio_up_trains_on_the_embedded_default(tmp_path: Path, tiny_model: Path, alpaca_file: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in EMBEDDED_ENV}
-    env |= {"STUDIO_DATA_DIR": str(tmp_path / ".studio"), "STUDIO_API_URL": f"http://127.0.0.1:{free_port()}",
-            "PYTHONUNBUFFERED": "1", "STUDIO_CREDENTIALS_FILE": str(tmp_path / "credentials.json")}  # fmt: skip
+    env |= {
+        "STUDIO_DATA_DIR": str(tmp_path / ".studio"),
+        "STUDIO_API_URL": f"http://127.0.0.1:{free_port()}",
+        "PYTHONUNBUFFERED": "1",
+        "STUDIO_CREDENTIALS_FILE": str(tmp_path / "credentials.json"),
+    }
     env.pop("STUDIO_API_KEY", None)
     port = env["STUDIO_API_URL"].rsplit(":", 1)[1]
     log = (tmp_path / "up.log").open("wb")
-    up = subprocess.Popen([sys.executable, "-m", "app.cli.main", "up", "--port", port], cwd=REPO, env=env,
-                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    up = subprocess.Popen(
+        [sys.executable, "-m", "app.cli.main", "up", "--port", port],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         assert wait_healthy(env["STUDIO_API_URL"], procs=[up]), (tmp_path / "up.log").read_text()[-3000:]
         # First start created a local admin, printed its password once, and logged this CLI in.
@@ -46,13 +58,36 @@ def test_studio_up_trains_on_the_embedded_default(tmp_path: Path, tiny_model: Pa
         assert uploaded.returncode == 0, uploaded.stderr
         dataset_id = uploaded.stdout.split()[1]
 
-        bad = studio(env, "experiments", "submit", "--name", "x", "--base-model", str(tiny_model),
-                     "--dataset", dataset_id, "--set", "learning_rate=-1")  # fmt: skip
+        bad = studio(
+            env,
+            "experiments",
+            "submit",
+            "--name",
+            "x",
+            "--base-model",
+            str(tiny_model),
+            "--dataset",
+            dataset_id,
+            "--set",
+            "learning_rate=-1",
+        )
         assert bad.returncode == 1 and "hyperparameters.learning_rate" in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
 
-        run = studio(env, "experiments", "submit", "--name", "demo", "--base-model", str(tiny_model),
-                     "--dataset", dataset_id, "--recipe", "tiny_lora_cpu", "--watch")  # fmt: skip
+        run = studio(
+            env,
+            "experiments",
+            "submit",
+            "--name",
+            "demo",
+            "--base-model",
+            str(tiny_model),
+            "--dataset",
+            dataset_id,
+            "--recipe",
+            "tiny_lora_cpu",
+            "--watch",
+        )
         assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "up.log").read_text()[-3000:]
         assert "succeeded" in run.stdout
         experiment_id = run.stdout.split()[1]
@@ -62,6 +97,23 @@ def test_studio_up_trains_on_the_embedded_default(tmp_path: Path, tiny_model: Pa
             assert sum(losses[-3:]) / 3 < losses[0]
             files = {a["path"] for a in http.get(f"/api/experiments/{experiment_id}/artifacts").json()["data"]}
             assert {"adapter_model.safetensors", "README.md"} <= files
+        # Serving on the embedded default: kombu's SQLAlchemy broker, replies polled from SQLite.
+        deployed = studio(env, "deployments", "create", "--experiment", experiment_id, "--name", "demo-chat")
+        assert deployed.returncode == 0, deployed.stderr
+        chat = studio(
+            env, "chat", "demo-chat", "What is the capital of France?", "--max-tokens", "8", "--temperature", "0"
+        )
+        assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr + (tmp_path / "up.log").read_text()[-3000:]
+        client = openai.OpenAI(base_url=f"{env['STUDIO_API_URL']}/v1", api_key=key, max_retries=0, timeout=120)
+        answer = client.chat.completions.create(
+            model="demo-chat",
+            max_tokens=8,
+            temperature=0,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
+        assert answer.choices[0].message.content == chat.stdout.strip()
+        missing = studio(env, "chat", "no-such-model", "hi")
+        assert missing.returncode == 1 and "no-such-model" in missing.stderr
         assert (tmp_path / ".studio" / "studio.db").exists()
         assert list((tmp_path / ".studio" / "storage" / "experiments").glob("*/artifacts/adapter_model.safetensors"))
     finally:

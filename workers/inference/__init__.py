@@ -18,6 +18,7 @@ from workers.inference.request import (
     GenerationRequest,
     GenerationResult,
     PromptTooLong,
+    ScoreResult,
 )
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "GenerationResult",
     "InferenceEngine",
     "PromptTooLong",
+    "ScoreResult",
     "StepInfo",
 ]

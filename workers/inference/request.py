@@ -36,6 +36,8 @@ class GenerationRequest:
     seeded with `seed` (random when None), so a seeded request samples the same text whatever else is batched.
     `adapter` names a LoRA adapter of the engine's base model (None: the base model itself); with
     `adapter_path` the engine loads it on demand, without it the adapter must already be loaded.
+    `ignore_eos=True` keeps generating past EOS tokens (stop strings and `max_tokens` still end the request):
+    for benchmarks that must generate exactly `max_tokens` tokens.
     """
 
     prompt_ids: Sequence[int]
@@ -47,6 +49,7 @@ class GenerationRequest:
     adapter: str | None = None
     adapter_path: str | Path | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    ignore_eos: bool = False
 
     def validate(self, vocab_size: int) -> None:
         """Reject bad arguments at submit time: inside the loop they would fail every request in the batch."""
@@ -80,3 +83,18 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreResult:
+    """Teacher-forced score of one completion given its prompt (`InferenceEngine.score`).
+
+    `nll_sum` is the sum over the completion tokens of -log p(token | everything before it), in nats, and
+    `tokens` the number of completion tokens scored, so `nll_sum / tokens` is the mean loss and
+    `exp(total nll_sum / total tokens)` the perplexity of a dataset. `prompt_tokens_dropped` counts prompt tokens
+    cut from the left to fit the context window (0 when the item fit).
+    """
+
+    nll_sum: float
+    tokens: int
+    prompt_tokens_dropped: int = 0

@@ -19,6 +19,8 @@ class EngineStats:
         self._generated = 0
         self._finished = 0
         self._failed = 0
+        self._scored_items = 0
+        self._scored_tokens = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, within the window
         self._started = time.monotonic()
 
@@ -31,6 +33,11 @@ class EngineStats:
         with self._lock:
             self._prefills[rows] += 1
             self._add_tokens(tokens)
+
+    def record_score(self, items: int, tokens: int) -> None:
+        with self._lock:
+            self._scored_items += items
+            self._scored_tokens += tokens
 
     def record_finished(self, ok: bool) -> None:
         with self._lock:
@@ -52,6 +59,8 @@ class EngineStats:
                 "generated_tokens": self._generated,
                 "finished_requests": self._finished,
                 "failed_requests": self._failed,
+                "scored_items": self._scored_items,
+                "scored_tokens": self._scored_tokens,
                 "tokens_per_second": recent / span if span > 0 else 0.0,
                 "window_s": self.window_s,
             }

@@ -28,12 +28,13 @@ from workers.inference import (
     GenerationResult,
     InferenceEngine,
     PromptTooLong,
+    ScoreResult,
     StepInfo,
 )
 from workers.inference.adapters import AdapterCache
 from workers.inference.kv import PaddedKV
 from workers.inference.text import IncrementalDecoder, StopMatcher
-from workers.training.tiny_model import _QUESTIONS, build_tiny_model
+from workers.training.tiny_model import _ANSWERS, _QUESTIONS, build_tiny_model
 
 WAIT_S = 60.0
 
@@ -67,9 +68,9 @@ def load_base(path: Path) -> PreTrainedModel:
     return model.eval()
 
 
-def make_adapter(base_path: Path, out: Path, seed: int) -> Path:
+def make_adapter(base_path: Path, out: Path, seed: int, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
     """A LoRA adapter without training: random lora_B (peft initialises it to zero, i.e. a no-op adapter)."""
-    model = get_peft_model(load_base(base_path), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(load_base(base_path), LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -445,6 +446,40 @@ def test_requests_wait_for_an_adapter_slot_instead_of_failing(tiny_model: Path, 
         assert len(engine.stats()["loaded_adapters"]) == 1
 
 
+def test_adapter_rows_reach_every_lora_layer_like_peft_adapter_names(
+    tiny_model: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    mlp = make_adapter(tiny_model, tmp_path / "mlp", seed=9, targets=("gate_proj", "down_proj"))
+    cache = AdapterCache(load_base(tiny_model), capacity=3, device=torch.device("cpu"))
+    ids = torch.tensor([[5, 6, 7, 8]] * 4)
+    cache.ensure("A", adapters["A"])
+    cache.ensure("M", mlp)  # new LoRA layers (the MLP) after the first adapter: they get the hook too
+    names = ["A", "__base__", "M", "A"]
+    with torch.inference_mode():
+        ours = cache.forward(names, input_ids=ids).logits
+        peft_own = cache.model(input_ids=ids, adapter_names=names).logits  # peft's per-forward hooks
+        active = cache.model(input_ids=ids).logits  # no rows set: our hooks stay out of the way
+    torch.testing.assert_close(ours, peft_own)
+    assert not torch.allclose(ours[0], ours[1]) and not torch.allclose(ours[0], ours[2])
+    torch.testing.assert_close(active[1], peft_own[0])  # peft's active adapter ("A") applies to every row
+    layers = 2 * 2 + 2 * 2  # (q, v) and (gate, down) in each of the 2 decoder layers
+    assert len(cache._hooks) == layers
+    with pytest.raises(AdapterError, match="not loaded"):
+        cache.forward(["B"], input_ids=ids[:1])
+    cache.unload("A")
+    cache.unload("M")
+    assert cache._hooks == [] and not any(m._forward_pre_hooks for m in cache.model.modules())
+
+
+def test_detokenize_takes_the_rust_decoder_and_agrees_with_tokenizer_decode(engine: InferenceEngine) -> None:
+    assert engine._backend_decode is not None
+    text = "Héllo wörld! 你好, 😀 <|im_end|> ünïcödé"
+    ids = engine.tokenizer(text, add_special_tokens=True)["input_ids"]
+    for window in [ids, ids[3:7], ids[-2:], [2, 3, 4, 100], [engine.tokenizer.eos_token_id], []]:
+        expected = engine.tokenizer.decode(window, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert engine._detokenize(window) == expected
+
+
 def test_adapter_of_another_base_model_is_rejected(
     tiny_model: Path, adapters: dict[str, Path], engine: InferenceEngine, tmp_path: Path
 ) -> None:
@@ -490,3 +525,202 @@ def test_stop_matcher_holds_back_possible_stop_prefixes() -> None:
     assert unfinished.feed("a wo") == "a "
     assert unfinished.finish() == "wo"
     assert unfinished.text == "a wo"
+
+
+# ------------------------------------------------------------------------------------ scoring (A/B evaluations)
+
+
+def reference_nll(model: torch.nn.Module, prompt: list[int], completion: list[int]) -> float:
+    """Sum of -log p(completion | prompt) from one plain, unpadded HF forward (float64 log-softmax)."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + completion])).logits[0].double()
+    predicted = logits[len(prompt) - 1 : -1].log_softmax(dim=-1)  # position t predicts token t + 1
+    return float(-predicted.gather(-1, torch.tensor(completion)[:, None]).sum())
+
+
+def score_items(engine: InferenceEngine, n: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """Chat prompts with completions of very different lengths (1 to ~60 tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        answer = " ".join(_ANSWERS[j % len(_ANSWERS)] for j in range(i, i + 1 + i % 5))
+        completion = engine.tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        cut = int(torch.randint(1, len(completion) + 1, (1,), generator=generator))
+        items.append((chat_prompt(engine, i), completion[:cut]))
+    return items
+
+
+def assert_close(actual: float, expected: float) -> None:
+    assert actual == pytest.approx(expected, rel=1e-4), (actual, expected)
+
+
+def test_score_equals_a_plain_hf_forward_in_mixed_length_batches(tiny_model: Path) -> None:
+    hf_model = load_base(tiny_model)
+    with InferenceEngine(tiny_model, max_batch_size=8) as engine:
+        items = score_items(engine, 20)
+        lengths = {len(p) + len(c) for p, c in items}
+        assert len(lengths) > 8  # the chunks mix lengths: rows really are padded
+        scores = engine.score(items)
+        stats = engine.stats()
+    assert [s.tokens for s in scores] == [len(c) for _, c in items]
+    assert all(s.prompt_tokens_dropped == 0 for s in scores)
+    for score, (prompt, completion) in zip(scores, items, strict=True):
+        assert_close(score.nll_sum, reference_nll(hf_model, prompt, completion))
+    assert (stats["scored_items"], stats["scored_tokens"]) == (20, sum(len(c) for _, c in items))
+    assert stats["generated_tokens"] == 0
+
+
+def test_score_with_an_adapter_equals_the_peft_model(tiny_model: Path, adapters: dict[str, Path]) -> None:
+    peft_model = PeftModel.from_pretrained(load_base(tiny_model), str(adapters["A"])).eval()
+    base_model = load_base(tiny_model)
+    with InferenceEngine(tiny_model, max_batch_size=4, max_adapters=1) as engine:
+        items = score_items(engine, 6, seed=1)
+        with pytest.raises(AdapterError, match="not loaded"):
+            engine.score(items, adapter="A")  # no path, not loaded
+        with_a = engine.score(items, adapter="A", adapter_path=adapters["A"])
+        assert engine.stats()["loaded_adapters"] == ["A"]
+        base = engine.score(items)  # base rows through the PeftModel ("__base__")
+        with_b = engine.score(items, adapter="B", adapter_path=adapters["B"])  # evicts A
+        assert engine.stats()["loaded_adapters"] == ["B"]
+        again = engine.score(items, adapter="A", adapter_path=adapters["A"])
+    for i, (prompt, completion) in enumerate(items):
+        assert_close(with_a[i].nll_sum, reference_nll(peft_model, prompt, completion))
+        assert_close(again[i].nll_sum, with_a[i].nll_sum)
+        assert_close(base[i].nll_sum, reference_nll(base_model, prompt, completion))
+        assert abs(with_a[i].nll_sum - base[i].nll_sum) > 1e-3
+        assert abs(with_b[i].nll_sum - with_a[i].nll_sum) > 1e-3
+
+
+def test_score_runs_between_steps_without_disturbing_generation(tiny_model: Path, adapters: dict[str, Path]) -> None:
+    calls: list[str] = []  # "score" / "decode" / "prefill", in the order the loop ran them
+    paused, resume = threading.Event(), threading.Event()
+
+    def on_step(info: StepInfo) -> None:
+        if not paused.is_set() and len(info.request_ids) >= 4:
+            paused.set()  # generations are mid-decode: hold the loop until the score call is queued
+            resume.wait(WAIT_S)
+
+    with InferenceEngine(tiny_model, max_batch_size=8, max_adapters=2, on_step=on_step) as engine:
+        items = score_items(engine, 24, seed=2)
+
+        def request(i: int) -> GenerationRequest:
+            adapter = (None, "A", "B")[i % 3]
+            return greedy(chat_prompt(engine, i), 24, adapter=adapter, adapter_path=adapters.get(adapter or ""))
+
+        alone = [engine.generate(request(i), timeout=WAIT_S).token_ids for i in range(6)]
+        idle_scores = engine.score(items, adapter="A", adapter_path=adapters["A"])
+
+        def record(call: int, output: Any) -> None:
+            calls.append("score" if output.past_key_values is None else "gen")
+
+        flaky = FlakyForward(engine.model, record)
+        engine.model.forward = flaky  # type: ignore[method-assign]
+        try:
+            handles = [engine.submit(request(i)) for i in range(6)]
+            assert paused.wait(WAIT_S)
+            with ThreadPoolExecutor(1) as pool:
+                future = pool.submit(engine.score, items, "A", adapters["A"], WAIT_S)
+                deadline = time.monotonic() + WAIT_S
+                while not engine._score_queue and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                resume.set()
+                busy_scores = future.result(WAIT_S)
+            together = [h.result(WAIT_S).token_ids for h in handles]
+        finally:
+            del engine.model.forward
+
+    assert together == alone
+    assert [s.nll_sum for s in busy_scores] == pytest.approx([s.nll_sum for s in idle_scores], rel=1e-5)
+    # The score ran in several chunks, with generation steps in between (one chunk per loop iteration).
+    first, last = calls.index("score"), len(calls) - 1 - calls[::-1].index("score")
+    assert calls.count("score") == 3 and "gen" in calls[first:last]
+
+
+def test_score_truncates_long_prompts_from_the_left_and_checks_items(engine: InferenceEngine) -> None:
+    context = engine.max_context
+    prompt, completion = [7, 8, 9] * (context // 3), [10, 11, 12, 13]
+    cut = len(prompt) + len(completion) - context
+    [long, short] = engine.score([(prompt, completion), (prompt[cut:], completion)])
+    assert (long.tokens, long.prompt_tokens_dropped, short.prompt_tokens_dropped) == (4, cut, 0)
+    assert long.nll_sum == pytest.approx(short.nll_sum, rel=1e-5)
+
+    assert engine.score([([5, 6], [])]) == [engine.score([([5], [])])[0]] == [ScoreResult(0.0, 0)]
+    assert engine.score([]) == []
+    with pytest.raises(PromptTooLong):
+        engine.score([([5], [6] * context)])  # the completion alone does not fit
+    with pytest.raises(ValueError, match="empty"):
+        engine.score([([], [5])])
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.score([([5], [10_000])])
+    with pytest.raises(ValueError):
+        engine.score([([5], [6])], adapter="__base__")
+
+
+def test_score_timeout_drops_the_work_and_the_engine_carries_on(tiny_model: Path) -> None:
+    paused, resume = threading.Event(), threading.Event()
+
+    def on_step(info: StepInfo) -> None:
+        if not paused.is_set():
+            paused.set()
+            resume.wait(WAIT_S)
+
+    with InferenceEngine(tiny_model, on_step=on_step) as engine:
+        handle = engine.submit(greedy(chat_prompt(engine, 0), 5))
+        assert paused.wait(WAIT_S)
+        with pytest.raises(TimeoutError):
+            engine.score(score_items(engine, 4), timeout=0.05)
+        resume.set()
+        assert handle.result(WAIT_S).completion_tokens == 5
+        assert len(engine.score(score_items(engine, 4), timeout=WAIT_S)) == 4
+        assert engine.stats()["scored_items"] == 4  # the timed-out call never ran
+
+
+def test_close_fails_queued_score_calls(tiny_model: Path) -> None:
+    paused, resume = threading.Event(), threading.Event()
+
+    def on_step(info: StepInfo) -> None:
+        paused.set()
+        resume.wait(WAIT_S)
+
+    engine = InferenceEngine(tiny_model, on_step=on_step)
+    engine.submit(greedy(chat_prompt(engine, 0), 5))
+    assert paused.wait(WAIT_S)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(engine.score, score_items(engine, 2), None, None, WAIT_S)
+        while not engine._score_queue:
+            time.sleep(0.001)
+        closer = threading.Thread(target=engine.close)
+        closer.start()
+        while not engine._closed:  # closed before the loop resumes: the queued score never starts
+            time.sleep(0.001)
+        resume.set()
+        with pytest.raises(EngineClosed):
+            future.result(WAIT_S)
+        closer.join(WAIT_S)
+
+
+# -------------------------------------------------------------------------------------------- info, ignore_eos
+
+
+def test_info_describes_the_served_model(engine: InferenceEngine, tiny_model: Path) -> None:
+    info = engine.info()
+    base = load_base(tiny_model)
+    assert info["model_path"] == str(tiny_model)
+    assert (info["dtype"], info["device"], info["max_context"], info["model_type"]) == ("float32", "cpu", 2048, "llama")
+    assert info["parameters"] == sum(p.numel() for p in base.parameters())
+    assert info["parameter_bytes"] == 4 * info["parameters"]
+    assert (info["max_batch_size"], info["adapter_capacity"], info["vocab_size"]) == (16, 4, 512)
+
+
+def test_ignore_eos_generates_max_tokens(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with InferenceEngine(tiny_model) as engine:
+        eos = engine.tokenizer.eos_token_id
+
+        def force_eos_on_third_token(call: int, output: Any) -> None:
+            if call == 3:
+                output.logits[:, -1, eos] = 1e4
+
+        monkeypatch.setattr(engine.model, "forward", FlakyForward(engine.model, force_eos_on_third_token))
+        result = engine.generate(greedy(chat_prompt(engine, 0), 10, ignore_eos=True), timeout=WAIT_S)
+
+    assert (result.finish_reason, result.completion_tokens, result.token_ids[2]) == ("length", 10, eos)

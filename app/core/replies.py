@@ -1,0 +1,101 @@
+"""Replies from inference workers to the API process waiting on a request: accepted, text deltas,
+done or error, in order.
+
+With Redis (production) each request has a stream (``XADD`` by the worker, ``XREAD BLOCK`` by the
+API, expiring after ``TTL_S``). Without Redis (the embedded default) replies are rows of
+``inference_reply`` that the API polls. Either way the API reads asynchronously, so hundreds of
+waiting requests do not hold hundreds of threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from functools import lru_cache
+from typing import Any, Protocol
+
+import redis
+import redis.asyncio as aioredis
+from fastapi.concurrency import run_in_threadpool
+from sqlmodel import col, delete, select
+
+from app.core.config import get_settings
+from app.core.db import session_scope
+from app.models import InferenceReply
+
+TTL_S = 3600
+POLL_S = 0.05
+
+Reply = dict[str, Any]
+
+
+class ReplyChannel(Protocol):
+    def send(self, request_id: str, reply: Reply) -> None: ...
+
+    async def read(self, request_id: str, after: str, timeout_s: float) -> list[tuple[str, Reply]]: ...
+
+    async def discard(self, request_id: str) -> None: ...
+
+
+def _key(request_id: str) -> str:
+    return f"studio:reply:{request_id}"
+
+
+class RedisReplies:
+    def __init__(self, url: str) -> None:
+        self._sync = redis.Redis.from_url(url)
+        self._async = aioredis.Redis.from_url(url)
+
+    def send(self, request_id: str, reply: Reply) -> None:
+        pipe = self._sync.pipeline()
+        pipe.xadd(_key(request_id), {"d": json.dumps(reply)})
+        pipe.expire(_key(request_id), TTL_S)
+        pipe.execute()
+
+    async def read(self, request_id: str, after: str, timeout_s: float) -> list[tuple[str, Reply]]:
+        block_ms = max(1, int(timeout_s * 1000))
+        got: Any = await self._async.xread({_key(request_id): after or "0"}, count=256, block=block_ms)
+        return [(i.decode(), json.loads(f[b"d"])) for _, entries in got or [] for i, f in entries]
+
+    async def discard(self, request_id: str) -> None:
+        await self._async.delete(_key(request_id))
+
+
+class SqlReplies:
+    def send(self, request_id: str, reply: Reply) -> None:
+        with session_scope() as session:
+            session.add(InferenceReply(request_id=request_id, data=reply))
+            session.commit()
+
+    async def read(self, request_id: str, after: str, timeout_s: float) -> list[tuple[str, Reply]]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            rows = await run_in_threadpool(self._rows, request_id, int(after or 0))
+            if rows or loop.time() >= deadline:
+                return rows
+            await asyncio.sleep(POLL_S)
+
+    @staticmethod
+    def _rows(request_id: str, after: int) -> list[tuple[str, Reply]]:
+        with session_scope() as session:
+            rows = session.exec(
+                select(InferenceReply)
+                .where(InferenceReply.request_id == request_id, col(InferenceReply.id) > after)
+                .order_by(col(InferenceReply.id))
+            ).all()
+            return [(str(r.id), r.data) for r in rows]
+
+    async def discard(self, request_id: str) -> None:
+        def run() -> None:
+            with session_scope() as session:
+                session.exec(delete(InferenceReply).where(col(InferenceReply.request_id) == request_id))  # type: ignore[call-overload]
+                session.commit()
+
+        await run_in_threadpool(run)
+
+
+@lru_cache
+def reply_channel() -> ReplyChannel:
+    url = get_settings().events.redis_url
+    return RedisReplies(url) if url else SqlReplies()

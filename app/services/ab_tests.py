@@ -1,0 +1,183 @@
+"""A/B tests: one prompt set through two deployments, side by side, with latency, eval loss and
+perplexity on a dataset's held-out split, and optionally a third deployment as judge."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+from sqlmodel import Session, col, func, select
+
+from app.core.config import Settings
+from app.core.storage import Storage
+from app.datasets.formats import to_training_record
+from app.datasets.split import split_indices
+from app.models import AbTest, AbTestCreate, Dataset, DatasetFormat, Deployment, DeploymentStatus, utcnow
+from app.services import audit
+from app.services.datasets import read_dataset_rows
+from app.services.errors import Conflict, InvalidRequest, NotFound
+from app.services.inference import GENERATE_TASK, SCORE_TASK, new_request_id, run_to_end, target
+from app.services.principal import Principal
+
+MAX_PROMPTS = 50  # generated side by side per compare
+MAX_EVAL_ITEMS = 200  # scored for eval loss per side
+JUDGE_PROMPT = (
+    "You compare two answers to the same request.\n\nRequest:\n{prompt}\n\nAnswer A:\n{a}\n\nAnswer B:\n{b}\n\n"
+    "Which answer is better? Reply with the single letter A or B."
+)
+
+
+def create_ab_test(session: Session, storage: Storage, actor: Principal, body: AbTestCreate) -> AbTest:
+    for field in ("deployment_a", "deployment_b", "judge_deployment"):
+        value = getattr(body, field)
+        if value is not None:
+            _active_deployment(session, actor.team_id, value, field)
+    if body.deployment_a == body.deployment_b:
+        raise InvalidRequest("deployment_b", "must differ from deployment_a")
+    if not body.prompts and body.dataset_id is None:
+        raise InvalidRequest("prompts", "give prompts, or a dataset_id whose eval split supplies them")
+    if any(not p.strip() for p in body.prompts):
+        raise InvalidRequest("prompts", "prompts must not be empty")
+    if body.dataset_id is not None:
+        dataset = session.get(Dataset, body.dataset_id)
+        if dataset is None or dataset.team_id != actor.team_id:
+            raise NotFound("dataset_id", f"no dataset {body.dataset_id}")
+        if dataset.format is DatasetFormat.preference or dataset.eval_rows == 0:
+            raise InvalidRequest("dataset_id", "needs an SFT-format dataset with a non-empty eval split")
+    test = AbTest(team_id=actor.team_id, **body.model_dump())
+    session.add(test)
+    session.flush()
+    audit.record(session, actor, "ab_test.create", "ab_test", test.id, name=body.name)
+    session.commit()
+    session.refresh(test)
+    return test
+
+
+def get_ab_test(session: Session, team_id: uuid.UUID, test_id: uuid.UUID) -> AbTest | None:
+    test = session.get(AbTest, test_id)
+    return test if test and test.team_id == team_id else None
+
+
+def list_ab_tests(session: Session, team_id: uuid.UUID, skip: int, limit: int) -> tuple[list[AbTest], int]:
+    count = session.exec(select(func.count()).select_from(AbTest).where(AbTest.team_id == team_id)).one()
+    rows = session.exec(select(AbTest).where(AbTest.team_id == team_id).order_by(col(AbTest.created_at).desc())
+                        .offset(skip).limit(limit)).all()  # fmt: skip
+    return list(rows), count
+
+
+async def compare(session: Session, settings: Settings, storage: Storage, actor: Principal, test: AbTest) -> AbTest:
+    a = await run_in_threadpool(_active_deployment, session, test.team_id, test.deployment_a, "deployment_a")
+    b = await run_in_threadpool(_active_deployment, session, test.team_id, test.deployment_b, "deployment_b")
+    judge = None
+    if test.judge_deployment:
+        judge = await run_in_threadpool(_active_deployment, session, test.team_id, test.judge_deployment,
+                                        "judge_deployment")  # fmt: skip
+    eval_items = await run_in_threadpool(_eval_items, session, storage, test.dataset_id)
+    prompts: list[dict[str, Any]] = [{"messages": [{"role": "user", "content": p}]} for p in test.prompts]
+    prompts = prompts or [{k: v for k, v in item.items() if k != "completion"} for item in eval_items]
+    prompts = prompts[:MAX_PROMPTS]
+
+    async def answer(deployment: Deployment, item: dict[str, Any]) -> dict[str, Any]:
+        start = time.monotonic()
+        done = await run_to_end(settings, GENERATE_TASK, {
+            "request_id": new_request_id(), **target(deployment), **item, "max_tokens": test.max_tokens,
+            "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 0, "stream": False})  # fmt: skip
+        return {"text": done["text"], "latency_s": round(time.monotonic() - start, 4),
+                "completion_tokens": done["completion_tokens"]}  # fmt: skip
+
+    # All of both sides at once: they meet in the workers' batches.
+    answers = await asyncio.gather(*(answer(d, p) for d in (a, b) for p in prompts))
+    side_a, side_b = answers[: len(prompts)], answers[len(prompts) :]
+    rows: list[dict[str, Any]] = [
+        {"prompt": _display(p), "a": x, "b": y} for p, x, y in zip(prompts, side_a, side_b, strict=True)
+    ]
+    results: dict[str, Any] = {"rows": rows, "a": _side(a, side_a), "b": _side(b, side_b)}
+    if eval_items:
+        scored = await asyncio.gather(*(_eval_loss(settings, d, eval_items) for d in (a, b)))
+        for key, loss in zip(("a", "b"), scored, strict=True):
+            results[key] |= {"eval_loss": loss, "perplexity": math.exp(loss), "eval_items": len(eval_items)}
+    if judge is not None:
+        verdicts = await asyncio.gather(*(_judge(settings, judge, row) for row in rows))
+        for row, verdict in zip(rows, verdicts, strict=True):
+            row["judge"] = verdict
+        decided = [v for v in verdicts if v]
+        results["judge"] = {"deployment": str(judge.id), "model": judge.name, "undecided": len(verdicts) - len(decided),
+                            "win_rate_a": _rate(decided, "a"), "win_rate_b": _rate(decided, "b")}  # fmt: skip
+
+    def save() -> AbTest:
+        test.results, test.compared_at = results, utcnow()
+        session.add(test)
+        audit.record(session, actor, "ab_test.compare", "ab_test", test.id)
+        session.commit()
+        session.refresh(test)
+        return test
+
+    return await run_in_threadpool(save)
+
+
+def _active_deployment(session: Session, team_id: uuid.UUID, deployment_id: uuid.UUID, field: str) -> Deployment:
+    deployment = session.get(Deployment, deployment_id)
+    if deployment is None or deployment.team_id != team_id:
+        raise NotFound(field, f"no deployment {deployment_id}")
+    if deployment.status is not DeploymentStatus.active:
+        raise Conflict(f"deployment {deployment.name} is retired", field=field)
+    return deployment
+
+
+def _eval_items(session: Session, storage: Storage, dataset_id: uuid.UUID | None) -> list[dict[str, Any]]:
+    """The dataset's held-out rows as (prompt, completion) items, the same split training used."""
+    if dataset_id is None:
+        return []
+    dataset = session.get(Dataset, dataset_id)
+    assert dataset is not None
+    rows = read_dataset_rows(storage, dataset)
+    _, held_out = split_indices(rows, dataset.eval_fraction)
+    items = []
+    for i in held_out[:MAX_EVAL_ITEMS]:
+        record = to_training_record(rows[i], dataset.format)
+        if "messages" in record and record["messages"][-1]["role"] == "assistant":
+            items.append({"messages": record["messages"][:-1], "completion": record["messages"][-1]["content"]})
+        elif "prompt" in record:
+            items.append({"prompt": record["prompt"], "completion": record["completion"]})
+        elif "text" in record:
+            items.append({"prompt": "", "completion": record["text"]})
+    return items
+
+
+async def _eval_loss(settings: Settings, deployment: Deployment, items: list[dict[str, Any]]) -> float:
+    done = await run_to_end(
+        settings, SCORE_TASK, {"request_id": new_request_id(), **target(deployment), "items": items}
+    )
+    nll = sum(s["nll_sum"] for s in done["scores"])
+    tokens = sum(s["tokens"] for s in done["scores"])
+    return nll / max(tokens, 1)
+
+
+async def _judge(settings: Settings, judge: Deployment, row: dict[str, Any]) -> str | None:
+    prompt = JUDGE_PROMPT.format(prompt=row["prompt"], a=row["a"]["text"], b=row["b"]["text"])
+    done = await run_to_end(settings, GENERATE_TASK, {
+        "request_id": new_request_id(), **target(judge), "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 0, "stream": False})  # fmt: skip
+    match = re.search(r"\b([AB])\b", done["text"].strip().upper())
+    return match.group(1).lower() if match else None
+
+
+def _side(deployment: Deployment, answers: list[dict[str, Any]]) -> dict[str, Any]:
+    latencies = [x["latency_s"] for x in answers]
+    return {"deployment": str(deployment.id), "model": deployment.name,
+            "mean_latency_s": round(sum(latencies) / max(len(latencies), 1), 4)}  # fmt: skip
+
+
+def _rate(verdicts: list[str], side: str) -> float | None:
+    return round(verdicts.count(side) / len(verdicts), 4) if verdicts else None
+
+
+def _display(item: dict[str, Any]) -> str:
+    if "messages" in item:
+        return next((m["content"] for m in reversed(item["messages"]) if m["role"] == "user"), "")
+    return str(item.get("prompt", ""))

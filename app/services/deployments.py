@@ -1,0 +1,117 @@
+"""Deployments: an experiment's adapter (or a base model) made callable by name on the inference queue."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import uuid
+
+from sqlmodel import Session, col, func, select
+
+from app.core.config import Settings
+from app.core.storage import Storage
+from app.models import (
+    Deployment,
+    DeploymentCreate,
+    DeploymentPublic,
+    DeploymentStatus,
+    Experiment,
+    ExperimentStatus,
+    InferenceCommand,
+    utcnow,
+)
+from app.services import audit
+from app.services.errors import Conflict, InvalidRequest, NotFound
+from app.services.experiments import artifact_prefix, check_base_model
+from app.services.principal import Principal
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def public(deployment: Deployment) -> DeploymentPublic:
+    return DeploymentPublic(**deployment.model_dump(), model=deployment.name)
+
+
+def create_deployment(
+    session: Session, settings: Settings, storage: Storage, actor: Principal, body: DeploymentCreate
+) -> Deployment:
+    if (body.experiment_id is None) == (body.base_model is None):
+        raise InvalidRequest("experiment_id", "give exactly one of experiment_id or base_model")
+    adapter_prefix = None
+    if body.experiment_id is not None:
+        experiment = session.get(Experiment, body.experiment_id)
+        if experiment is None or experiment.team_id != actor.team_id:
+            raise NotFound("experiment_id", f"no experiment {body.experiment_id}")
+        if experiment.status is not ExperimentStatus.succeeded:
+            raise Conflict(f"experiment is {experiment.status.value}; only succeeded runs can be deployed",
+                           field="experiment_id")  # fmt: skip
+        adapter_prefix = artifact_prefix(experiment.id)
+        if not storage.exists(f"{adapter_prefix}/{ADAPTER_WEIGHTS}"):
+            raise InvalidRequest("experiment_id", "the run has no LoRA adapter (full fine-tunes are not servable yet)")
+        base_model, default_name = experiment.base_model, experiment.name
+    else:
+        assert body.base_model is not None
+        base_model = check_base_model(body.base_model, settings)
+        default_name = base_model.rstrip("/").rsplit("/", 1)[-1]
+    name = body.name or f"{_slug(default_name)}-{secrets.token_hex(3)}"
+    taken = session.exec(select(func.count()).select_from(Deployment).where(
+        Deployment.team_id == actor.team_id, Deployment.name == name)).one()  # fmt: skip
+    if taken:
+        raise Conflict(f"the team already has a deployment named {name!r}", field="name")
+    deployment = Deployment(team_id=actor.team_id, name=name, experiment_id=body.experiment_id, base_model=base_model,
+                            adapter_prefix=adapter_prefix, created_by=actor.user_id)  # fmt: skip
+    session.add(deployment)
+    session.flush()
+    audit.record(session, actor, "deployment.create", "deployment", deployment.id, name=name,
+                 experiment_id=str(body.experiment_id) if body.experiment_id else None)  # fmt: skip
+    session.commit()
+    session.refresh(deployment)
+    return deployment
+
+
+def retire_deployment(session: Session, actor: Principal, deployment: Deployment) -> Deployment:
+    """Stop serving it: the name stops resolving at once, and workers unload its weights."""
+    if deployment.status is DeploymentStatus.retired:
+        raise Conflict("deployment is already retired")
+    deployment.status = DeploymentStatus.retired
+    deployment.retired_at = utcnow()
+    session.add(deployment)
+    session.add(InferenceCommand(action="unload", target=unload_target(deployment)))
+    audit.record(session, actor, "deployment.retire", "deployment", deployment.id, name=deployment.name)
+    session.commit()
+    session.refresh(deployment)
+    return deployment
+
+
+def unload_target(deployment: Deployment) -> str:
+    """What workers know the deployment by: its adapter name, or its base model for a plain one."""
+    return str(deployment.id) if deployment.adapter_prefix else deployment.base_model
+
+
+def get_deployment(session: Session, team_id: uuid.UUID, deployment_id: uuid.UUID) -> Deployment | None:
+    deployment = session.get(Deployment, deployment_id)
+    return deployment if deployment and deployment.team_id == team_id else None
+
+
+def by_model_name(session: Session, team_id: uuid.UUID, name: str) -> Deployment | None:
+    active = Deployment.status == DeploymentStatus.active
+    return session.exec(
+        select(Deployment).where(Deployment.team_id == team_id, Deployment.name == name, active)
+    ).first()
+
+
+def list_deployments(
+    session: Session, team_id: uuid.UUID, status: DeploymentStatus | None, skip: int = 0, limit: int = 500
+) -> tuple[list[Deployment], int]:
+    where = [col(Deployment.team_id) == team_id]
+    if status:
+        where.append(col(Deployment.status) == status)
+    count = session.exec(select(func.count()).select_from(Deployment).where(*where)).one()
+    rows = session.exec(
+        select(Deployment).where(*where).order_by(col(Deployment.created_at).desc()).offset(skip).limit(limit)
+    ).all()
+    return list(rows), count
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")[:80] or "model"

@@ -1,0 +1,109 @@
+"""The API's side of a generation: send it to the inference queue, then follow the worker's replies.
+
+A request never hangs: no worker takes it within ``inference.queue_timeout_s`` → 503 (and the
+message expires, so no worker runs it later for nobody); the worker that took it stops heartbeating
+→ 502; it runs past ``inference.request_timeout_s`` → 504.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from datetime import timedelta
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+
+from app.core.config import Settings
+from app.core.db import session_scope
+from app.core.replies import Reply, reply_channel
+from app.models import Deployment, InferenceWorker, utcnow
+
+GENERATE_TASK = "studio.generate"
+SCORE_TASK = "studio.score"
+INFERENCE_QUEUE = "inference"
+READ_WAIT_S = 1.0
+
+
+class InferenceFailed(Exception):
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+
+
+def target(deployment: Deployment) -> dict[str, Any]:
+    """What a worker needs to know about the model: base weights and the adapter, if any."""
+    return {"base_model": deployment.base_model,
+            "adapter": str(deployment.id) if deployment.adapter_prefix else None,
+            "adapter_prefix": deployment.adapter_prefix}  # fmt: skip
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _send(task: str, payload: dict[str, Any], expires_s: float) -> None:
+    from workers.celery_app import celery_app  # torch-free; sent by name
+
+    celery_app.send_task(task, kwargs={"request": payload}, queue=INFERENCE_QUEUE, expires=expires_s)
+
+
+async def replies(settings: Settings, task: str, payload: dict[str, Any]) -> AsyncGenerator[Reply, None]:
+    """Send, then yield the worker's replies until ``done``; raise InferenceFailed on any failure."""
+    limits = settings.inference
+    rid = payload["request_id"]
+    channel = reply_channel()
+    await run_in_threadpool(_send, task, payload, limits.queue_timeout_s)
+    start = last_check = time.monotonic()
+    after, worker = "0", None
+    try:
+        while True:
+            got = await channel.read(rid, after, READ_WAIT_S)
+            for reply_id, reply in got:
+                after = reply_id
+                if reply["type"] == "accepted":
+                    worker = reply["worker"]
+                elif reply["type"] == "error":
+                    raise InferenceFailed(reply["status"], reply["code"], reply["message"], reply.get("param"))
+                else:
+                    yield reply
+                    if reply["type"] == "done":
+                        return
+            now = time.monotonic()
+            if worker is None and now - start > limits.queue_timeout_s:
+                raise InferenceFailed(503, "no_worker", f"no inference worker took the request within "
+                                      f"{limits.queue_timeout_s:.0f} s")  # fmt: skip
+            if now - start > limits.request_timeout_s:
+                raise InferenceFailed(504, "timeout", f"generation took longer than {limits.request_timeout_s:.0f} s")
+            if worker is not None and not got and now - last_check >= READ_WAIT_S:
+                last_check = now
+                if not await run_in_threadpool(worker_alive, worker, limits.worker_stale_after_s):
+                    raise InferenceFailed(502, "worker_lost", f"inference worker {worker} was lost during the request")
+    finally:
+        await channel.discard(rid)
+
+
+async def run_to_end(settings: Settings, task: str, payload: dict[str, Any]) -> Reply:
+    """The ``done`` reply of a request (deltas skipped)."""
+    async for reply in replies(settings, task, payload):
+        if reply["type"] == "done":
+            return reply
+    raise InferenceFailed(500, "inference_error", "the worker ended without an answer")
+
+
+def worker_alive(name: str, stale_after_s: float) -> bool:
+    with session_scope() as session:
+        row = session.get(InferenceWorker, name)
+        return row is not None and row.heartbeat_at > utcnow() - timedelta(seconds=stale_after_s)
+
+
+def live_workers(stale_after_s: float) -> list[InferenceWorker]:
+    from sqlmodel import col, select
+
+    with session_scope() as session:
+        fresh = col(InferenceWorker.heartbeat_at) > utcnow() - timedelta(seconds=stale_after_s)
+        rows = session.exec(select(InferenceWorker).where(fresh).order_by(col(InferenceWorker.name))).all()
+        for row in rows:
+            session.expunge(row)
+        return list(rows)
