@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export STUDIO_DATA_DIR ?= $(CURDIR)/.studio
 
-.PHONY: setup up test test-fast lint services clean
+.PHONY: setup up test test-fast lint services clean gpu
 
 setup: $(VENV)/.installed
 
@@ -38,3 +38,13 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .studio .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+## On a CUDA machine with only torch/transformers/peft (the lent GPU box): carry .whl/ from
+## ../shared/gpu/wheels.sh pytest==9.0.1 pluggy iniconfig PyYAML; results land in $(OUT).
+OUT ?= gpu-results
+gpu:
+	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+	mkdir -p $(OUT)
+	PYTHONPATH=/tmp/site:. STUDIO_TEST_SERVICES=0 python3 -m pytest -q -m gpu -p no:cacheprovider tests/workers | tee $(OUT)/gpu-tests.txt
+	PYTHONPATH=/tmp/site:. python3 benchmarks/inference_engine.py --shape tinyllama --out $(OUT)/inference_engine.json | tee $(OUT)/inference_engine.txt
+	PYTHONPATH=/tmp/site:. python3 benchmarks/training.py --shape tinyllama | tee $(OUT)/training.txt

@@ -9,8 +9,9 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import StringConstraints
 from sqlalchemy import JSON, BigInteger, Column, Index, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
@@ -138,7 +139,7 @@ class Invitation(SQLModel, table=True):
 
 
 class InvitationCreate(SQLModel):
-    email: str = Field(min_length=3, max_length=320, regex=r"^[^@\s]+@[^@\s]+$")
+    email: Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$")] = Field(min_length=3, max_length=320)
     role: Role = Role.trainer
 
 
@@ -441,7 +442,8 @@ class ArtifactsPublic(SQLModel):
 # ---------------------------------------------------------------- serving
 
 
-MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
+# sqlmodel's Field(regex=...) is not enforced on plain (non-table) models under pydantic 2; these are.
+ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")]
 
 
 class DeploymentStatus(StrEnum):
@@ -468,7 +470,7 @@ class Deployment(SQLModel, table=True):
 
 
 class DeploymentCreate(SQLModel):
-    name: str | None = Field(None, regex=MODEL_NAME, description="The OpenAI `model` name; default from the run")
+    name: ModelName | None = Field(None, description="The OpenAI `model` name; default from the run")
     experiment_id: uuid.UUID | None = Field(None, description="Serve this succeeded experiment's adapter")
     base_model: str | None = Field(None, min_length=1, max_length=500, description="Or serve a base model as is")
 

@@ -6,7 +6,9 @@ import secrets
 import uuid
 from dataclasses import dataclass
 
+from app.core.config import get_settings
 from app.core.db import session_scope
+from app.core.security import create_access_token
 from app.models import ApiKeyCreate, Membership, Role, Team
 from app.services import accounts, api_keys
 from app.services.principal import Principal
@@ -25,6 +27,12 @@ class Member:
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
+
+    @property
+    def login_headers(self) -> dict[str, str]:
+        """A login token (what POST /api/auth/login returns), for what API keys may not do."""
+        token, _ = create_access_token(get_settings(), self.user_id)
+        return {"Authorization": f"Bearer {token}", "X-Team-Id": str(self.team_id)}
 
 
 def make_team(name: str | None = None) -> uuid.UUID:

@@ -3,6 +3,8 @@
 Services come from STUDIO_TEST_PG (default postgresql://postgres@127.0.0.1:5432) and
 STUDIO_TEST_REDIS (default redis://127.0.0.1:6379); `make test` starts them when they are down.
 Settings are process-wide (cached), so the environment is set here, before the app is imported.
+STUDIO_TEST_SERVICES=0 runs without them (only tests that need neither, e.g. `-m gpu` on a GPU box
+that has no Postgres, Redis or API dependencies).
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
-import redis
 
 PG_ADMIN = os.environ.get("STUDIO_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 REDIS_BASE = os.environ.get("STUDIO_TEST_REDIS", "redis://127.0.0.1:6379")
 RUN_ID = secrets.token_hex(4)
+SERVICES = os.environ.get("STUDIO_TEST_SERVICES", "1") != "0"
 
 
 def create_database(name: str) -> str:
+    import psycopg
+
     with psycopg.connect(f"{PG_ADMIN}/postgres", autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -30,11 +33,16 @@ def create_database(name: str) -> str:
 
 
 def drop_database(name: str) -> None:
+    import psycopg
+
     with psycopg.connect(f"{PG_ADMIN}/postgres", autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _check_services() -> None:
+    import psycopg
+    import redis
+
     try:
         psycopg.connect(f"{PG_ADMIN}/postgres", connect_timeout=3).close()
     except psycopg.Error as exc:
@@ -46,21 +54,26 @@ def _check_services() -> None:
 
 
 # In-process tests (API through TestClient, services) share one database and Redis db 11.
-_check_services()
 DB_NAME = f"studio_test_{RUN_ID}"
 DATA_DIR = Path(tempfile.mkdtemp(prefix="studio-test-"))
 IN_PROCESS_REDIS = f"{REDIS_BASE}/11"
-os.environ.update({
-    "STUDIO_DATA_DIR": str(DATA_DIR),
-    "STUDIO_DATABASE__URL": create_database(DB_NAME),
-    "STUDIO_BROKER__URL": IN_PROCESS_REDIS,
-    "STUDIO_EVENTS__REDIS_URL": IN_PROCESS_REDIS,
-    "STUDIO_ENVIRONMENT": "development",
-})  # fmt: skip
+os.environ.update({"STUDIO_DATA_DIR": str(DATA_DIR), "STUDIO_ENVIRONMENT": "development"})
+if SERVICES:
+    _check_services()
+    os.environ.update({
+        "STUDIO_DATABASE__URL": create_database(DB_NAME),
+        "STUDIO_BROKER__URL": IN_PROCESS_REDIS,
+        "STUDIO_EVENTS__REDIS_URL": IN_PROCESS_REDIS,
+    })  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _database() -> Iterator[None]:
+    if not SERVICES:
+        yield
+        return
+    import redis
+
     from app.core.migrate import upgrade
 
     redis.Redis.from_url(IN_PROCESS_REDIS).flushdb()

@@ -107,6 +107,13 @@ def require(role: Role) -> Callable[[Principal], Principal]:
     return check
 
 
+def require_login(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    """For minting credentials (API keys, invitations): a leaked API key must not be able to create more."""
+    if principal.api_key_id is not None:
+        raise HTTPException(403, "needs a logged-in user (POST /api/auth/login), not an API key")
+    return principal
+
+
 def require_superuser(session: SessionDep, settings: SettingsDep, token: TokenDep) -> User:
     user, key_principal = _authenticate(session, settings, token)
     if key_principal is not None or not user.is_superuser:  # API keys never carry platform admin
@@ -119,3 +126,4 @@ Viewer = Annotated[Principal, Depends(require(Role.viewer))]
 Trainer = Annotated[Principal, Depends(require(Role.trainer))]
 Admin = Annotated[Principal, Depends(require(Role.admin))]
 Superuser = Annotated[User, Depends(require_superuser)]
+LoggedIn = Annotated[Principal, Depends(require_login)]

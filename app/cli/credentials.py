@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -39,9 +40,12 @@ def forget_token(api_url: str) -> bool:
 
 
 def _write(data: dict[str, str]) -> Path:
+    """Write a private temporary file, then rename it over the old one: never readable by others, never
+    half-written."""
     path = credentials_file()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".credentials-")  # created 0600
     with os.fdopen(fd, "w") as out:
         json.dump(data, out, indent=2)
+    os.replace(tmp, path)
     return path

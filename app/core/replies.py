@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import timedelta
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -21,7 +22,7 @@ from sqlmodel import col, delete, select
 
 from app.core.config import get_settings
 from app.core.db import session_scope
-from app.models import InferenceReply
+from app.models import InferenceReply, utcnow
 
 TTL_S = 3600
 POLL_S = 0.05
@@ -30,15 +31,25 @@ Reply = dict[str, Any]
 
 
 class ReplyChannel(Protocol):
+    """Worker side: ``send``, ``cancelled``. API side: ``read``, ``cancel`` (the client went away), ``discard``."""
+
     def send(self, request_id: str, reply: Reply) -> None: ...
 
+    def cancelled(self, request_id: str) -> bool: ...
+
     async def read(self, request_id: str, after: str, timeout_s: float) -> list[tuple[str, Reply]]: ...
+
+    async def cancel(self, request_id: str) -> None: ...
 
     async def discard(self, request_id: str) -> None: ...
 
 
 def _key(request_id: str) -> str:
     return f"studio:reply:{request_id}"
+
+
+def _cancel_key(request_id: str) -> str:
+    return f"cancel:{request_id}"
 
 
 class RedisReplies:
@@ -56,6 +67,12 @@ class RedisReplies:
         block_ms = max(1, int(timeout_s * 1000))
         got: Any = await self._async.xread({_key(request_id): after or "0"}, count=256, block=block_ms)
         return [(i.decode(), json.loads(f[b"d"])) for _, entries in got or [] for i, f in entries]
+
+    def cancelled(self, request_id: str) -> bool:
+        return bool(self._sync.exists(f"studio:{_cancel_key(request_id)}"))
+
+    async def cancel(self, request_id: str) -> None:
+        await self._async.set(f"studio:{_cancel_key(request_id)}", 1, ex=TTL_S)
 
     async def discard(self, request_id: str) -> None:
         await self._async.delete(_key(request_id))
@@ -86,10 +103,23 @@ class SqlReplies:
             ).all()
             return [(str(r.id), r.data) for r in rows]
 
+    def cancelled(self, request_id: str) -> bool:
+        with session_scope() as session:
+            query = select(InferenceReply.id).where(InferenceReply.request_id == _cancel_key(request_id))
+            return session.exec(query).first() is not None
+
+    async def cancel(self, request_id: str) -> None:
+        await run_in_threadpool(self.send, _cancel_key(request_id), {"type": "cancel"})
+
     async def discard(self, request_id: str) -> None:
         def run() -> None:
+            stale = utcnow() - timedelta(seconds=TTL_S)  # also what nobody collected (cancel marks, lost clients)
             with session_scope() as session:
-                session.exec(delete(InferenceReply).where(col(InferenceReply.request_id) == request_id))  # type: ignore[call-overload]
+                session.exec(
+                    delete(InferenceReply).where(  # type: ignore[call-overload]
+                        (col(InferenceReply.request_id) == request_id) | (col(InferenceReply.created_at) < stale)
+                    )
+                )
                 session.commit()
 
         await run_in_threadpool(run)

@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session, col, func, select
 
 from app.core.config import Settings
+from app.core.db import session_scope
 from app.core.storage import Storage
 from app.datasets.formats import to_training_record
 from app.datasets.split import split_indices
@@ -21,7 +22,7 @@ from app.models import AbTest, AbTestCreate, Dataset, DatasetFormat, Deployment,
 from app.services import audit
 from app.services.datasets import read_dataset_rows
 from app.services.errors import Conflict, InvalidRequest, NotFound
-from app.services.inference import GENERATE_TASK, SCORE_TASK, new_request_id, run_to_end, target
+from app.services.inference import GENERATE_TASK, SCORE_TASK, InferenceFailed, new_request_id, run_to_end, target
 from app.services.principal import Principal
 
 MAX_PROMPTS = 50  # generated side by side per compare
@@ -78,15 +79,20 @@ async def compare(session: Session, settings: Settings, storage: Storage, actor:
         judge = await run_in_threadpool(_active_deployment, session, test.team_id, test.judge_deployment,
                                         "judge_deployment")  # fmt: skip
     eval_items = await run_in_threadpool(_eval_items, session, storage, test.dataset_id)
+    await run_in_threadpool(session.close)  # generation takes a while: hold no connection meanwhile
     prompts: list[dict[str, Any]] = [{"messages": [{"role": "user", "content": p}]} for p in test.prompts]
     prompts = prompts or [{k: v for k, v in item.items() if k != "completion"} for item in eval_items]
     prompts = prompts[:MAX_PROMPTS]
 
     async def answer(deployment: Deployment, item: dict[str, Any]) -> dict[str, Any]:
+        """One side's answer, or its error: one bad prompt must not sink the whole comparison."""
         start = time.monotonic()
-        done = await run_to_end(settings, GENERATE_TASK, {
-            "request_id": new_request_id(), **target(deployment), **item, "max_tokens": test.max_tokens,
-            "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 0, "stream": False})  # fmt: skip
+        try:
+            done = await run_to_end(settings, GENERATE_TASK, {
+                "request_id": new_request_id(), **target(deployment), **item, "max_tokens": test.max_tokens,
+                "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 0, "stream": False})  # fmt: skip
+        except InferenceFailed as exc:
+            return {"text": None, "error": exc.message, "latency_s": None}
         return {"text": done["text"], "latency_s": round(time.monotonic() - start, 4),
                 "completion_tokens": done["completion_tokens"]}  # fmt: skip
 
@@ -98,9 +104,14 @@ async def compare(session: Session, settings: Settings, storage: Storage, actor:
     ]
     results: dict[str, Any] = {"rows": rows, "a": _side(a, side_a), "b": _side(b, side_b)}
     if eval_items:
-        scored = await asyncio.gather(*(_eval_loss(settings, d, eval_items) for d in (a, b)))
+        scored = await asyncio.gather(*(_eval_loss(settings, d, eval_items) for d in (a, b)), return_exceptions=True)
         for key, loss in zip(("a", "b"), scored, strict=True):
-            results[key] |= {"eval_loss": loss, "perplexity": math.exp(loss), "eval_items": len(eval_items)}
+            if isinstance(loss, InferenceFailed):
+                results[key]["eval_error"] = loss.message
+            elif isinstance(loss, BaseException):
+                raise loss
+            else:
+                results[key] |= {"eval_loss": loss, "perplexity": math.exp(loss), "eval_items": len(eval_items)}
     if judge is not None:
         verdicts = await asyncio.gather(*(_judge(settings, judge, row) for row in rows))
         for row, verdict in zip(rows, verdicts, strict=True):
@@ -110,12 +121,14 @@ async def compare(session: Session, settings: Settings, storage: Storage, actor:
                             "win_rate_a": _rate(decided, "a"), "win_rate_b": _rate(decided, "b")}  # fmt: skip
 
     def save() -> AbTest:
-        test.results, test.compared_at = results, utcnow()
-        session.add(test)
-        audit.record(session, actor, "ab_test.compare", "ab_test", test.id)
-        session.commit()
-        session.refresh(test)
-        return test
+        with session_scope() as fresh:
+            row = fresh.get(AbTest, test.id)
+            assert row is not None
+            row.results, row.compared_at = results, utcnow()
+            fresh.add(row)
+            audit.record(fresh, actor, "ab_test.compare", "ab_test", row.id)
+            fresh.commit()
+            return row
 
     return await run_in_threadpool(save)
 
@@ -131,10 +144,9 @@ def _active_deployment(session: Session, team_id: uuid.UUID, deployment_id: uuid
 
 def _eval_items(session: Session, storage: Storage, dataset_id: uuid.UUID | None) -> list[dict[str, Any]]:
     """The dataset's held-out rows as (prompt, completion) items, the same split training used."""
-    if dataset_id is None:
+    dataset = session.get(Dataset, dataset_id) if dataset_id else None
+    if dataset is None:
         return []
-    dataset = session.get(Dataset, dataset_id)
-    assert dataset is not None
     rows = read_dataset_rows(storage, dataset)
     _, held_out = split_indices(rows, dataset.eval_fraction)
     items = []
@@ -159,17 +171,22 @@ async def _eval_loss(settings: Settings, deployment: Deployment, items: list[dic
 
 
 async def _judge(settings: Settings, judge: Deployment, row: dict[str, Any]) -> str | None:
+    if row["a"]["text"] is None or row["b"]["text"] is None:
+        return None
     prompt = JUDGE_PROMPT.format(prompt=row["prompt"], a=row["a"]["text"], b=row["b"]["text"])
-    done = await run_to_end(settings, GENERATE_TASK, {
-        "request_id": new_request_id(), **target(judge), "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 0, "stream": False})  # fmt: skip
+    try:
+        done = await run_to_end(settings, GENERATE_TASK, {
+            "request_id": new_request_id(), **target(judge), "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 0, "stream": False})  # fmt: skip
+    except InferenceFailed:
+        return None
     match = re.search(r"\b([AB])\b", done["text"].strip().upper())
     return match.group(1).lower() if match else None
 
 
 def _side(deployment: Deployment, answers: list[dict[str, Any]]) -> dict[str, Any]:
-    latencies = [x["latency_s"] for x in answers]
-    return {"deployment": str(deployment.id), "model": deployment.name,
+    latencies = [x["latency_s"] for x in answers if x["latency_s"] is not None]
+    return {"deployment": str(deployment.id), "model": deployment.name, "errors": len(answers) - len(latencies),
             "mean_latency_s": round(sum(latencies) / max(len(latencies), 1), 4)}  # fmt: skip
 
 

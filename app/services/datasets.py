@@ -15,7 +15,7 @@ from app.core.storage import Storage
 from app.datasets.formats import validate_rows
 from app.datasets.readers import FileKind, NumberedRow, read_rows
 from app.datasets.split import split_indices
-from app.models import Dataset, DatasetFormat, Experiment
+from app.models import AbTest, Dataset, DatasetFormat, Experiment
 from app.services import audit
 from app.services.errors import Conflict
 from app.services.principal import Principal
@@ -115,6 +115,9 @@ def delete_dataset(*, session: Session, storage: Storage, actor: Principal, data
     used = session.exec(select(func.count()).select_from(Experiment).where(Experiment.dataset_id == dataset.id)).one()
     if used:
         raise Conflict(f"dataset is used by {used} experiment(s); delete those first", field="dataset_id")
+    for test in session.exec(select(AbTest).where(AbTest.dataset_id == dataset.id)).all():
+        test.dataset_id = None  # past A/B results stay; they just no longer point at the rows
+        session.add(test)
     session.delete(dataset)
     audit.record(session, actor, "dataset.delete", "dataset", dataset.id, name=dataset.name)
     session.commit()

@@ -76,7 +76,11 @@ def retire_deployment(session: Session, actor: Principal, deployment: Deployment
     deployment.status = DeploymentStatus.retired
     deployment.retired_at = utcnow()
     session.add(deployment)
-    session.add(InferenceCommand(action="unload", target=unload_target(deployment)))
+    shared_base = session.exec(select(func.count()).select_from(Deployment).where(
+        Deployment.base_model == deployment.base_model, Deployment.status == DeploymentStatus.active,
+        Deployment.id != deployment.id)).one()  # fmt: skip
+    if deployment.adapter_prefix or not shared_base:  # a base model others still serve stays loaded
+        session.add(InferenceCommand(action="unload", target=unload_target(deployment)))
     audit.record(session, actor, "deployment.retire", "deployment", deployment.id, name=deployment.name)
     session.commit()
     session.refresh(deployment)

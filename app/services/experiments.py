@@ -19,6 +19,8 @@ from app.core.storage import Storage
 from app.models import (
     Dataset,
     DatasetFormat,
+    Deployment,
+    DeploymentStatus,
     Experiment,
     ExperimentCreate,
     ExperimentEvent,
@@ -45,10 +47,23 @@ def check_base_model(name: str, settings: Settings) -> str:
         if path.exists():
             if not (path / "config.json").is_file():
                 raise InvalidRequest("base_model", f"{name!r} has no config.json: not a model directory")
-            return str(path.resolve())
+            return _allowed_local_model(path.resolve(), name, settings)
     if name.startswith(("/", ".", "~")) or not HUB_ID.match(name):
         raise InvalidRequest("base_model", f"no model directory at {name!r}, and it is not a Hub id")
     return name  # a Hub id: the worker resolves it (its local cache, or the Hub where reachable)
+
+
+def _allowed_local_model(path: Path, name: str, settings: Settings) -> str:
+    """Local paths may not reach into the studio's own storage (other teams' artifacts), and must lie
+    inside ``api.models_dir`` when one is set (production requires it for local models)."""
+    if settings.storage.backend == "local" and path.is_relative_to(Path(settings.storage.root).resolve()):
+        raise InvalidRequest("base_model", f"{name!r} is inside the studio's storage; deploy runs by experiment_id")
+    if settings.api.models_dir:
+        if not path.is_relative_to(Path(settings.api.models_dir).resolve()):
+            raise InvalidRequest("base_model", f"local models must be inside {settings.api.models_dir}")
+    elif settings.environment == "production":
+        raise InvalidRequest("base_model", "local models need api.models_dir in production; use a Hub id or name")
+    return str(path)
 
 
 def resolve_hyperparameters(body: ExperimentCreate, settings: Settings) -> Hyperparameters:
@@ -179,6 +194,12 @@ def delete_experiment(*, session: Session, storage: Storage, actor: Principal, e
     """Delete a finished experiment with its events, checkpoints and artifacts."""
     if experiment.status in (ExperimentStatus.queued, ExperimentStatus.running):
         raise Conflict(f"experiment is {experiment.status.value}; stop it before deleting")
+    deployments = session.exec(select(Deployment).where(Deployment.experiment_id == experiment.id)).all()
+    if any(d.status is DeploymentStatus.active for d in deployments):
+        raise Conflict("the experiment is deployed; retire its deployments before deleting it")
+    for deployment in deployments:  # retired ones keep their history, without the deleted run
+        deployment.experiment_id = None
+        session.add(deployment)
     session.exec(delete(ExperimentEvent).where(col(ExperimentEvent.experiment_id) == experiment.id))  # type: ignore[call-overload]
     session.delete(experiment)
     audit.record(session, actor, "experiment.delete", "experiment", experiment.id, name=experiment.name)

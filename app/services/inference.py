@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
+import anyio
 from fastapi.concurrency import run_in_threadpool
 
 from app.core.config import Settings
@@ -49,14 +50,20 @@ def _send(task: str, payload: dict[str, Any], expires_s: float) -> None:
     celery_app.send_task(task, kwargs={"request": payload}, queue=INFERENCE_QUEUE, expires=expires_s)
 
 
-async def replies(settings: Settings, task: str, payload: dict[str, Any]) -> AsyncGenerator[Reply, None]:
-    """Send, then yield the worker's replies until ``done``; raise InferenceFailed on any failure."""
+async def replies(
+    settings: Settings, task: str, payload: dict[str, Any], gone: Callable[[], Awaitable[bool]] | None = None
+) -> AsyncGenerator[Reply, None]:
+    """Send, then yield the worker's replies until ``done``; raise InferenceFailed on any failure.
+    ``gone`` tells whether the client disconnected; then the worker is told to stop."""
     limits = settings.inference
     rid = payload["request_id"]
     channel = reply_channel()
+    if not await run_in_threadpool(live_workers, limits.worker_stale_after_s):
+        raise InferenceFailed(503, "no_worker", "no inference worker is running; start one with "
+                              "`studio worker --queue inference`")  # fmt: skip
     await run_in_threadpool(_send, task, payload, limits.queue_timeout_s)
     start = last_check = time.monotonic()
-    after, worker = "0", None
+    after, worker, finished = "0", None, False
     try:
         while True:
             got = await channel.read(rid, after, READ_WAIT_S)
@@ -65,12 +72,16 @@ async def replies(settings: Settings, task: str, payload: dict[str, Any]) -> Asy
                 if reply["type"] == "accepted":
                     worker = reply["worker"]
                 elif reply["type"] == "error":
+                    finished = True
                     raise InferenceFailed(reply["status"], reply["code"], reply["message"], reply.get("param"))
                 else:
+                    finished = reply["type"] == "done"
                     yield reply
-                    if reply["type"] == "done":
+                    if finished:
                         return
             now = time.monotonic()
+            if not got and gone is not None and await gone():
+                return  # finally: cancel
             if worker is None and now - start > limits.queue_timeout_s:
                 raise InferenceFailed(503, "no_worker", f"no inference worker took the request within "
                                       f"{limits.queue_timeout_s:.0f} s")  # fmt: skip
@@ -81,15 +92,20 @@ async def replies(settings: Settings, task: str, payload: dict[str, Any]) -> Asy
                 if not await run_in_threadpool(worker_alive, worker, limits.worker_stale_after_s):
                     raise InferenceFailed(502, "worker_lost", f"inference worker {worker} was lost during the request")
     finally:
-        await channel.discard(rid)
+        with anyio.CancelScope(shield=True):  # also when the client's disconnect cancelled us
+            if not finished:  # the client left, or we gave up: the worker stops generating for nobody
+                await channel.cancel(rid)
+            await channel.discard(rid)
 
 
-async def run_to_end(settings: Settings, task: str, payload: dict[str, Any]) -> Reply:
+async def run_to_end(
+    settings: Settings, task: str, payload: dict[str, Any], gone: Callable[[], Awaitable[bool]] | None = None
+) -> Reply:
     """The ``done`` reply of a request (deltas skipped)."""
-    async for reply in replies(settings, task, payload):
+    async for reply in replies(settings, task, payload, gone):
         if reply["type"] == "done":
             return reply
-    raise InferenceFailed(500, "inference_error", "the worker ended without an answer")
+    raise InferenceFailed(499, "client_gone", "the client went away before the answer")
 
 
 def worker_alive(name: str, stale_after_s: float) -> bool:

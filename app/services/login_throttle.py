@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from app.core.config import AuthSettings
@@ -29,6 +30,14 @@ def retry_after_s(session: Session, settings: AuthSettings, keys: list[str]) -> 
 
 
 def record_failure(session: Session, settings: AuthSettings, keys: list[str]) -> None:
+    try:
+        _count(session, settings, keys)
+    except IntegrityError:  # a concurrent first failure inserted the row: count again on top of it
+        session.rollback()
+        _count(session, settings, keys)
+
+
+def _count(session: Session, settings: AuthSettings, keys: list[str]) -> None:
     now = utcnow()
     for key in keys:
         row = session.get(LoginThrottle, key, with_for_update=session.get_bind().dialect.name == "postgresql")

@@ -254,6 +254,28 @@ def test_ab_test_compares_two_deployments_with_a_judge(stack: Stack, served: dic
         assert judge["win_rate_a"] + judge["win_rate_b"] == pytest.approx(1.0)
 
 
+def _engine_stats(stack: Stack) -> dict[str, Any]:
+    with stack.http() as http:
+        workers = http.get("/admin/stats", headers=stack.jwt_headers).json()["workers"]
+    return next(iter(workers[0]["models"].values()))  # one base model: the tiny one
+
+
+def test_a_client_that_goes_away_stops_its_generation(stack: Stack, served: dict[str, Any]) -> None:
+    before = _engine_stats(stack)["generated_tokens"]
+    stream = served["client"].chat.completions.create(
+        model="tiny-base",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=1900,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    next(iter(stream))
+    stream.close()
+    wait_for(lambda: "cancelled by its client" in stack.log("inference"), timeout_s=30, what="the cancel")
+    idle = wait_for(lambda: (s := _engine_stats(stack))["running"] == 0 and s, timeout_s=30, what="an idle engine")
+    assert idle["generated_tokens"] - before < 1900, "the worker generated the whole answer for nobody"
+
+
 def test_worker_crash_mid_request_is_an_error_not_a_hang(stack: Stack, served: dict[str, Any]) -> None:
     """Last in the module: it kills the inference worker (and starts a new one)."""
     client = served["client"]

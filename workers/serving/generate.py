@@ -5,6 +5,7 @@ API waits on these replies and on this worker's heartbeat."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +16,8 @@ from workers.inference import GenerationRequest, InferenceEngine, PromptTooLong
 from workers.serving.manager import EngineManager, WorkerBusy, get_manager
 
 log = logging.getLogger(__name__)
+CANCEL_CHECK_S = 0.25
+FLUSH_S = 0.02
 
 
 def error(status: int, code: str, message: str, param: str | None = None) -> Reply:
@@ -30,11 +33,26 @@ def run_generate(request: dict[str, Any], worker: str) -> None:
             stop=tuple(request.get("stop") or ()), ignore_eos=bool(request.get("ignore_eos")),
             **_adapter(manager, request), request_id=request["request_id"],
         ))  # fmt: skip
-        if request.get("stream"):
+        stream, replies, next_check = bool(request.get("stream")), reply_channel(), time.monotonic() + CANCEL_CHECK_S
+        pending, flush_at = "", 0.0  # the first text goes out at once
+        try:
             for delta in handle.stream():
-                if delta:
-                    send({"type": "delta", "text": delta})
-        result = handle.result()
+                pending += delta if stream else ""
+                now = time.monotonic()
+                if pending and now >= flush_at:  # coalesced: one reply per FLUSH_S, not one per token
+                    send({"type": "delta", "text": pending})
+                    pending, flush_at = "", now + FLUSH_S
+                if now >= next_check:
+                    next_check = now + CANCEL_CHECK_S
+                    if replies.cancelled(request["request_id"]):  # its client went away: free the batch slot
+                        log.info("request %s cancelled by its client", request["request_id"])
+                        return
+            if pending:
+                send({"type": "delta", "text": pending})
+            result = handle.result()
+        finally:
+            if not handle.done():
+                handle.cancel()
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
         send({"type": "done", "text": result.text, "finish_reason": result.finish_reason, **usage})
 
@@ -101,5 +119,7 @@ def _as_error(exc: Exception, request: dict[str, Any]) -> Reply:
         return error(503, "worker_busy", str(exc))
     if isinstance(exc, ValueError):
         return error(400, "invalid_request_error", str(exc))
-    log.exception("inference request %s failed", request.get("request_id"))
-    return error(500, "inference_error", f"{type(exc).__name__}: {exc}")
+    log.exception("inference request %s failed", request.get("request_id"))  # details stay in the worker log
+    return error(
+        500, "inference_error", f"inference failed ({type(exc).__name__}); request {request.get('request_id')}"
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -27,6 +28,7 @@ from workers.inference.adapters import AdapterError
 
 log = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_NAME = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")  # a deployment id
 
 
 class WorkerBusy(RuntimeError):
@@ -37,12 +39,14 @@ class EngineManager:
     def __init__(self, settings: Settings, worker_name: str) -> None:
         self.settings = settings.inference
         self.name = worker_name
-        self.cache_dir = Path(self.settings.cache_dir)
+        self.cache_dir = Path(self.settings.cache_dir).resolve()
         self._engines: OrderedDict[str, InferenceEngine] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the dicts and counters only; never held while loading weights
+        self._loading: dict[str, threading.Lock] = {}
         self._adapter_locks: dict[str, threading.Lock] = {}
         self._in_flight = 0
         self._last_command = 0
+        self._pending: list[tuple[int, str]] = []  # unload commands waiting for their engine to go idle
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="inference-heartbeat", daemon=True)
 
@@ -58,9 +62,10 @@ class EngineManager:
     def close(self) -> None:
         self._stop.set()
         with self._lock:
-            for engine in self._engines.values():
-                engine.close()
+            engines = list(self._engines.values())
             self._engines.clear()
+        for engine in engines:
+            engine.close()
         with session_scope() as session:
             row = session.get(InferenceWorker, self.name)
             if row is not None:
@@ -75,23 +80,38 @@ class EngineManager:
             if engine is not None:
                 self._engines.move_to_end(base_model)
                 return engine
-            while len(self._engines) >= self.settings.max_base_models:
-                idle = [name for name, e in self._engines.items() if not _busy(e)]
-                if not idle:
-                    raise WorkerBusy("this worker's engines are busy with other base models")
-                log.info("unloading base model %s to make room for %s", idle[0], base_model)
-                self._engines.pop(idle[0]).close()
+            loading = self._loading.setdefault(base_model, threading.Lock())
+        with loading:  # one load per base model; heartbeats and other models' requests go on meanwhile
+            with self._lock:
+                engine = self._engines.get(base_model)
+                if engine is not None:
+                    return engine
+                evicted = self._make_room(base_model)
+            for old in evicted:
+                old.close()
             log.info("loading base model %s", base_model)
             engine = InferenceEngine(
                 base_model, max_batch_size=self.settings.max_batch_size, max_adapters=self.settings.max_adapters,
                 device=self.settings.device or None,
             )  # fmt: skip
-            self._engines[base_model] = engine
+            with self._lock:
+                self._engines[base_model] = engine
             return engine
+
+    def _make_room(self, base_model: str) -> list[InferenceEngine]:
+        """Under the lock: take idle engines out until a new one fits."""
+        evicted = []
+        while len(self._engines) >= self.settings.max_base_models:
+            idle = [name for name, e in self._engines.items() if not _busy(e)]
+            if not idle:
+                raise WorkerBusy("this worker's engines are busy with other base models")
+            log.info("unloading base model %s to make room for %s", idle[0], base_model)
+            evicted.append(self._engines.pop(idle[0]))
+        return evicted
 
     def adapter_dir(self, adapter: str, prefix: str) -> Path:
         """The adapter's files in the local cache, fetched from storage the first time."""
-        target = self.cache_dir / adapter
+        target = self._cache_path(adapter)
         with self._lock:
             lock = self._adapter_locks.setdefault(adapter, threading.Lock())
         with lock:
@@ -108,6 +128,12 @@ class EngineManager:
             partial.rename(target)
             return target
 
+    def _cache_path(self, adapter: str) -> Path:
+        """Adapter names are deployment ids; anything else must never become a path (let alone an rmtree)."""
+        if not ADAPTER_NAME.match(adapter):
+            raise ValueError(f"not an adapter name: {adapter!r}")
+        return self.cache_dir / adapter
+
     def begin(self) -> None:
         with self._lock:
             self._in_flight += 1
@@ -117,42 +143,53 @@ class EngineManager:
             self._in_flight -= 1
 
     def unload(self, target: str) -> bool:
-        """Unload a base model (its whole engine) or an adapter (by name) wherever it is loaded."""
+        """Unload a base model (its engine, once idle) or an adapter (by name) wherever it is loaded.
+        False means "not yet": the engine or adapter is in use, so the caller retries later."""
         with self._lock:
-            engine = self._engines.pop(target, None)
+            engine = self._engines.get(target)
+            if engine is not None:
+                if _busy(engine):
+                    return False
+                del self._engines[target]
             engines = list(self._engines.values())
         if engine is not None:
             engine.close()
             return True
-        done = False
+        if not ADAPTER_NAME.match(target):
+            return True  # a base model this worker does not hold: nothing to do
+        done = True
         for engine in engines:
             if target in engine.stats().get("loaded_adapters", []):
                 try:
                     engine.unload_adapter(target)
-                    done = True
-                except AdapterError as exc:  # in use: the LRU will let it go once idle
-                    log.warning("could not unload adapter %s: %s", target, exc)
-        shutil.rmtree(self.cache_dir / target, ignore_errors=True)
+                except AdapterError as exc:  # in use by a running request
+                    log.info("adapter %s busy, unloading later: %s", target, exc)
+                    done = False
+        if done:
+            shutil.rmtree(self._cache_path(target), ignore_errors=True)
         return done
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             engines = dict(self._engines)
             in_flight = self._in_flight
-        models = {}
-        for base, engine in engines.items():
-            models[base] = {**engine.stats(), **engine.info()}
-        return {"requests_in_flight": in_flight, "concurrency": self.settings.concurrency, "models": models}
+            loading = [name for name, lock in self._loading.items() if lock.locked() and name not in engines]
+        models = {base: {**engine.stats(), **engine.info()} for base, engine in engines.items()}
+        return {"requests_in_flight": in_flight, "concurrency": self.settings.concurrency, "models": models,
+                "loading": loading}  # fmt: skip
 
     # ---------------------------------------------------------------- heartbeat
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval_s):
             try:
-                self._apply_commands()
                 self._report()
             except Exception:  # a database blip must not kill the heartbeat
                 log.exception("inference heartbeat failed")
+            try:
+                self._apply_commands()
+            except Exception:
+                log.exception("applying inference commands failed")
 
     def _report(self) -> None:
         stats = self.stats()
@@ -171,11 +208,16 @@ class EngineManager:
                 select(InferenceCommand).where(col(InferenceCommand.id) > self._last_command)
                 .order_by(col(InferenceCommand.id))
             ).all()  # fmt: skip
-            pending = [(c.id or 0, c.action, c.target) for c in commands]
-        for command_id, action, target in pending:
-            if action == "unload":
-                log.info("admin command %s: unload %s -> %s", command_id, target, self.unload(target))
-            self._last_command = command_id
+            new = [(c.id or 0, c.target) for c in commands if c.action == "unload"]
+            if commands:
+                self._last_command = commands[-1].id or self._last_command
+        still_pending = []
+        for command_id, target in self._pending + new:
+            if self.unload(target):
+                log.info("admin command %s: unloaded %s", command_id, target)
+            else:
+                still_pending.append((command_id, target))
+        self._pending = still_pending
 
 
 def _busy(engine: InferenceEngine) -> bool:
@@ -191,8 +233,9 @@ def get_manager(settings: Settings, worker_name: str) -> EngineManager:
     global _manager
     with _manager_lock:
         if _manager is None:
-            _manager = EngineManager(settings, worker_name)
-            _manager.start()
+            manager = EngineManager(settings, worker_name)
+            manager.start()  # if this fails (database down), the next request tries again
+            _manager = manager
         return _manager
 
 

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -197,29 +198,35 @@ class Supervision:
             proc.wait()
 
     def _watch(self, proc: subprocess.Popen[bytes]) -> str:
-        interval = self.settings.training.heartbeat_interval_s
-        next_beat, kill_at = 0.0, None
-        while True:
-            now = time.monotonic()
-            try:
-                if now >= next_beat:
-                    next_beat = now + interval
-                    if jobs.heartbeat(self.experiment_id, self.attempt, pid=proc.pid) and kill_at is None:
+        # Heartbeats run on their own thread, so a long checkpoint or final upload cannot make the job look
+        # dead to the reaper; this loop relays events and acts on what the heartbeat saw.
+        beat = Heartbeat(self.experiment_id, self.attempt, proc.pid, self.settings.training.heartbeat_interval_s)
+        beat.start()
+        try:
+            kill_at = None
+            while True:
+                now = time.monotonic()
+                try:
+                    if beat.fenced.is_set():
+                        raise Fenced("heartbeat fenced")
+                    if beat.stop_requested.is_set() and kill_at is None:
                         self.stop_requested = True
                         self.files.stop.touch()  # lets the trainer's callback stop cleanly
                         _kill_group(proc.pid, signal.SIGTERM)
                         kill_at = now + self.settings.training.stop_grace_s
-                self._relay_events()
-            except Fenced:
-                log.warning("experiment %s attempt %s lost ownership; killing trainer",
-                            self.experiment_id, self.attempt)  # fmt: skip
-                return "lost"
-            if kill_at is not None and now >= kill_at:
-                _kill_group(proc.pid, signal.SIGKILL)
-            if proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        return self._conclude(proc.returncode)
+                    self._relay_events()
+                except Fenced:
+                    log.warning("experiment %s attempt %s lost ownership; killing trainer",
+                                self.experiment_id, self.attempt)  # fmt: skip
+                    return "lost"
+                if kill_at is not None and now >= kill_at:
+                    _kill_group(proc.pid, signal.SIGKILL)
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.2)
+            return self._conclude(proc.returncode)
+        finally:
+            beat.close()
 
     def _conclude(self, returncode: int) -> str:
         try:
@@ -280,6 +287,33 @@ class Supervision:
         shutil.rmtree(local, ignore_errors=True)
         self._stored_checkpoints.append(key)
         return {"step": event.get("step"), "key": key, "time": event.get("time")}
+
+
+class Heartbeat(threading.Thread):
+    """Beats every ``interval`` seconds until closed; notes a stop request, and stops once fenced."""
+
+    def __init__(self, experiment_id: uuid.UUID, attempt: int, pid: int, interval: float) -> None:
+        super().__init__(name=f"heartbeat-{experiment_id}", daemon=True)
+        self.experiment_id, self.attempt, self.pid, self.interval = experiment_id, attempt, pid, interval
+        self.stop_requested = threading.Event()
+        self.fenced = threading.Event()
+        self._closed = threading.Event()
+
+    def run(self) -> None:
+        while not self._closed.is_set():
+            try:
+                if jobs.heartbeat(self.experiment_id, self.attempt, pid=self.pid):
+                    self.stop_requested.set()
+            except Fenced:
+                self.fenced.set()
+                return
+            except Exception:  # a database blip: the next beat tries again (the reaper allows stale_after_s)
+                log.exception("heartbeat for experiment %s failed", self.experiment_id)
+            self._closed.wait(self.interval)
+
+    def close(self) -> None:
+        self._closed.set()
+        self.join()
 
 
 def _kill_group(pid: int, sig: signal.Signals) -> None:

@@ -38,7 +38,7 @@ async def stats(settings: SettingsDep, _: Superuser) -> dict[str, Any]:
     }
 
 
-@router.post("/unload/{model_id}", status_code=202)
+@router.post("/unload/{model_id:path}", status_code=202)
 def unload(session: SessionDep, _: Superuser, model_id: str) -> dict[str, Any]:
     """Unload a model from every inference worker: a deployment id (its adapter, or its base model),
     or a base model path. Workers apply it on their next heartbeat; the next request loads it again."""

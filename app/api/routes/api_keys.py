@@ -6,7 +6,7 @@ import uuid
 
 from fastapi import APIRouter
 
-from app.api.deps import SessionDep, Viewer
+from app.api.deps import LoggedIn, SessionDep, Viewer
 from app.models import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic, ApiKeysPublic
 from app.services import api_keys as service
 
@@ -14,8 +14,11 @@ router = APIRouter(prefix="/teams/{team_id}/api-keys", tags=["api keys"])
 
 
 @router.post("/", response_model=ApiKeyCreated, status_code=201)
-def create_key(session: SessionDep, principal: Viewer, team_id: uuid.UUID, body: ApiKeyCreate) -> ApiKeyCreated:
-    """A key acting as you in this team, with a role up to yours. The key is in this answer only."""
+def create_key(
+    session: SessionDep, principal: Viewer, _: LoggedIn, team_id: uuid.UUID, body: ApiKeyCreate
+) -> ApiKeyCreated:
+    """A key acting as you in this team, with a role up to yours. The key is in this answer only.
+    Needs a login token: API keys cannot mint API keys."""
     row, key = service.create_key(session, principal, body)
     return ApiKeyCreated(**ApiKeyPublic.model_validate(row).model_dump(), key=key)
 

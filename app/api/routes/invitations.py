@@ -6,7 +6,7 @@ import uuid
 
 from fastapi import APIRouter
 
-from app.api.deps import Admin, SessionDep, SettingsDep
+from app.api.deps import Admin, LoggedIn, SessionDep, SettingsDep
 from app.models import (
     InvitationAccept,
     InvitationCreate,
@@ -22,9 +22,14 @@ router = APIRouter(tags=["invitations"])
 
 @router.post("/teams/{team_id}/invitations", response_model=InvitationCreated, status_code=201)
 def invite(
-    session: SessionDep, settings: SettingsDep, principal: Admin, team_id: uuid.UUID, body: InvitationCreate
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: Admin,
+    _: LoggedIn,
+    team_id: uuid.UUID,
+    body: InvitationCreate,
 ) -> InvitationCreated:
-    """Invite someone; the answer carries the token (shown once) to send them."""
+    """Invite someone; the answer carries the token (shown once) to send them. Needs a login token."""
     invitation, token = service.invite(session, settings, principal, body)
     return InvitationCreated(**InvitationPublic.model_validate(invitation).model_dump(), token=token)
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -20,7 +20,7 @@ from app.core.config import Settings
 from app.core.replies import Reply
 from app.models import Deployment, Team
 from app.services import deployments
-from app.services.inference import GENERATE_TASK, InferenceFailed, new_request_id, replies, target
+from app.services.inference import GENERATE_TASK, InferenceFailed, new_request_id, replies, run_to_end, target
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -37,7 +37,7 @@ def list_models(session: SessionDep, principal: Viewer) -> dict[str, Any]:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    session: SessionDep, settings: SettingsDep, principal: Viewer, body: ChatCompletionRequest
+    request: Request, session: SessionDep, settings: SettingsDep, principal: Viewer, body: ChatCompletionRequest
 ) -> JSONResponse | EventSourceResponse:
     """Chat with a deployment: its chat template is applied on the worker."""
     deployment = await run_in_threadpool(_deployment, session, principal.team_id, body.model)
@@ -47,7 +47,7 @@ async def chat_completions(
     meta = {"id": f"chatcmpl-{payload['request_id']}", "created": int(time.time()), "model": body.model}
     if body.stream:
         return await _stream(settings, payload, _chat_chunks(meta, body.include_usage))
-    done = await _run(settings, payload)
+    done = await run_to_end(settings, GENERATE_TASK, payload, request.is_disconnected)
     return JSONResponse({**meta, "object": "chat.completion", "choices": [{
         "index": 0, "message": {"role": "assistant", "content": done["text"]}, "finish_reason": done["finish_reason"],
         "logprobs": None}], "usage": _usage(done)})  # fmt: skip
@@ -55,7 +55,7 @@ async def chat_completions(
 
 @router.post("/completions", response_model=None)
 async def completions(
-    session: SessionDep, settings: SettingsDep, principal: Viewer, body: CompletionRequest
+    request: Request, session: SessionDep, settings: SettingsDep, principal: Viewer, body: CompletionRequest
 ) -> JSONResponse | EventSourceResponse:
     """Plain text completion (no chat template)."""
     deployment = await run_in_threadpool(_deployment, session, principal.team_id, body.model)
@@ -64,7 +64,7 @@ async def completions(
     echo = body.text if body.echo else ""
     if body.stream:
         return await _stream(settings, payload, _completion_chunks(meta, body.include_usage, echo))
-    done = await _run(settings, payload)
+    done = await run_to_end(settings, GENERATE_TASK, payload, request.is_disconnected)
     return JSONResponse({**meta, "object": "text_completion", "choices": [{
         "index": 0, "text": echo + done["text"], "finish_reason": done["finish_reason"], "logprobs": None}],
         "usage": _usage(done)})  # fmt: skip
@@ -75,6 +75,7 @@ async def completions(
 
 def _deployment(session: SessionDep, team_id: Any, model: str) -> Deployment:
     deployment = deployments.by_model_name(session, team_id, model)
+    session.close()  # generation can take minutes: do not hold a pooled connection (or a SQLite read) meanwhile
     if deployment is None:
         raise HTTPException(404, f"model {model!r} does not exist or is not deployed in your team")
     return deployment
@@ -87,13 +88,6 @@ def _payload(settings: Settings, deployment: Deployment, body: Any, max_tokens: 
     return {"request_id": new_request_id(), **target(deployment), **prompt, "max_tokens": max_tokens,
             "temperature": body.temperature, "top_p": body.top_p, "stop": body.stops, "seed": body.seed,
             "stream": body.stream, "ignore_eos": body.ignore_eos}  # fmt: skip
-
-
-async def _run(settings: Settings, payload: dict[str, Any]) -> Reply:
-    async for reply in replies(settings, GENERATE_TASK, payload):
-        if reply["type"] == "done":
-            return reply
-    raise InferenceFailed(500, "inference_error", "the worker ended without an answer")
 
 
 def _usage(done: Reply) -> dict[str, int]:

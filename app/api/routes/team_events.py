@@ -17,7 +17,7 @@ from fastapi import APIRouter, Header
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.api.deps import Viewer
+from app.api.deps import SessionDep, Viewer
 from app.core import notify
 from app.core.db import session_scope
 from app.services.events import latest_event_id, team_status_events
@@ -28,11 +28,12 @@ LOOKBACK_IDS = 200
 
 @router.get("/teams/{team_id}/events")
 async def stream_team_events(
-    principal: Viewer, team_id: uuid.UUID,
+    session: SessionDep, principal: Viewer, team_id: uuid.UUID,
     last_event_id: Annotated[int | None, Header(ge=0)] = None,
 ) -> EventSourceResponse:  # fmt: skip
     """Server-sent `experiment` events: {experiment_id, name, status, attempt} on every state change.
     Without Last-Event-ID the stream starts from now."""
+    session.close()  # the stream may last hours; it reads with short sessions of its own
     start = last_event_id if last_event_id is not None else await run_in_threadpool(_latest_id, principal.team_id)
     return EventSourceResponse(_stream(principal.team_id, start), ping=10)
 

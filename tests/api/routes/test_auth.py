@@ -134,7 +134,9 @@ def test_no_credentials_is_401(anonymous: TestClient) -> None:
 
 def test_api_key_is_shown_once_stored_hashed_and_revocable(anonymous: TestClient, member: Member) -> None:
     path = f"/api/teams/{member.team_id}/api-keys/"
-    created = anonymous.post(path, json={"name": "ci", "role": "viewer"}, headers=member.headers)
+    minted = anonymous.post(path, json={"name": "ci", "role": "viewer"}, headers=member.headers)
+    assert minted.status_code == 403 and "not an API key" in minted.json()["detail"]  # keys cannot mint keys
+    created = anonymous.post(path, json={"name": "ci", "role": "viewer"}, headers=member.login_headers)
     assert created.status_code == 201, created.text
     key = created.json()["key"]
     assert key.startswith("fts_") and len(key) >= 4 + 43  # 32 random bytes, base64url
@@ -151,7 +153,7 @@ def test_api_key_is_shown_once_stored_hashed_and_revocable(anonymous: TestClient
 
 def test_api_key_role_cannot_exceed_its_creator(anonymous: TestClient, member: Member) -> None:
     r = anonymous.post(f"/api/teams/{member.team_id}/api-keys/", json={"name": "x", "role": "admin"},
-                       headers=member.headers)  # fmt: skip
+                       headers=member.login_headers)  # fmt: skip
     assert r.status_code == 403 and r.json()["field"] == "role"
 
 

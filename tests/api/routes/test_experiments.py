@@ -130,3 +130,13 @@ def _events(experiment_id: str) -> list[dict[str, Any]]:
         rows = s.exec(select(ExperimentEvent).where(ExperimentEvent.experiment_id == uuid.UUID(experiment_id))
                       .order_by(ExperimentEvent.seq)).all()  # type: ignore[arg-type]  # fmt: skip
         return [{"type": e.type, "data": e.data, "seq": e.seq} for e in rows]
+
+
+def test_base_model_cannot_point_into_storage(client: TestClient, dataset_id: str) -> None:
+    from app.core.config import get_settings
+
+    sneaky = Path(get_settings().storage.root) / "experiments" / "someone-elses" / "artifacts"
+    sneaky.mkdir(parents=True, exist_ok=True)
+    (sneaky / "config.json").write_text("{}")
+    r = client.post("/api/experiments/", json=body(dataset_id, sneaky))
+    assert r.status_code == 422 and r.json()["field"] == "base_model" and "storage" in r.json()["detail"]

@@ -35,7 +35,7 @@ def _submit(client: TestClient, who: Member, dataset: str, model: Path) -> Any:
 def test_invitation_creates_an_account_that_can_log_in(anonymous: TestClient, team: dict[Role, Member]) -> None:
     admin = team[Role.admin]
     r = anonymous.post(f"/api/teams/{admin.team_id}/invitations", json={"email": "New@Example.com", "role": "viewer"},
-                       headers=admin.headers)  # fmt: skip
+                       headers=admin.login_headers)  # fmt: skip
     assert r.status_code == 201, r.text
     token = r.json()["token"]
     assert anonymous.post("/api/invitations/accept", json={"token": token}).json()["detail"] == (
@@ -59,7 +59,7 @@ def test_a_user_in_two_teams_picks_one_with_x_team_id(anonymous: TestClient, tea
     other = make_member(make_team(), Role.admin)
     viewer = team[Role.viewer]
     body = {"email": viewer.email, "role": "trainer"}
-    invite = anonymous.post(f"/api/teams/{other.team_id}/invitations", json=body, headers=other.headers)
+    invite = anonymous.post(f"/api/teams/{other.team_id}/invitations", json=body, headers=other.login_headers)
     assert anonymous.post("/api/invitations/accept", json={"token": invite.json()["token"]}).status_code == 200
     login = anonymous.post(
         "/api/auth/login", data={"username": team[Role.viewer].email, "password": "correct horse battery"}
