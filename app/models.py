@@ -45,6 +45,7 @@ class Team(SQLModel, table=True):
     # None = the platform default from settings.quotas
     max_active_jobs: int | None = None
     max_queued_jobs: int | None = None
+    max_inflight_requests: int | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -58,6 +59,7 @@ class TeamPublic(SQLModel):
     role: Role | None = Field(None, description="The caller's role in this team")
     max_active_jobs: int
     max_queued_jobs: int
+    max_inflight_requests: int
     created_at: datetime
 
 
@@ -69,6 +71,7 @@ class TeamsPublic(SQLModel):
 class QuotaUpdate(SQLModel):
     max_active_jobs: int | None = Field(None, ge=0, description="Queued + running experiments; null = default")
     max_queued_jobs: int | None = Field(None, ge=0, description="Queued experiments; null = default")
+    max_inflight_requests: int | None = Field(None, ge=0, description="Concurrent /v1 requests; null = default")
 
 
 class User(SQLModel, table=True):
@@ -80,6 +83,7 @@ class User(SQLModel, table=True):
     hashed_password: str = Field(max_length=200)
     is_active: bool = True
     is_superuser: bool = Field(False, description="Platform admin: creates teams, sets any quota")
+    password_changed_at: datetime | None = Field(default=None, description="Login tokens issued before it are refused")
     created_at: datetime = Field(default_factory=utcnow)
 
 

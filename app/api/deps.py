@@ -55,12 +55,15 @@ def _authenticate(session: Session, settings: Settings, token: str | None) -> tu
         assert user is not None
         return user, principal
     try:
-        user_id = decode_access_token(settings, token)
+        claims = decode_access_token(settings, token)
     except InvalidToken as exc:
         raise unauthorized(str(exc)) from None
-    found = session.get(User, user_id)
+    found = session.get(User, claims.user_id)
     if found is None or not found.is_active:
         raise unauthorized("user is unknown or disabled")
+    changed = found.password_changed_at
+    if changed is not None and claims.issued_at < changed.replace(microsecond=0):
+        raise unauthorized("token issued before the password changed; log in again")
     return found, None
 
 

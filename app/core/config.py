@@ -106,6 +106,7 @@ class AuthSettings(BaseModel):
 class QuotaSettings(BaseModel):
     max_active_jobs: int = Field(8, ge=1, description="Per team: queued + running experiments (429 beyond)")
     max_queued_jobs: int = Field(32, ge=1, description="Per team: experiments waiting in the queue (429 beyond)")
+    max_inflight_requests: int = Field(64, ge=1, description="Per team: /v1 generation requests at once (429 beyond)")
 
 
 class Settings(BaseSettings):

@@ -13,7 +13,7 @@ import os
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 
@@ -102,8 +102,14 @@ def create_access_token(settings: Settings, user_id: uuid.UUID) -> tuple[str, in
     return token, ttl
 
 
-def decode_access_token(settings: Settings, token: str) -> uuid.UUID:
-    """The user id in a valid token; raises InvalidToken otherwise."""
+@dataclass(frozen=True)
+class TokenClaims:
+    user_id: uuid.UUID
+    issued_at: datetime
+
+
+def decode_access_token(settings: Settings, token: str) -> TokenClaims:
+    """The claims of a valid token; raises InvalidToken otherwise."""
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as exc:
@@ -118,7 +124,7 @@ def decode_access_token(settings: Settings, token: str) -> uuid.UUID:
             token, key, algorithms=[JWT_ALGORITHM], audience=settings.auth.audience, issuer=settings.auth.issuer,
             options={"require": ["exp", "iat", "sub", "iss", "aud"]},
         )  # fmt: skip
-        return uuid.UUID(claims["sub"])
+        return TokenClaims(uuid.UUID(claims["sub"]), datetime.fromtimestamp(int(claims["iat"]), UTC))
     except jwt.ExpiredSignatureError:
         raise InvalidToken("token expired") from None
     except (jwt.PyJWTError, ValueError) as exc:

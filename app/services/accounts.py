@@ -8,7 +8,7 @@ from sqlmodel import Session, col, func, select
 
 from app.core.config import Settings
 from app.core.security import hash_password, needs_rehash, verify_password
-from app.models import DEFAULT_TEAM_ID, Membership, Role, User, UserUpdateMe
+from app.models import DEFAULT_TEAM_ID, Membership, Role, User, UserUpdateMe, utcnow
 from app.services import login_throttle
 from app.services.errors import InvalidRequest
 
@@ -100,6 +100,7 @@ def update_me(session: Session, user: User, body: UserUpdateMe) -> User:
         if not body.current_password or not verify_password(body.current_password, user.hashed_password):
             raise InvalidRequest("current_password", "does not match", status_code=400)
         user.hashed_password = hash_password(body.new_password)
+        user.password_changed_at = utcnow()  # every login token issued before now stops working
     session.add(user)
     session.commit()
     session.refresh(user)

@@ -32,9 +32,7 @@ from app.services.principal import Principal
 
 
 def team_public(team: Team, settings: Settings, role: Role | None) -> TeamPublic:
-    active, queued = quota_limits(team, settings)
-    return TeamPublic(id=team.id, name=team.name, role=role, max_active_jobs=active, max_queued_jobs=queued,
-                      created_at=team.created_at)  # fmt: skip
+    return TeamPublic(id=team.id, name=team.name, role=role, created_at=team.created_at, **quota_limits(team, settings))
 
 
 def create_team(session: Session, user_id: uuid.UUID, name: str) -> Team:
@@ -164,24 +162,26 @@ def accept_invitation(session: Session, body: InvitationAccept) -> tuple[User, M
 # ---------------------------------------------------------------- quotas
 
 
-def quota_limits(team: Team, settings: Settings) -> tuple[int, int]:
-    defaults = settings.quotas
-    active = team.max_active_jobs if team.max_active_jobs is not None else defaults.max_active_jobs
-    queued = team.max_queued_jobs if team.max_queued_jobs is not None else defaults.max_queued_jobs
-    return active, queued
+QUOTAS = ("max_active_jobs", "max_queued_jobs", "max_inflight_requests")
+
+
+def quota_limits(team: Team, settings: Settings) -> dict[str, int]:
+    """The team's own limits where set, else the platform defaults (settings.quotas)."""
+    own = {name: getattr(team, name) for name in QUOTAS}
+    return {name: value if value is not None else getattr(settings.quotas, name) for name, value in own.items()}
 
 
 def set_quota(session: Session, settings: Settings, actor: Principal, body: QuotaUpdate) -> Team:
     """Team admins may lower their quota (a budget); raising it above the platform default needs a
     platform admin, or a team could give itself the whole fleet."""
-    defaults = settings.quotas
-    for field, value, ceiling in (("max_active_jobs", body.max_active_jobs, defaults.max_active_jobs),
-                                  ("max_queued_jobs", body.max_queued_jobs, defaults.max_queued_jobs)):  # fmt: skip
+    for field in QUOTAS:
+        value, ceiling = getattr(body, field), getattr(settings.quotas, field)
         if value is not None and value > ceiling and not actor.is_superuser:
             raise InvalidRequest(field, f"above the platform default {ceiling} needs a platform admin", 403)
     team = session.get(Team, actor.team_id)
     assert team is not None
-    team.max_active_jobs, team.max_queued_jobs = body.max_active_jobs, body.max_queued_jobs
+    for field in QUOTAS:  # PUT: every limit is replaced; null means the platform default
+        setattr(team, field, getattr(body, field))
     session.add(team)
     audit.record(session, actor, "quota.update", "team", team.id, **body.model_dump())
     session.commit()
@@ -194,7 +194,8 @@ def check_quota(session: Session, settings: Settings, team_id: uuid.UUID) -> Non
     concurrent submits cannot both take the last slot (the lock lasts until the caller commits)."""
     query = select(Team).where(Team.id == team_id)
     team = session.exec(query.with_for_update() if _pg(session) else query).one()
-    max_active, max_queued = quota_limits(team, settings)
+    limits = quota_limits(team, settings)
+    max_active, max_queued = limits["max_active_jobs"], limits["max_queued_jobs"]
     counts = dict(session.exec(  # type: ignore[arg-type]
         select(Experiment.status, func.count()).where(
             Experiment.team_id == team_id,

@@ -276,6 +276,36 @@ def test_a_client_that_goes_away_stops_its_generation(stack: Stack, served: dict
     assert idle["generated_tokens"] - before < 1900, "the worker generated the whole answer for nobody"
 
 
+def test_team_inflight_quota_answers_429(stack: Stack, served: dict[str, Any]) -> None:
+    client = served["client"]
+    with stack.http() as http:
+        team = http.get("/api/users/me").json()["teams"][0]["id"]
+        assert http.put(f"/api/teams/{team}/quota", json={"max_inflight_requests": 1}).status_code == 200
+        try:
+            stream = client.chat.completions.create(
+                model="tiny-base",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=1900,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            next(iter(stream))
+            with pytest.raises(openai.RateLimitError) as limited:
+                chat(client, "tiny-base", "hi")
+            assert "requests in flight" in limited.value.message
+            stream.close()  # its slot comes back once the API sees the client leave
+
+            def answered() -> bool:
+                try:
+                    return chat(client, "tiny-base", "hi").choices[0].message.content is not None
+                except openai.RateLimitError:
+                    return False
+
+            wait_for(answered, timeout_s=30, interval=0.5, what="the slot to be released")
+        finally:
+            http.put(f"/api/teams/{team}/quota", json={})
+
+
 def test_worker_crash_mid_request_is_an_error_not_a_hang(stack: Stack, served: dict[str, Any]) -> None:
     """Last in the module: it kills the inference worker (and starts a new one)."""
     client = served["client"]

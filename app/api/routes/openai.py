@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -17,10 +20,12 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from app.api.deps import SessionDep, SettingsDep, Viewer
 from app.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from app.core.config import Settings
+from app.core.inflight import inflight_limiter
 from app.core.replies import Reply
 from app.models import Deployment, Team
 from app.services import deployments
 from app.services.inference import GENERATE_TASK, InferenceFailed, new_request_id, replies, run_to_end, target
+from app.services.teams import quota_limits
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -40,17 +45,19 @@ async def chat_completions(
     request: Request, session: SessionDep, settings: SettingsDep, principal: Viewer, body: ChatCompletionRequest
 ) -> JSONResponse | EventSourceResponse:
     """Chat with a deployment: its chat template is applied on the worker."""
-    deployment = await run_in_threadpool(_deployment, session, principal.team_id, body.model)
+    deployment, limit = await run_in_threadpool(_resolve, session, settings, principal.team_id, body.model)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.inference.default_max_tokens
     payload = _payload(settings, deployment, body, max_tokens, messages=messages)
     meta = {"id": f"chatcmpl-{payload['request_id']}", "created": int(time.time()), "model": body.model}
-    if body.stream:
-        return await _stream(settings, payload, _chat_chunks(meta, body.include_usage))
-    done = await run_to_end(settings, GENERATE_TASK, payload, request.is_disconnected)
-    return JSONResponse({**meta, "object": "chat.completion", "choices": [{
-        "index": 0, "message": {"role": "assistant", "content": done["text"]}, "finish_reason": done["finish_reason"],
-        "logprobs": None}], "usage": _usage(done)})  # fmt: skip
+
+    def respond(done: Reply) -> dict[str, Any]:
+        return {**meta, "object": "chat.completion", "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": done["text"]},
+            "finish_reason": done["finish_reason"], "logprobs": None}], "usage": _usage(done)}  # fmt: skip
+
+    chunks = _chat_chunks(meta, body.include_usage)
+    return await _answer(request, settings, principal.team_id, limit, payload, chunks, respond)
 
 
 @router.post("/completions", response_model=None)
@@ -58,27 +65,51 @@ async def completions(
     request: Request, session: SessionDep, settings: SettingsDep, principal: Viewer, body: CompletionRequest
 ) -> JSONResponse | EventSourceResponse:
     """Plain text completion (no chat template)."""
-    deployment = await run_in_threadpool(_deployment, session, principal.team_id, body.model)
+    deployment, limit = await run_in_threadpool(_resolve, session, settings, principal.team_id, body.model)
     payload = _payload(settings, deployment, body, body.max_tokens or 16, prompt=body.text)
     meta = {"id": f"cmpl-{payload['request_id']}", "created": int(time.time()), "model": body.model}
     echo = body.text if body.echo else ""
-    if body.stream:
-        return await _stream(settings, payload, _completion_chunks(meta, body.include_usage, echo))
-    done = await run_to_end(settings, GENERATE_TASK, payload, request.is_disconnected)
-    return JSONResponse({**meta, "object": "text_completion", "choices": [{
-        "index": 0, "text": echo + done["text"], "finish_reason": done["finish_reason"], "logprobs": None}],
-        "usage": _usage(done)})  # fmt: skip
+
+    def respond(done: Reply) -> dict[str, Any]:
+        return {**meta, "object": "text_completion", "choices": [{
+            "index": 0, "text": echo + done["text"], "finish_reason": done["finish_reason"], "logprobs": None}],
+            "usage": _usage(done)}  # fmt: skip
+
+    chunks = _completion_chunks(meta, body.include_usage, echo)
+    return await _answer(request, settings, principal.team_id, limit, payload, chunks, respond)
 
 
 # ---------------------------------------------------------------- helpers
 
 
-def _deployment(session: SessionDep, team_id: Any, model: str) -> Deployment:
+def _resolve(session: SessionDep, settings: Settings, team_id: uuid.UUID, model: str) -> tuple[Deployment, int]:
+    """The deployment behind ``model``, and the team's in-flight request limit."""
     deployment = deployments.by_model_name(session, team_id, model)
+    team = session.get(Team, team_id)
     session.close()  # generation can take minutes: do not hold a pooled connection (or a SQLite read) meanwhile
-    if deployment is None:
+    if deployment is None or team is None:
         raise HTTPException(404, f"model {model!r} does not exist or is not deployed in your team")
-    return deployment
+    return deployment, quota_limits(team, settings)["max_inflight_requests"]
+
+
+async def _answer(
+    request: Request, settings: Settings, team_id: uuid.UUID, limit: int, payload: dict[str, Any],
+    chunks: ChunkMaker, respond: Callable[[Reply], dict[str, Any]],
+) -> JSONResponse | EventSourceResponse:  # fmt: skip
+    """Hold one of the team's in-flight slots for the whole generation (streamed or not)."""
+    limiter, rid = inflight_limiter(), payload["request_id"]
+    if not await limiter.acquire(team_id, rid, limit):
+        raise InferenceFailed(429, "rate_limit_exceeded", f"your team already has {limit} requests in flight "
+                              "(its max_inflight_requests quota); retry when one finishes")  # fmt: skip
+    release = partial(limiter.release, team_id, rid)
+    if payload["stream"]:
+        return await _stream(settings, payload, chunks, release)
+    try:
+        done = await run_to_end(settings, GENERATE_TASK, payload, request.is_disconnected)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await release()
+    return JSONResponse(respond(done))
 
 
 def _payload(settings: Settings, deployment: Deployment, body: Any, max_tokens: int, **prompt: Any) -> dict[str, Any]:
@@ -98,11 +129,18 @@ def _usage(done: Reply) -> dict[str, int]:
 ChunkMaker = Any  # (reply | None) -> list[dict]: None means "the stream starts"
 
 
-async def _stream(settings: Settings, payload: dict[str, Any], make_chunks: ChunkMaker) -> EventSourceResponse:
+async def _stream(
+    settings: Settings, payload: dict[str, Any], make_chunks: ChunkMaker, release: Callable[[], Awaitable[None]]
+) -> EventSourceResponse:
     """Wait for the first reply before answering, so errors found by the worker (a prompt longer than
     the context) are still plain HTTP errors; then stream the rest as OpenAI chunks."""
     source = replies(settings, GENERATE_TASK, payload)
-    first = await source.__anext__()
+    try:
+        first = await source.__anext__()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await release()
+        raise
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         try:
@@ -116,7 +154,9 @@ async def _stream(settings: Settings, payload: dict[str, Any], make_chunks: Chun
             yield ServerSentEvent(data=json.dumps({"error": {"message": exc.message, "type": "server_error",
                                                             "param": exc.param, "code": exc.code}}))  # fmt: skip
         finally:
-            await source.aclose()
+            with anyio.CancelScope(shield=True):
+                await source.aclose()
+                await release()
         yield ServerSentEvent(data="[DONE]")
 
     return EventSourceResponse(events(), ping=15)

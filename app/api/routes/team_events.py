@@ -9,6 +9,7 @@ its cursor and skips what it has sent, so such an event is still delivered.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -20,10 +21,13 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from app.api.deps import SessionDep, Viewer
 from app.core import notify
 from app.core.db import session_scope
+from app.models import ApiKey, Membership
 from app.services.events import latest_event_id, team_status_events
+from app.services.principal import Principal
 
 router = APIRouter(tags=["events"])
 LOOKBACK_IDS = 200
+RECHECK_S = 10.0
 
 
 @router.get("/teams/{team_id}/events")
@@ -35,13 +39,18 @@ async def stream_team_events(
     Without Last-Event-ID the stream starts from now."""
     session.close()  # the stream may last hours; it reads with short sessions of its own
     start = last_event_id if last_event_id is not None else await run_in_threadpool(_latest_id, principal.team_id)
-    return EventSourceResponse(_stream(principal.team_id, start), ping=10)
+    return EventSourceResponse(_stream(principal, start), ping=10)
 
 
-async def _stream(team_id: uuid.UUID, start: int) -> AsyncIterator[ServerSentEvent]:
-    cursor, sent = start, set[int]()
+async def _stream(principal: Principal, start: int) -> AsyncIterator[ServerSentEvent]:
+    team_id, cursor, sent = principal.team_id, start, set[int]()
+    recheck_at = time.monotonic() + RECHECK_S
     async with notify.ChangeWaiter(notify.team_channel(team_id)) as waiter:
         while True:
+            if time.monotonic() >= recheck_at:  # removed from the team, or key revoked: the stream ends
+                recheck_at = time.monotonic() + RECHECK_S
+                if not await run_in_threadpool(_still_allowed, principal):
+                    return
             rows = await run_in_threadpool(_read, team_id, max(start, cursor - LOOKBACK_IDS))
             for event_id, payload in rows:
                 if event_id in sent:
@@ -63,6 +72,14 @@ def _read(team_id: uuid.UUID, after_id: int) -> list[tuple[int, dict[str, object
                        "created_at": event.created_at.isoformat()}  # fmt: skip
             out.append((event.id, payload))
         return out
+
+
+def _still_allowed(principal: Principal) -> bool:
+    with session_scope() as session:
+        if session.get(Membership, (principal.team_id, principal.user_id)) is None:
+            return False
+        key = session.get(ApiKey, principal.api_key_id) if principal.api_key_id else None
+        return key is None or key.revoked_at is None
 
 
 def _latest_id(team_id: uuid.UUID) -> int:
