@@ -108,6 +108,11 @@ def run_queue(stack: Stack, model: Path, prompts: list[str], concurrency: list[i
         "/api/deployments/", json={"base_model": str(model)}, headers={"Authorization": f"Bearer {key['key']}"}
     ).json()["model"]
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=key["key"], max_retries=0, timeout=1200)
+    deadline = time.monotonic() + 120
+    while not http.get("/admin/stats", headers=admin).json()["workers"]:  # the worker reports itself when ready
+        if time.monotonic() > deadline:
+            raise SystemExit("the inference worker did not start")
+        time.sleep(0.5)
 
     def ask(i: int, tokens: int = new_tokens) -> int:
         done = client.completions.create(
