@@ -254,6 +254,12 @@ def test_ab_test_compares_two_deployments_with_a_judge(stack: Stack, served: dic
         assert judge["win_rate_a"] + judge["win_rate_b"] == pytest.approx(1.0)
 
 
+def long_stream(client: openai.OpenAI) -> Any:
+    """A streamed answer that runs for seconds: 1900 tokens, past any EOS."""
+    return client.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=1900, stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+
+
 def _engine_stats(stack: Stack) -> dict[str, Any]:
     with stack.http() as http:
         workers = http.get("/admin/stats", headers=stack.jwt_headers).json()["workers"]
@@ -262,13 +268,7 @@ def _engine_stats(stack: Stack) -> dict[str, Any]:
 
 def test_a_client_that_goes_away_stops_its_generation(stack: Stack, served: dict[str, Any]) -> None:
     before = _engine_stats(stack)["generated_tokens"]
-    stream = served["client"].chat.completions.create(
-        model="tiny-base",
-        messages=[{"role": "user", "content": "hi"}],
-        max_tokens=1900,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
+    stream = long_stream(served["client"])
     next(iter(stream))
     stream.close()
     wait_for(lambda: "cancelled by its client" in stack.log("inference"), timeout_s=30, what="the cancel")
@@ -282,13 +282,7 @@ def test_team_inflight_quota_answers_429(stack: Stack, served: dict[str, Any]) -
         team = http.get("/api/users/me").json()["teams"][0]["id"]
         assert http.put(f"/api/teams/{team}/quota", json={"max_inflight_requests": 1}).status_code == 200
         try:
-            stream = client.chat.completions.create(
-                model="tiny-base",
-                messages=[{"role": "user", "content": "hi"}],
-                max_tokens=1900,
-                stream=True,
-                extra_body={"ignore_eos": True},
-            )
+            stream = long_stream(client)
             next(iter(stream))
             with pytest.raises(openai.RateLimitError) as limited:
                 chat(client, "tiny-base", "hi")
@@ -312,20 +306,14 @@ def test_worker_crash_mid_request_is_an_error_not_a_hang(stack: Stack, served: d
     errors: list[BaseException] = []
     first_chunk = threading.Event()
 
-    def long_stream() -> None:
+    def consume() -> None:
         try:
-            for _ in client.chat.completions.create(
-                model="tiny-base",
-                messages=[{"role": "user", "content": "hi"}],
-                max_tokens=1900,
-                stream=True,
-                extra_body={"ignore_eos": True},
-            ):
+            for _ in long_stream(client):
                 first_chunk.set()
         except BaseException as exc:  # noqa: BLE001 - the point is to see it
             errors.append(exc)
 
-    thread = threading.Thread(target=long_stream)
+    thread = threading.Thread(target=consume)
     thread.start()
     assert first_chunk.wait(60)
     started = time.monotonic()
