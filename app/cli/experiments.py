@@ -98,6 +98,14 @@ def watch(experiment_id: str) -> None:
                     if sse.event == "status":
                         status = data["status"]
                         progress.update(task, description=status)
+                    elif sse.event == "started" and (tokens := data.get("train_tokens")):
+                        over = tokens["rows_over_max_seq_length"]
+                        progress.console.print(
+                            f"{data['train_rows']} train rows, {tokens['tokens_total']:,} tokens "
+                            f"(mean {tokens['tokens_mean']}, max {tokens['tokens_max']})"
+                            + (f" — [yellow]{over} rows longer than max_seq_length={tokens['max_seq_length']} "
+                               "will be cut[/]" if over else "")
+                        )  # fmt: skip
                     elif sse.event == "metrics" and "loss" in data:
                         progress.update(task, completed=data.get("step", 0), loss=f"loss {data['loss']:.4f}")
         except httpx.HTTPError as exc:

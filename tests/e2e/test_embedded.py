@@ -90,6 +90,7 @@ def test_studio_up_trains_on_the_embedded_default(tmp_path: Path, tiny_model: Pa
         )
         assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "up.log").read_text()[-3000:]
         assert "succeeded" in run.stdout
+        assert "train rows" in run.stdout and "tokens (mean" in run.stdout  # token statistics of the run
         experiment_id = run.stdout.split()[1]
         with httpx.Client(base_url=env["STUDIO_API_URL"], headers={"Authorization": f"Bearer {key}"}) as http:
             metrics = http.get(f"/api/experiments/{experiment_id}/metrics").json()["data"]

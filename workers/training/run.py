@@ -98,6 +98,7 @@ class SFTRecipe:
         from trl import SFTTrainer
 
         from workers.training.callbacks import EventsCallback
+        from workers.training.token_stats import summarize, token_lengths
 
         self.callback = EventsCallback(self.writer, cfg.stop_file)
         self.trainer = SFTTrainer(
@@ -123,7 +124,11 @@ class SFTRecipe:
             "trainable_params": trainable,
             "total_params": total,
             "resume_from_checkpoint": cfg.resume_from_checkpoint,
+            "train_tokens": summarize(token_lengths(train_dataset, data_format, tokenizer), cfg.max_seq_length),
         }
+        if over := self.info["train_tokens"]["rows_over_max_seq_length"]:
+            log.warning("%d of %d train rows are longer than max_seq_length=%d and will be cut",
+                        over, len(train_dataset), cfg.max_seq_length)  # fmt: skip
         self.callback.started_fields.update(self.info)
         self._install_sigterm_handler()
         log.info(

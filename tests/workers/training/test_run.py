@@ -136,6 +136,9 @@ def test_lora_run_emits_events_and_loss_falls(lora_run: tuple[RunConfig, Any]) -
     assert started["train_rows"] == 32 and started["eval_rows"] == 4
     assert 0 < started["trainable_params"] < started["total_params"]
     assert started["max_steps"] == 12
+    tokens = started["train_tokens"]
+    assert tokens["tokens_total"] > 32 * 5 and 0 < tokens["tokens_mean"] <= tokens["tokens_max"]
+    assert tokens["rows_over_max_seq_length"] == 0 and tokens["max_seq_length"] == cfg.max_seq_length
 
     metrics = train_metrics(events)
     assert [m["step"] for m in metrics] == list(range(1, 13))
