@@ -59,6 +59,9 @@ class TrainingSettings(BaseModel):
     heartbeat_interval_s: float = 2.0
     stale_after_s: float = Field(120.0, description="A running job whose heartbeat is older than this is requeued")
     stop_grace_s: float = Field(10.0, description="Seconds a stopped trainer gets to exit before SIGKILL")
+    stall_after_s: float = Field(
+        3600.0, description="A supervisor stuck this long (a hung upload) gives its job up to be requeued"
+    )
     log_tail_lines: int = Field(50, description="Log lines kept on the row when a run fails")
     max_steps_cap: int = Field(100_000, description="Largest max_steps a request may ask for")
     max_seq_length_cap: int = Field(32_768, description="Largest max_seq_length allowed")

@@ -27,6 +27,7 @@ from app.services.principal import Principal
 
 MAX_PROMPTS = 50  # generated side by side per compare
 MAX_EVAL_ITEMS = 200  # scored for eval loss per side
+MAX_CONCURRENT = 16  # generations of one compare in flight at once
 JUDGE_PROMPT = (
     "You compare two answers to the same request.\n\nRequest:\n{prompt}\n\nAnswer A:\n{a}\n\nAnswer B:\n{b}\n\n"
     "Which answer is better? Reply with the single letter A or B."
@@ -84,8 +85,14 @@ async def compare(session: Session, settings: Settings, storage: Storage, actor:
     prompts = prompts or [{k: v for k, v in item.items() if k != "completion"} for item in eval_items]
     prompts = prompts[:MAX_PROMPTS]
 
+    gate = asyncio.Semaphore(MAX_CONCURRENT)  # a compare is one user's job: it must not take the whole fleet
+
     async def answer(deployment: Deployment, item: dict[str, Any]) -> dict[str, Any]:
         """One side's answer, or its error: one bad prompt must not sink the whole comparison."""
+        async with gate:
+            return await _answer(deployment, item)
+
+    async def _answer(deployment: Deployment, item: dict[str, Any]) -> dict[str, Any]:
         start = time.monotonic()
         try:
             done = await run_to_end(settings, GENERATE_TASK, {
@@ -113,7 +120,12 @@ async def compare(session: Session, settings: Settings, storage: Storage, actor:
             else:
                 results[key] |= {"eval_loss": loss, "perplexity": math.exp(loss), "eval_items": len(eval_items)}
     if judge is not None:
-        verdicts = await asyncio.gather(*(_judge(settings, judge, row) for row in rows))
+
+        async def judged(row: dict[str, Any]) -> str | None:
+            async with gate:
+                return await _judge(settings, judge, row)
+
+        verdicts = await asyncio.gather(*(judged(row) for row in rows))
         for row, verdict in zip(rows, verdicts, strict=True):
             row["judge"] = verdict
         decided = [v for v in verdicts if v]

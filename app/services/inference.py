@@ -7,6 +7,7 @@ message expires, so no worker runs it later for nobody); the worker that took it
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -25,6 +26,8 @@ GENERATE_TASK = "studio.generate"
 SCORE_TASK = "studio.score"
 INFERENCE_QUEUE = "inference"
 READ_WAIT_S = 1.0
+CLEANUP_S = 5.0
+log = logging.getLogger(__name__)
 
 
 class InferenceFailed(Exception):
@@ -92,10 +95,21 @@ async def replies(
                 if not await run_in_threadpool(worker_alive, worker, limits.worker_stale_after_s):
                     raise InferenceFailed(502, "worker_lost", f"inference worker {worker} was lost during the request")
     finally:
-        with anyio.CancelScope(shield=True):  # also when the client's disconnect cancelled us
-            if not finished:  # the client left, or we gave up: the worker stops generating for nobody
-                await channel.cancel(rid)
-            await channel.discard(rid)
+        if not finished:  # the client left, or we gave up: the worker stops generating for nobody
+            await cleanup(channel.cancel(rid), f"cancelling {rid}")
+        await cleanup(channel.discard(rid), f"discarding the replies of {rid}")
+
+
+async def cleanup(step: Awaitable[Any], what: str) -> None:
+    """Run a cleanup step even when the request was cancelled (client gone), for at most CLEANUP_S, and
+    never let its failure hide the answer or skip the next step: it is logged."""
+    with anyio.move_on_after(CLEANUP_S, shield=True) as scope:
+        try:
+            await step
+        except Exception:
+            log.exception("%s failed", what)
+    if scope.cancelled_caught:
+        log.warning("%s took longer than %s s; given up", what, CLEANUP_S)
 
 
 async def run_to_end(

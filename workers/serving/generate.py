@@ -12,7 +12,7 @@ from typing import Any
 
 from app.core.config import get_settings
 from app.core.replies import Reply, reply_channel
-from workers.inference import GenerationRequest, InferenceEngine, PromptTooLong
+from workers.inference import GenerationHandle, GenerationRequest, InferenceEngine, PromptTooLong
 from workers.serving.manager import EngineManager, WorkerBusy, get_manager
 
 log = logging.getLogger(__name__)
@@ -25,30 +25,17 @@ def error(status: int, code: str, message: str, param: str | None = None) -> Rep
 
 
 def run_generate(request: dict[str, Any], worker: str) -> None:
-    with _serving(request, worker) as (manager, send):
-        engine = manager.engine_for(request["base_model"])
+    with _serving(request, worker) as (manager, send), manager.using(request["base_model"]) as engine:
         handle = engine.submit(GenerationRequest(
             prompt_ids=_prompt_ids(engine, request), max_tokens=request["max_tokens"],
             temperature=request["temperature"], top_p=request["top_p"], seed=request.get("seed"),
             stop=tuple(request.get("stop") or ()), ignore_eos=bool(request.get("ignore_eos")),
             **_adapter(manager, request), request_id=request["request_id"],
         ))  # fmt: skip
-        stream, replies, next_check = bool(request.get("stream")), reply_channel(), time.monotonic() + CANCEL_CHECK_S
-        pending, flush_at = "", 0.0  # the first text goes out at once
         try:
-            for delta in handle.stream():
-                pending += delta if stream else ""
-                now = time.monotonic()
-                if pending and now >= flush_at:  # coalesced: one reply per FLUSH_S, not one per token
-                    send({"type": "delta", "text": pending})
-                    pending, flush_at = "", now + FLUSH_S
-                if now >= next_check:
-                    next_check = now + CANCEL_CHECK_S
-                    if replies.cancelled(request["request_id"]):  # its client went away: free the batch slot
-                        log.info("request %s cancelled by its client", request["request_id"])
-                        return
-            if pending:
-                send({"type": "delta", "text": pending})
+            if not _relay(handle, request, send):
+                log.info("request %s cancelled by its client", request["request_id"])
+                return
             result = handle.result()
         finally:
             if not handle.done():
@@ -57,10 +44,36 @@ def run_generate(request: dict[str, Any], worker: str) -> None:
         send({"type": "done", "text": result.text, "finish_reason": result.finish_reason, **usage})
 
 
+def _relay(handle: GenerationHandle, request: dict[str, Any], send: Callable[[Reply], None]) -> bool:
+    """Send the text as it comes (coalesced per FLUSH_S) when streaming; check every CANCEL_CHECK_S, even
+    before the first token, whether the client went away. False: it did."""
+    stream, replies, rid = bool(request.get("stream")), reply_channel(), request["request_id"]
+    pending, flush_at, check_at = "", 0.0, time.monotonic() + CANCEL_CHECK_S  # the first text goes out at once
+    while True:
+        try:
+            for delta in handle.stream(timeout=CANCEL_CHECK_S):
+                pending += delta if stream else ""
+                now = time.monotonic()
+                if pending and now >= flush_at:
+                    send({"type": "delta", "text": pending})
+                    pending, flush_at = "", now + FLUSH_S
+                if now >= check_at:
+                    check_at = now + CANCEL_CHECK_S
+                    if replies.cancelled(rid):
+                        return False
+            break
+        except TimeoutError:  # nothing decoded lately (queued, prefill): still ask
+            check_at = time.monotonic() + CANCEL_CHECK_S
+            if replies.cancelled(rid):
+                return False
+    if pending:
+        send({"type": "delta", "text": pending})
+    return True
+
+
 def run_score(request: dict[str, Any], worker: str) -> None:
     """Teacher-forced loss of each item's completion given its prompt (A/B eval loss)."""
-    with _serving(request, worker) as (manager, send):
-        engine = manager.engine_for(request["base_model"])
+    with _serving(request, worker) as (manager, send), manager.using(request["base_model"]) as engine:
         items = [(_score_prompt_ids(engine, item), _completion_ids(engine, item["completion"]))
                  for item in request["items"]]  # fmt: skip
         scores = engine.score(items, **_adapter(manager, request))

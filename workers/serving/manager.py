@@ -14,6 +14,8 @@ import shutil
 import socket
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,8 @@ class EngineManager:
         self._engines: OrderedDict[str, InferenceEngine] = OrderedDict()
         self._lock = threading.Lock()  # guards the dicts and counters only; never held while loading weights
         self._loading: dict[str, threading.Lock] = {}
+        self._loads_in_progress = 0  # counted against max_base_models like loaded engines
+        self._users: dict[str, int] = {}  # requests holding each engine (inside using())
         self._adapter_locks: dict[str, threading.Lock] = {}
         self._in_flight = 0
         self._last_command = 0
@@ -74,40 +78,65 @@ class EngineManager:
 
     # ---------------------------------------------------------------- engines and adapters
 
-    def engine_for(self, base_model: str) -> InferenceEngine:
+    @contextmanager
+    def using(self, base_model: str) -> Iterator[InferenceEngine]:
+        """The engine for a base model, loaded if needed, held (never evicted or unloaded) until exit."""
+        engine = self._acquire(base_model)
+        try:
+            yield engine
+        finally:
+            with self._lock:
+                self._users[base_model] -= 1
+
+    def _acquire(self, base_model: str) -> InferenceEngine:
         with self._lock:
             engine = self._engines.get(base_model)
             if engine is not None:
                 self._engines.move_to_end(base_model)
+                self._users[base_model] = self._users.get(base_model, 0) + 1
                 return engine
             loading = self._loading.setdefault(base_model, threading.Lock())
         with loading:  # one load per base model; heartbeats and other models' requests go on meanwhile
             with self._lock:
                 engine = self._engines.get(base_model)
                 if engine is not None:
+                    self._users[base_model] = self._users.get(base_model, 0) + 1
                     return engine
                 evicted = self._make_room(base_model)
-            for old in evicted:
-                old.close()
-            log.info("loading base model %s", base_model)
-            engine = InferenceEngine(
-                base_model, max_batch_size=self.settings.max_batch_size, max_adapters=self.settings.max_adapters,
-                device=self.settings.device or None,
-            )  # fmt: skip
+                self._loads_in_progress += 1
+            try:
+                for old in evicted:
+                    old.close()
+                log.info("loading base model %s", base_model)
+                engine = InferenceEngine(
+                    base_model, max_batch_size=self.settings.max_batch_size,
+                    max_adapters=self.settings.max_adapters, device=self.settings.device or None,
+                )  # fmt: skip
+            finally:
+                with self._lock:
+                    self._loads_in_progress -= 1
             with self._lock:
                 self._engines[base_model] = engine
+                self._users[base_model] = self._users.get(base_model, 0) + 1
             return engine
 
     def _make_room(self, base_model: str) -> list[InferenceEngine]:
-        """Under the lock: take idle engines out until a new one fits."""
+        """Under the lock: take idle engines out until a new one fits (loads in progress count too)."""
         evicted = []
-        while len(self._engines) >= self.settings.max_base_models:
-            idle = [name for name, e in self._engines.items() if not _busy(e)]
+        while len(self._engines) + self._loads_in_progress >= self.settings.max_base_models:
+            idle = [name for name in self._engines if not self._busy(name)]
             if not idle:
                 raise WorkerBusy("this worker's engines are busy with other base models")
             log.info("unloading base model %s to make room for %s", idle[0], base_model)
             evicted.append(self._engines.pop(idle[0]))
         return evicted
+
+    def _busy(self, base_model: str) -> bool:
+        """Under the lock: a request holds the engine, or the engine has work in flight."""
+        if self._users.get(base_model, 0) > 0:
+            return True
+        stats = self._engines[base_model].stats()
+        return bool(stats.get("running") or stats.get("waiting"))
 
     def adapter_dir(self, adapter: str, prefix: str) -> Path:
         """The adapter's files in the local cache, fetched from storage the first time."""
@@ -146,9 +175,11 @@ class EngineManager:
         """Unload a base model (its engine, once idle) or an adapter (by name) wherever it is loaded.
         False means "not yet": the engine or adapter is in use, so the caller retries later."""
         with self._lock:
+            if self._loading.get(target, threading.Lock()).locked():
+                return False  # still loading: unload it once it is there
             engine = self._engines.get(target)
             if engine is not None:
-                if _busy(engine):
+                if self._busy(target):
                     return False
                 del self._engines[target]
             engines = list(self._engines.values())
@@ -213,16 +244,16 @@ class EngineManager:
                 self._last_command = commands[-1].id or self._last_command
         still_pending = []
         for command_id, target in self._pending + new:
-            if self.unload(target):
+            try:
+                done = self.unload(target)
+            except Exception:  # keep it, and the others: the next heartbeat tries again
+                log.exception("unloading %s failed", target)
+                done = False
+            if done:
                 log.info("admin command %s: unloaded %s", command_id, target)
             else:
                 still_pending.append((command_id, target))
         self._pending = still_pending
-
-
-def _busy(engine: InferenceEngine) -> bool:
-    stats = engine.stats()
-    return bool(stats.get("running") or stats.get("waiting"))
 
 
 _manager: EngineManager | None = None

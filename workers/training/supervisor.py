@@ -198,32 +198,25 @@ class Supervision:
             proc.wait()
 
     def _watch(self, proc: subprocess.Popen[bytes]) -> str:
-        # Heartbeats run on their own thread, so a long checkpoint or final upload cannot make the job look
-        # dead to the reaper; this loop relays events and acts on what the heartbeat saw.
-        beat = Heartbeat(self.experiment_id, self.attempt, proc.pid, self.settings.training.heartbeat_interval_s)
+        # Heartbeats, stop and fencing run on their own thread, so a long checkpoint or final upload neither
+        # makes the job look dead to the reaper nor delays a stop; this loop relays events and uploads.
+        beat = Heartbeat(self, proc)
         beat.start()
         try:
-            kill_at = None
             while True:
-                now = time.monotonic()
+                beat.tick()
                 try:
                     if beat.fenced.is_set():
                         raise Fenced("heartbeat fenced")
-                    if beat.stop_requested.is_set() and kill_at is None:
-                        self.stop_requested = True
-                        self.files.stop.touch()  # lets the trainer's callback stop cleanly
-                        _kill_group(proc.pid, signal.SIGTERM)
-                        kill_at = now + self.settings.training.stop_grace_s
                     self._relay_events()
                 except Fenced:
                     log.warning("experiment %s attempt %s lost ownership; killing trainer",
                                 self.experiment_id, self.attempt)  # fmt: skip
                     return "lost"
-                if kill_at is not None and now >= kill_at:
-                    _kill_group(proc.pid, signal.SIGKILL)
                 if proc.poll() is not None:
                     break
                 time.sleep(0.2)
+            self.stop_requested = beat.stop_requested.is_set()
             return self._conclude(proc.returncode)
         finally:
             beat.close()
@@ -290,30 +283,58 @@ class Supervision:
 
 
 class Heartbeat(threading.Thread):
-    """Beats every ``interval`` seconds until closed; notes a stop request, and stops once fenced."""
+    """Beats every ``training.heartbeat_interval_s`` until closed, and acts on what it learns at once:
+    a stop request → stop file + SIGTERM to the trainer's group, SIGKILL after ``stop_grace_s``; lost
+    ownership → SIGKILL. If the supervising loop stops ticking for ``stall_after_s`` (a hung upload), it
+    stops beating and kills the trainer, so the reaper gives the job to another worker."""
 
-    def __init__(self, experiment_id: uuid.UUID, attempt: int, pid: int, interval: float) -> None:
-        super().__init__(name=f"heartbeat-{experiment_id}", daemon=True)
-        self.experiment_id, self.attempt, self.pid, self.interval = experiment_id, attempt, pid, interval
+    def __init__(self, supervision: Supervision, proc: subprocess.Popen[bytes]) -> None:
+        super().__init__(name=f"heartbeat-{supervision.experiment_id}", daemon=True)
+        self.job, self.proc = supervision, proc
+        self.limits = supervision.settings.training
         self.stop_requested = threading.Event()
         self.fenced = threading.Event()
         self._closed = threading.Event()
+        self._ticked = time.monotonic()
+
+    def tick(self) -> None:
+        self._ticked = time.monotonic()
 
     def run(self) -> None:
+        kill_at: float | None = None
         while not self._closed.is_set():
+            now = time.monotonic()
+            if now - self._ticked > self.limits.stall_after_s:
+                log.error("supervisor of experiment %s stalled for %.0f s; giving the job up",
+                          self.job.experiment_id, now - self._ticked)  # fmt: skip
+                self._kill(signal.SIGKILL)
+                self.fenced.set()
+                return
             try:
-                if jobs.heartbeat(self.experiment_id, self.attempt, pid=self.pid):
-                    self.stop_requested.set()
+                stop = jobs.heartbeat(self.job.experiment_id, self.job.attempt, pid=self.proc.pid)
             except Fenced:
+                self._kill(signal.SIGKILL)
                 self.fenced.set()
                 return
             except Exception:  # a database blip: the next beat tries again (the reaper allows stale_after_s)
-                log.exception("heartbeat for experiment %s failed", self.experiment_id)
-            self._closed.wait(self.interval)
+                log.exception("heartbeat for experiment %s failed", self.job.experiment_id)
+                stop = False
+            if stop and not self.stop_requested.is_set():
+                self.stop_requested.set()
+                self.job.files.stop.touch()  # lets the trainer's callback stop cleanly at the end of a step
+                self._kill(signal.SIGTERM)
+                kill_at = now + self.limits.stop_grace_s
+            if kill_at is not None and now >= kill_at:
+                self._kill(signal.SIGKILL)
+            self._closed.wait(self.limits.heartbeat_interval_s)
+
+    def _kill(self, sig: signal.Signals) -> None:
+        if self.proc.returncode is None:  # not reaped yet, so its process group id is still ours
+            _kill_group(self.proc.pid, sig)
 
     def close(self) -> None:
         self._closed.set()
-        self.join()
+        self.join(timeout=self.limits.heartbeat_interval_s + 30)
 
 
 def _kill_group(pid: int, sig: signal.Signals) -> None:

@@ -102,7 +102,7 @@ async def stream_events(
 ) -> EventSourceResponse:  # fmt: skip
     """Server-sent events: every status change and metric, resumable with Last-Event-ID."""
     await run_in_threadpool(_get, session, principal.team_id, experiment_id)
-    session.close()  # the stream may last hours; it reads with short sessions of its own
+    await run_in_threadpool(session.close)  # the stream may last hours; it reads with short sessions of its own
     start = last_event_id if last_event_id is not None else after
     return EventSourceResponse(_event_stream(experiment_id, start), ping=10)
 

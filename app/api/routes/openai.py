@@ -8,10 +8,8 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import partial
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -24,7 +22,15 @@ from app.core.inflight import inflight_limiter
 from app.core.replies import Reply
 from app.models import Deployment, Team
 from app.services import deployments
-from app.services.inference import GENERATE_TASK, InferenceFailed, new_request_id, replies, run_to_end, target
+from app.services.inference import (
+    GENERATE_TASK,
+    InferenceFailed,
+    cleanup,
+    new_request_id,
+    replies,
+    run_to_end,
+    target,
+)
 from app.services.teams import quota_limits
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -101,14 +107,16 @@ async def _answer(
     if not await limiter.acquire(team_id, rid, limit):
         raise InferenceFailed(429, "rate_limit_exceeded", f"your team already has {limit} requests in flight "
                               "(its max_inflight_requests quota); retry when one finishes")  # fmt: skip
-    release = partial(limiter.release, team_id, rid)
+
+    async def release() -> None:
+        await cleanup(limiter.release(team_id, rid), f"releasing the in-flight slot of {rid}")
+
     if payload["stream"]:
-        return await _stream(settings, payload, chunks, release)
+        return await _stream(request, settings, payload, chunks, release)
     try:
         done = await run_to_end(settings, GENERATE_TASK, payload, request.is_disconnected)
     finally:
-        with anyio.CancelScope(shield=True):
-            await release()
+        await release()
     return JSONResponse(respond(done))
 
 
@@ -130,17 +138,23 @@ ChunkMaker = Any  # (reply | None) -> list[dict]: None means "the stream starts"
 
 
 async def _stream(
-    settings: Settings, payload: dict[str, Any], make_chunks: ChunkMaker, release: Callable[[], Awaitable[None]]
-) -> EventSourceResponse:
+    request: Request, settings: Settings, payload: dict[str, Any], make_chunks: ChunkMaker,
+    release: Callable[[], Awaitable[None]],
+) -> EventSourceResponse:  # fmt: skip
     """Wait for the first reply before answering, so errors found by the worker (a prompt longer than
     the context) are still plain HTTP errors; then stream the rest as OpenAI chunks."""
-    source = replies(settings, GENERATE_TASK, payload)
+    started = False
+
+    async def gone_before_start() -> bool:  # once streaming, sse-starlette watches the connection
+        return not started and await request.is_disconnected()
+
+    source = replies(settings, GENERATE_TASK, payload, gone_before_start)
     try:
         first = await source.__anext__()
     except BaseException:
-        with anyio.CancelScope(shield=True):
-            await release()
+        await release()
         raise
+    started = True
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         try:
@@ -154,8 +168,9 @@ async def _stream(
             yield ServerSentEvent(data=json.dumps({"error": {"message": exc.message, "type": "server_error",
                                                             "param": exc.param, "code": exc.code}}))  # fmt: skip
         finally:
-            with anyio.CancelScope(shield=True):
-                await source.aclose()
+            try:
+                await cleanup(source.aclose(), "closing the reply stream")
+            finally:
                 await release()
         yield ServerSentEvent(data="[DONE]")
 

@@ -37,7 +37,7 @@ async def stream_team_events(
 ) -> EventSourceResponse:  # fmt: skip
     """Server-sent `experiment` events: {experiment_id, name, status, attempt} on every state change.
     Without Last-Event-ID the stream starts from now."""
-    session.close()  # the stream may last hours; it reads with short sessions of its own
+    await run_in_threadpool(session.close)  # the stream may last hours; it reads with short sessions of its own
     start = last_event_id if last_event_id is not None else await run_in_threadpool(_latest_id, principal.team_id)
     return EventSourceResponse(_stream(principal, start), ping=10)
 
