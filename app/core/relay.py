@@ -21,10 +21,10 @@ log = logging.getLogger(__name__)
 REAP_EVERY_S = 5.0
 
 
-def celery_send(task_name: str, queue: str, kwargs: dict[str, Any]) -> None:
+def celery_send(task_name: str, queue: str, kwargs: dict[str, Any], **options: Any) -> None:
     from workers.celery_app import celery_app  # torch-free; the API sends tasks by name
 
-    celery_app.send_task(task_name, kwargs=kwargs, queue=queue)
+    celery_app.send_task(task_name, kwargs=kwargs, queue=queue, **options)
 
 
 class OutboxRelay:

@@ -12,13 +12,16 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import anyio
 from fastapi.concurrency import run_in_threadpool
+from sqlmodel import col, select
 
 from app.core.config import Settings
 from app.core.db import session_scope
+from app.core.relay import celery_send
 from app.core.replies import Reply, reply_channel
 from app.models import Deployment, InferenceWorker, utcnow
 
@@ -47,12 +50,6 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def _send(task: str, payload: dict[str, Any], expires_s: float) -> None:
-    from workers.celery_app import celery_app  # torch-free; sent by name
-
-    celery_app.send_task(task, kwargs={"request": payload}, queue=INFERENCE_QUEUE, expires=expires_s)
-
-
 async def replies(
     settings: Settings, task: str, payload: dict[str, Any], gone: Callable[[], Awaitable[bool]] | None = None
 ) -> AsyncGenerator[Reply, None]:
@@ -64,7 +61,9 @@ async def replies(
     if not await run_in_threadpool(live_workers, limits.worker_stale_after_s):
         raise InferenceFailed(503, "no_worker", "no inference worker is running; start one with "
                               "`studio worker --queue inference`")  # fmt: skip
-    await run_in_threadpool(_send, task, payload, limits.queue_timeout_s)
+    # Expires with the queue timeout: a request nobody took in time is never run for nobody later.
+    await run_in_threadpool(partial(celery_send, task, INFERENCE_QUEUE, {"request": payload},
+                                    expires=limits.queue_timeout_s))  # fmt: skip
     start = last_check = time.monotonic()
     after, worker, finished = "0", None, False
     try:
@@ -129,8 +128,6 @@ def worker_alive(name: str, stale_after_s: float) -> bool:
 
 
 def live_workers(stale_after_s: float) -> list[InferenceWorker]:
-    from sqlmodel import col, select
-
     with session_scope() as session:
         fresh = col(InferenceWorker.heartbeat_at) > utcnow() - timedelta(seconds=stale_after_s)
         rows = session.exec(select(InferenceWorker).where(fresh).order_by(col(InferenceWorker.name))).all()

@@ -33,6 +33,8 @@ from app.services.inference import (
 )
 from app.services.teams import quota_limits
 
+# Turns a reply into OpenAI stream chunks; None asks for the chunks that open the stream.
+ChunkMaker = Callable[[Reply | None], list[dict[str, Any]]]
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
@@ -132,9 +134,6 @@ def _payload(settings: Settings, deployment: Deployment, body: Any, max_tokens: 
 def _usage(done: Reply) -> dict[str, int]:
     prompt, completion = int(done["prompt_tokens"]), int(done["completion_tokens"])
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-ChunkMaker = Any  # (reply | None) -> list[dict]: None means "the stream starts"
 
 
 async def _stream(
