@@ -1,7 +1,8 @@
 """Inference engine throughput: generated tokens/s at several concurrencies vs plain sequential HF `generate`.
 
 Engine-level (no Celery, no API): the same process builds or loads one model, times plain greedy
-`model.generate` on a few prompts one after the other (the baseline), then the `InferenceEngine` with
+`model.generate` on a few prompts one after the other (the baseline), transformers' own continuous
+batching (`generate_batch`) on all prompts at once (the library option), then the `InferenceEngine` with
 `concurrency` requests submitted at once (they run as one continuous batch), each generating exactly
 `--new-tokens` tokens (`ignore_eos=True`; the baseline uses `min_new_tokens`); each level runs `--rounds`
 waves and reports the median one. Prompts are random token ids, so no tokenizer has to cover the vocabulary.
@@ -139,6 +140,36 @@ def run_hf_baseline(
     }
 
 
+def run_hf_continuous_batching(
+    model_path: Path,
+    prompts: list[list[int]],
+    new_tokens: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn: str,
+) -> dict[str, Any]:
+    """transformers' own continuous batching (`generate_batch`), all prompts at once: the library option
+    the engine has to beat (it packs sequences into one row, so it cannot mix LoRA adapters per row)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model: Any = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True, dtype=dtype,
+                                                      attn_implementation=attn)  # fmt: skip
+    model = model.to(device).eval()
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,  # never stops early
+                              pad_token_id=model.generation_config.pad_token_id)  # fmt: skip
+    model.generate_batch(inputs=prompts[:2], generation_config=GenerationConfig(
+        max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=config.pad_token_id))  # warm-up  # fmt: skip
+    sync(device)
+    start = time.perf_counter()
+    out = model.generate_batch(inputs=prompts, generation_config=config)
+    sync(device)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.generated_tokens) for o in out.values())
+    return {"arm": f"HF generate_batch ({attn})", "concurrency": len(prompts), "requests": len(prompts),
+            "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "ms_per_step": 1000 * seconds / new_tokens, "outputs": [[]]}  # fmt: skip
+
+
 def run_engine(
     engine: InferenceEngine,
     prompts: list[list[int]],
@@ -204,6 +235,11 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on CUDA")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 steadies CPU timings on a busy machine)")
     parser.add_argument("--hbm-gbps", type=float, default=3350.0, help="GPU memory bandwidth (H100 SXM: 3350)")
+    parser.add_argument(
+        "--hf-batch-attn",
+        default="sdpa",
+        help="attention of the transformers generate_batch arm (sdpa, paged|sdpa, ...); '' skips it",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "inference_engine.json")
     args = parser.parse_args()
 
@@ -226,6 +262,10 @@ def main() -> None:
         vocab_size = AutoConfig.from_pretrained(model_path).get_text_config(decoder=True).vocab_size
         prompts = random_prompts(max(args.concurrency), args.prompt_tokens, vocab_size)
         baseline = run_hf_baseline(model_path, prompts[: args.baseline_prompts], args.new_tokens, device, dtype)
+        library = []
+        if args.hf_batch_attn:
+            library = [run_hf_continuous_batching(model_path, prompts[: max(args.concurrency)], args.new_tokens,
+                                                  device, dtype, args.hf_batch_attn)]  # fmt: skip
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -248,7 +288,7 @@ def main() -> None:
         ours = single["outputs"][0]
         end = next((i for i, t in enumerate(ours) if t == eos), len(ours))
         matches = ours[:end] == baseline["outputs"][0][:end]
-    rows = [baseline, *results]
+    rows = [baseline, *library, *results]
     for row in rows:
         row["vs_hf"] = row["tokens_per_s"] / baseline["tokens_per_s"]
         if device.type == "cuda":
