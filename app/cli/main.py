@@ -74,7 +74,7 @@ def first_admin(settings: Settings, url: str) -> None:
         _, key = api_keys.create_key(session, actor, ApiKeyCreate(name="local CLI", role=Role.admin))
     path = save_token(url, key)
     console.print(f"[bold]First start:[/] created admin [cyan]{LOCAL_ADMIN}[/] with password [cyan]{password}[/] "
-                  f"(shown once). This machine's CLI is logged in ({path}).")  # fmt: skip
+                  f"(shown once). This machine's CLI is logged in ({path}).", soft_wrap=True)  # fmt: skip
 
 
 @app.command()

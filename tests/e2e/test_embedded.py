@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,36 +59,12 @@ def test_studio_up_trains_on_the_embedded_default(tmp_path: Path, tiny_model: Pa
         assert uploaded.returncode == 0, uploaded.stderr
         dataset_id = uploaded.stdout.split()[1]
 
-        bad = studio(
-            env,
-            "experiments",
-            "submit",
-            "--name",
-            "x",
-            "--base-model",
-            str(tiny_model),
-            "--dataset",
-            dataset_id,
-            "--set",
-            "learning_rate=-1",
-        )
+        submit = f"experiments submit --base-model {tiny_model} --dataset {dataset_id}".split()
+        bad = studio(env, *submit, "--name", "x", "--set", "learning_rate=-1")
         assert bad.returncode == 1 and "hyperparameters.learning_rate" in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
 
-        run = studio(
-            env,
-            "experiments",
-            "submit",
-            "--name",
-            "demo",
-            "--base-model",
-            str(tiny_model),
-            "--dataset",
-            dataset_id,
-            "--recipe",
-            "tiny_lora_cpu",
-            "--watch",
-        )
+        run = studio(env, *submit, "--name", "demo", "--recipe", "tiny_lora_cpu", "--watch")
         assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "up.log").read_text()[-3000:]
         assert "succeeded" in run.stdout
         assert "train rows" in run.stdout and "tokens (mean" in run.stdout  # token statistics of the run
@@ -105,7 +82,17 @@ def test_studio_up_trains_on_the_embedded_default(tmp_path: Path, tiny_model: Pa
             env, "chat", "demo-chat", "What is the capital of France?", "--max-tokens", "8", "--temperature", "0"
         )
         assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr + (tmp_path / "up.log").read_text()[-3000:]
-        client = openai.OpenAI(base_url=f"{env['STUDIO_API_URL']}/v1", api_key=key, max_retries=0, timeout=120)
+        # The README's way to an SDK key: log in with the printed password (API keys cannot mint keys).
+        password = re.search(r"with password (\S+)", (tmp_path / "up.log").read_text())
+        assert password, (tmp_path / "up.log").read_text()[-2000:]
+        assert studio(env, "keys", "create", "--name", "sdk").returncode == 1  # still on the CLI's API key
+        logged_in = studio(env, "login", "--email", "admin@studio.local", "--password", password.group(1))
+        assert logged_in.returncode == 0, logged_in.stderr
+        created = studio(env, "keys", "create", "--name", "sdk")
+        assert created.returncode == 0, created.stderr
+        sdk_key = created.stdout.strip().splitlines()[-1]
+        assert sdk_key.startswith("fts_")
+        client = openai.OpenAI(base_url=f"{env['STUDIO_API_URL']}/v1", api_key=sdk_key, max_retries=0, timeout=120)
         answer = client.chat.completions.create(
             model="demo-chat",
             max_tokens=8,
