@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export STUDIO_DATA_DIR ?= $(CURDIR)/.studio
 
-.PHONY: setup up test test-fast lint services clean gpu
+.PHONY: setup up test test-fast lint services browser clean gpu
 
 setup: $(VENV)/.installed
 
@@ -21,8 +21,8 @@ up: setup
 	@test -f $(STUDIO_DATA_DIR)/models/tiny/config.json || $(BIN)/studio models tiny $(STUDIO_DATA_DIR)/models/tiny
 	$(BIN)/studio up
 
-## The whole test suite against real Postgres and Redis (started here if they are down).
-test: setup services
+## The whole test suite against real Postgres and Redis (started here if they are down), and Chromium for the web UI.
+test: setup services browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: setup services
@@ -30,6 +30,9 @@ test-fast: setup services
 
 services:
 	@bash .ci/services.sh
+
+browser:
+	@bash .ci/browser.sh
 
 lint: setup
 	$(BIN)/ruff check app workers tests benchmarks

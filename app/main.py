@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from app.api.errors import install_error_handlers
-from app.api.limits import BodySizeLimit
+from app.api.limits import BodySizeLimit, SecurityHeaders
 from app.api.main import api_router
 from app.api.routes import admin, health, openai
 from app.core.config import get_settings
@@ -18,6 +21,7 @@ from app.services.accounts import bootstrap_admin
 
 MULTIPART_OVERHEAD = 64 * 1024
 UPLOAD_PATH = "/api/datasets/upload"
+WEB_DIR = Path(__file__).resolve().parent / "web" / "static"
 
 
 @asynccontextmanager
@@ -37,6 +41,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
 def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(title="Fine-Tuning Studio", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.api.max_request_bytes,
         large={UPLOAD_PATH: settings.api.max_upload_bytes + MULTIPART_OVERHEAD},
@@ -46,6 +51,12 @@ def create_app() -> FastAPI:
     app.include_router(api_router, prefix="/api")
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.mount("/ui", StaticFiles(directory=WEB_DIR, html=True), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    def home() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
     return app
 
 

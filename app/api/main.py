@@ -9,6 +9,7 @@ from app.api.routes import (
     deployments,
     experiments,
     invitations,
+    recipes,
     team_events,
     teams,
     users,
@@ -26,3 +27,4 @@ api_router.include_router(datasets.router)
 api_router.include_router(experiments.router)
 api_router.include_router(deployments.router)
 api_router.include_router(ab_testing.router)
+api_router.include_router(recipes.router)

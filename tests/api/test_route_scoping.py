@@ -20,7 +20,7 @@ from app.services import teams as team_service
 from app.services.principal import Principal
 from tests.accounts import Member, make_member, make_team
 
-PUBLIC = {("GET", "/health"), ("POST", "/api/auth/login"), ("POST", "/api/invitations/accept")}
+PUBLIC = {("GET", "/health"), ("POST", "/api/auth/login"), ("POST", "/api/invitations/accept"), ("GET", "/")}
 # Routes without ids in the path that act only on the caller's own account or team (checked below
 # to return nothing of team B's).
 OWN_SCOPE_WRITES = {("POST", "/api/datasets/"), ("POST", "/api/datasets/upload"), ("PATCH", "/api/users/me"),

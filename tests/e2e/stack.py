@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -61,21 +62,33 @@ class Stack:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        old = self.procs.get(name)
+        assert old is None or old.poll() is not None, f"{name} is already running: stop it first"
         out = (self.logs / f"{name}.log").open("ab")
         proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
         self.procs[name] = proc
         return proc
 
+    def start_inference_worker(self) -> None:
+        """An inference worker (thread pool), returning once it reports itself; one per stack."""
+        if "inference" in self.procs and self.procs["inference"].poll() is None:
+            return
+        self.start("inference", worker_command(["inference"], "inference-test@%h", concurrency=40))
+        with self.http() as http:
+            wait_for(lambda: http.get("/admin/stats", headers=self.jwt_headers).json()["workers"], timeout_s=90,
+                     what="the inference worker to report")  # fmt: skip
+
     def stop(self, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
         proc = self.procs.pop(name)
-        if proc.poll() is None:
-            os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            if proc.poll() is None:
+                os.killpg(proc.pid, sig)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def wait_for(predicate, timeout_s: float = 120.0, interval: float = 0.2, what: str = "condition"):  # type: ignore[no-untyped-def]
@@ -108,4 +121,24 @@ def running_stack(env_overrides: dict[str, str], logs: Path, workers: bool = Tru
         yield stack
     finally:
         for name in list(stack.procs):
-            stack.stop(name)
+            try:
+                stack.stop(name)
+            except Exception as exc:  # stop the others anyway
+                print(f"stopping {name} failed: {exc}", file=sys.stderr)
+        # Whatever escaped (a crashed teardown, a grandchild): nothing of this stack may outlive it, or it
+        # would keep consuming the shared Redis queues of later runs.
+        for pid in processes_with_env(f"STUDIO_DATA_DIR={env['STUDIO_DATA_DIR']}"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def processes_with_env(entry: str) -> list[int]:
+    """Processes whose environment holds ``entry`` (e.g. this stack's data dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found

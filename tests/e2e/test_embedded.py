@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from app.cli.processes import wait_healthy
-from tests.e2e.stack import REPO, free_port
+from tests.e2e.stack import REPO, free_port, processes_with_env
 
 pytestmark = pytest.mark.e2e
 EMBEDDED_ENV = ("STUDIO_DATABASE__URL", "STUDIO_BROKER__URL", "STUDIO_EVENTS__REDIS_URL")
@@ -107,15 +107,4 @@ def test_studio_up_trains_on_the_embedded_default(tmp_path: Path, tiny_model: Pa
     finally:
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0
-    assert not _processes_with_env(f"STUDIO_DATA_DIR={tmp_path / '.studio'}"), "studio up left processes behind"
-
-
-def _processes_with_env(entry: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
+    assert not processes_with_env(f"STUDIO_DATA_DIR={tmp_path / '.studio'}"), "studio up left processes behind"

@@ -15,27 +15,16 @@ import httpx
 import openai
 import pytest
 
-from app.cli.processes import worker_command
 from tests.e2e.stack import Stack, wait_for
 
 pytestmark = pytest.mark.e2e
 QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?", "Why is the sky blue?"]
 
 
-def start_inference_worker(stack: Stack) -> None:
-    stack.start("inference", worker_command(["inference"], "inference-test@%h", concurrency=40))
-    with stack.http() as http:
-        wait_for(
-            lambda: http.get("/admin/stats", headers=stack.jwt_headers).json()["workers"],
-            timeout_s=90,
-            what="the inference worker to report",
-        )
-
-
 @pytest.fixture(scope="module")
 def served(stack: Stack, tiny_model: Path, alpaca_file_module: Path) -> Iterator[dict[str, Any]]:
     """A trained tiny adapter and the base model, both deployed; an inference worker running."""
-    start_inference_worker(stack)
+    stack.start_inference_worker()
     with stack.http(timeout=300) as http:
         with alpaca_file_module.open("rb") as f:
             dataset = http.post(
@@ -331,7 +320,7 @@ def test_worker_crash_mid_request_is_an_error_not_a_hang(stack: Stack, served: d
             extra_headers={"X-Test": "no-worker"},
         )
     assert non_stream.value.status_code in (502, 503)
-    start_inference_worker(stack)
+    stack.start_inference_worker()
     assert chat(client, "tiny-base", "hi").choices[0].message.content is not None
 
 

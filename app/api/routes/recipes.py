@@ -1,0 +1,24 @@
+"""Training recipes: the named presets in config/recipes that a request can start from and override."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from fastapi import APIRouter
+
+from app.api.deps import Viewer
+from app.training.hyperparameters import RECIPES_DIR, available_recipes, load_recipe
+
+router = APIRouter(prefix="/recipes", tags=["recipes"])
+
+
+@router.get("/")
+def list_recipes(_: Viewer) -> dict[str, Any]:
+    """Each recipe's name, description and hyperparameters."""
+    data = []
+    for name in available_recipes():
+        header = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text()) or {}
+        data.append({"name": name, "description": header.get("description", ""),
+                     "hyperparameters": load_recipe(name)})  # fmt: skip
+    return {"data": data, "count": len(data)}

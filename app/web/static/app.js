@@ -1,0 +1,316 @@
+// Fine-Tuning Studio web UI: a thin client of the REST API. Data is only ever put in the page with
+// textContent (never as HTML), and the login token lives in sessionStorage for this tab.
+
+const state = { token: sessionStorage.getItem("studio-token"), team: null, experiments: new Map(), flash: null };
+const $ = (selector) => document.querySelector(selector);
+
+// ------------------------------------------------------------------ API
+
+async function api(path, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  if (state.token) headers.Authorization = `Bearer ${state.token}`;
+  if (state.team) headers["X-Team-Id"] = state.team;
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) { logout(); throw new Error("session expired: log in again"); }
+  const body = response.status === 204 ? null : await response.json().catch(() => null);
+  if (!response.ok) throw new Error(describe(response.status, body));
+  return body;
+}
+
+function describe(status, body) {
+  const detail = body?.error?.message ?? body?.detail;
+  if (Array.isArray(detail)) return `${status}: ${detail[0].loc.slice(1).join(".")}: ${detail[0].msg}`;
+  return `${status}: ${detail ?? "request failed"}`;
+}
+
+// Server-sent events over fetch, so the Authorization header goes along (EventSource cannot send it).
+async function* events(path, signal) {
+  const headers = { Authorization: `Bearer ${state.token}`, Accept: "text/event-stream" };
+  const response = await fetch(path, { headers, signal });
+  if (!response.ok) throw new Error(`${response.status}: ${path}`);
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value.replaceAll("\r\n", "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const event = { event: "message", data: "" };
+      for (const line of block.split("\n")) {
+        const [field, ...rest] = line.split(":");
+        const text = rest.join(":").replace(/^ /, "");
+        if (field === "event") event.event = text;
+        else if (field === "data") event.data += text;
+        else if (field === "id") event.id = text;
+      }
+      if (event.data) yield event;
+    }
+  }
+}
+
+function showError(error) { $("#error").textContent = error ? String(error.message ?? error) : ""; }
+function cell(row, text, className) {
+  const td = row.insertCell();
+  td.textContent = text ?? "";
+  if (className) td.className = className;
+  return td;
+}
+function button(label, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  b.addEventListener("click", () => onClick().catch(showError));
+  return b;
+}
+function option(select, value, label) {
+  const o = document.createElement("option");
+  o.value = value;
+  o.textContent = label ?? value;
+  select.append(o);
+}
+
+// ------------------------------------------------------------------ login and navigation
+
+async function login(event) {
+  event.preventDefault();
+  $("#login-error").textContent = "";
+  const response = await fetch("/api/auth/login", { method: "POST", body: new URLSearchParams(new FormData(event.target)) });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) { $("#login-error").textContent = body.detail ?? "login failed"; return; }
+  state.token = body.access_token;
+  sessionStorage.setItem("studio-token", state.token);
+  await start();
+}
+
+function logout() {
+  sessionStorage.removeItem("studio-token");
+  state.token = null;
+  stream?.abort();
+  $("#app").hidden = true;
+  $("#login").hidden = false;
+}
+
+async function start() {
+  const me = await api("/api/users/me");
+  $("#me").textContent = me.email;
+  const teams = $("#team");
+  teams.replaceChildren();
+  for (const team of me.teams) option(teams, team.id, `${team.name} (${team.role})`);
+  state.team = me.teams[0]?.id ?? null;
+  $("#login").hidden = true;
+  $("#app").hidden = false;
+  await route();
+  followTeam();
+}
+
+const pages = { experiments: loadExperiments, datasets: loadDatasets, deployments: loadDeployments, playground: loadPlayground };
+
+async function route() {
+  const name = location.hash.slice(1) in pages ? location.hash.slice(1) : "experiments";
+  for (const key of Object.keys(pages)) $(`#page-${key}`).hidden = key !== name;
+  showError(state.flash);  // a message meant for the page we are going to
+  state.flash = null;
+  await pages[name]().catch(showError);
+}
+
+// ------------------------------------------------------------------ experiments (live)
+
+async function loadExperiments() {
+  const [experiments, datasets, recipes] = await Promise.all([
+    api("/api/experiments/?limit=100"), api("/api/datasets/?limit=500"), api("/api/recipes/"),
+  ]);
+  const datasetSelect = $("#submit-form [name=dataset_id]");
+  datasetSelect.replaceChildren();
+  for (const d of datasets.data) option(datasetSelect, d.id, `${d.name} (${d.row_count} rows)`);
+  const recipeSelect = $("#submit-form [name=recipe]");
+  recipeSelect.replaceChildren();
+  option(recipeSelect, "", "no recipe");
+  for (const r of recipes.data) option(recipeSelect, r.name, r.name);
+  state.experiments = new Map(experiments.data.map((e) => [e.id, e]));
+  renderExperiments();
+}
+
+function renderExperiments() {
+  const body = $("#experiments tbody");
+  body.replaceChildren();
+  for (const e of state.experiments.values()) {
+    const row = body.insertRow();
+    row.dataset.id = e.id;
+    cell(row, e.name);
+    cell(row, e.status, `status status-${e.status}`);
+    cell(row, e.base_model.split("/").slice(-2).join("/"));
+    cell(row, e.created_at.slice(0, 19).replace("T", " "));
+    const actions = row.insertCell();
+    actions.append(button("Details", () => showExperiment(e.id)));
+    if (e.status === "queued" || e.status === "running") {
+      actions.append(button("Stop", async () => { await api(`/api/experiments/${e.id}/stop`, { method: "POST" }); }));
+    }
+    if (e.status === "succeeded") {
+      actions.append(button("Deploy", async () => {
+        const d = await api("/api/deployments/", { method: "POST", headers: { "Content-Type": "application/json" },
+                                                   body: JSON.stringify({ experiment_id: e.id }) });
+        state.flash = `deployed as ${d.model}`;
+        location.hash = "#deployments";
+      }));
+    }
+  }
+}
+
+async function submitExperiment(event) {
+  event.preventDefault();
+  const form = new FormData(event.target);
+  const hyperparameters = form.get("max_steps") ? { max_steps: Number(form.get("max_steps")) } : {};
+  const body = { name: form.get("name"), base_model: form.get("base_model"), dataset_id: form.get("dataset_id"),
+                 recipe: form.get("recipe") || null, hyperparameters };
+  try {
+    const created = await api("/api/experiments/", { method: "POST", headers: { "Content-Type": "application/json" },
+                                                     body: JSON.stringify(body) });
+    state.experiments = new Map([[created.id, created], ...state.experiments]);
+    renderExperiments();
+    showError(null);
+  } catch (error) { showError(error); }
+}
+
+async function showExperiment(id) {
+  const [e, metrics] = await Promise.all([api(`/api/experiments/${id}`), api(`/api/experiments/${id}/metrics`)]);
+  $("#experiment-detail").hidden = false;
+  $("#detail-title").textContent = e.name;
+  $("#detail-status").textContent = `${e.status}, attempt ${e.attempt}${e.error ? ` — ${e.error}` : ""}`;
+  $("#detail-params").textContent = JSON.stringify(e.hyperparameters, null, 2);
+  drawLoss(metrics.data.filter((m) => "loss" in m.data).map((m) => [m.data.step, m.data.loss]));
+}
+
+function drawLoss(points) {
+  const svg = $("#loss-chart");
+  svg.replaceChildren();
+  if (points.length < 2) return;
+  const [w, h, pad] = [600, 200, 10];
+  const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
+  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  const sx = (x) => pad + ((x - x0) / (x1 - x0 || 1)) * (w - 2 * pad);
+  const sy = (y) => h - pad - ((y - y0) / (y1 - y0 || 1)) * (h - 2 * pad);
+  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+  line.setAttribute("points", points.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" "));
+  svg.append(line);
+}
+
+// The team's live channel: every experiment state change, pushed by the server.
+let stream = null;
+async function followTeam() {
+  stream?.abort();
+  stream = new AbortController();
+  const signal = stream.signal;
+  while (!signal.aborted && state.token) {
+    try {
+      $("#live").classList.add("on");
+      for await (const event of events(`/api/teams/${state.team}/events`, signal)) {
+        const change = JSON.parse(event.data);
+        const known = state.experiments.get(change.experiment_id);
+        if (known) known.status = change.status;
+        else state.experiments = new Map([[change.experiment_id, await api(`/api/experiments/${change.experiment_id}`)],
+                                          ...state.experiments]);
+        if (!$("#page-experiments").hidden) renderExperiments();
+      }
+    } catch (error) {
+      if (signal.aborted) return;
+    }
+    $("#live").classList.remove("on");
+    await new Promise((resolve) => setTimeout(resolve, 2000));  // reconnect
+  }
+}
+
+// ------------------------------------------------------------------ datasets, deployments, playground
+
+async function loadDatasets() {
+  const datasets = await api("/api/datasets/?limit=500");
+  const body = $("#datasets tbody");
+  body.replaceChildren();
+  for (const d of datasets.data) {
+    const row = body.insertRow();
+    cell(row, d.name); cell(row, d.format); cell(row, d.row_count);
+    cell(row, `${d.train_rows} / ${d.eval_rows}`); cell(row, d.created_at.slice(0, 19).replace("T", " "));
+  }
+}
+
+async function uploadDataset(event) {
+  event.preventDefault();
+  const form = new FormData(event.target);
+  if (!form.get("name")) form.delete("name");
+  try {
+    await api("/api/datasets/upload", { method: "POST", body: form });
+    event.target.reset();
+    showError(null);
+    await loadDatasets();
+  } catch (error) { showError(error); }
+}
+
+async function loadDeployments() {
+  const deployments = await api("/api/deployments/");
+  const body = $("#deployments tbody");
+  body.replaceChildren();
+  for (const d of deployments.data) {
+    const row = body.insertRow();
+    cell(row, d.model); cell(row, d.base_model.split("/").slice(-2).join("/"));
+    cell(row, d.experiment_id ?? "—"); cell(row, d.status);
+    const actions = row.insertCell();
+    if (d.status === "active") {
+      actions.append(button("Retire", async () => { await api(`/api/deployments/${d.id}`, { method: "DELETE" });
+                                                     await loadDeployments(); }));
+    }
+  }
+}
+
+async function loadPlayground() {
+  const deployments = await api("/api/deployments/?status=active");
+  const select = $("#chat-form [name=model]");
+  select.replaceChildren();
+  for (const d of deployments.data) option(select, d.model);
+}
+
+async function chat(event) {
+  event.preventDefault();
+  const form = new FormData(event.target);
+  const output = $("#chat-output");
+  output.textContent = "";
+  const body = { model: form.get("model"), messages: [{ role: "user", content: form.get("message") }],
+                 max_tokens: Number(form.get("max_tokens")), stream: true };
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", body: JSON.stringify(body),
+      headers: { "Content-Type": "application/json", Authorization: `Bearer ${state.token}`, "X-Team-Id": state.team },
+    });
+    if (!response.ok) throw new Error(describe(response.status, await response.json().catch(() => null)));
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      const lines = buffer.split("\n");
+      buffer = lines.pop();
+      for (const raw of lines) {
+        const line = raw.trim();
+        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+        const chunk = JSON.parse(line.slice(6));
+        if (chunk.error) throw new Error(chunk.error.message);
+        output.textContent += chunk.choices?.[0]?.delta?.content ?? "";
+      }
+    }
+    output.dataset.done = "true";
+  } catch (error) { showError(error); }
+}
+
+// ------------------------------------------------------------------ wiring
+
+$("#login-form").addEventListener("submit", (e) => login(e).catch((err) => { $("#login-error").textContent = err.message; }));
+$("#logout").addEventListener("click", logout);
+$("#team").addEventListener("change", async (e) => { state.team = e.target.value; await route(); followTeam(); });
+$("#submit-form").addEventListener("submit", submitExperiment);
+$("#upload-form").addEventListener("submit", uploadDataset);
+$("#chat-form").addEventListener("submit", chat);
+window.addEventListener("hashchange", route);
+
+if (state.token) start().catch(logout); else $("#login").hidden = false;

@@ -1,0 +1,103 @@
+"""The web UI in a real browser (Debian's Chromium driven by Playwright) against the real stack: log in,
+upload a dataset, submit an experiment and watch its status change live, see its loss chart, deploy it,
+and chat with it in the playground."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.e2e.stack import ADMIN_EMAIL, ADMIN_PASSWORD, Stack
+
+pytestmark = pytest.mark.e2e
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if CHROMIUM is None:
+        pytest.fail("no chromium on PATH: install Debian's chromium (make test does where it can)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, stack: Stack) -> Iterator[Page]:
+    context = browser.new_context(base_url=stack.url)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+def log_in(page: Page, password: str = ADMIN_PASSWORD) -> None:
+    page.goto("/")
+    page.get_by_label("Email").fill(ADMIN_EMAIL)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Log in").click()
+
+
+def test_wrong_password_is_shown(page: Page) -> None:
+    log_in(page, "not-the-password")
+    expect(page.locator("#login-error")).to_contain_text("incorrect email or password")
+    expect(page.locator("#app")).to_be_hidden()
+
+
+def test_train_watch_deploy_and_chat(page: Page, stack: Stack, tiny_model: Path, alpaca_file: Path) -> None:
+    stack.start_inference_worker()
+    log_in(page)
+    expect(page.locator("#me")).to_have_text(ADMIN_EMAIL)
+    assert page.request.get("/ui/").headers["content-security-policy"].startswith("default-src 'self'")
+
+    page.get_by_role("link", name="Datasets").click()
+    page.locator("#upload-form [name=file]").set_input_files(str(alpaca_file))
+    page.locator("#upload-form [name=name]").fill("ui-alpaca")
+    page.get_by_role("button", name="Upload").click()
+    expect(page.locator("#datasets tbody")).to_contain_text("ui-alpaca")
+
+    page.get_by_role("link", name="Experiments").click()
+    form = page.locator("#submit-form")
+    form.locator("[name=name]").fill("ui-run")
+    form.locator("[name=base_model]").fill(str(tiny_model))
+    form.locator("[name=dataset_id]").select_option(label="ui-alpaca (16 rows)")
+    form.locator("[name=recipe]").select_option("tiny_lora_cpu")
+    form.locator("[name=max_steps]").fill("20")
+    form.get_by_role("button", name="Submit").click()
+    row = page.locator("#experiments tbody tr", has_text="ui-run")
+    expect(row).to_have_count(1)
+    # No reload from here on: the status changes arrive over the team's live channel.
+    expect(row.locator(".status")).to_have_text("succeeded", timeout=180_000)
+
+    row.get_by_role("button", name="Details").click()
+    expect(page.locator("#detail-status")).to_contain_text("succeeded")
+    points = page.locator("#loss-chart polyline").get_attribute("points") or ""
+    assert len(points.split()) >= 5, points
+
+    row.get_by_role("button", name="Deploy").click()
+    expect(page.locator("#error")).to_contain_text("deployed as ui-run-")
+    model = (page.locator("#error").text_content() or "").split("deployed as ")[1]
+    expect(page.locator("#deployments tbody")).to_contain_text(model)
+
+    page.get_by_role("link", name="Playground").click()
+    page.locator("#chat-form [name=model]").select_option(model)
+    page.locator("#chat-form [name=message]").fill("What is the capital of France?")
+    page.locator("#chat-form [name=max_tokens]").fill("12")
+    page.get_by_role("button", name="Send").click()
+    # The page's policy forbids eval, so wait with a selector: the answer finished, or an error shown.
+    page.locator("#chat-output[data-done='true'], #error:not(:empty)").first.wait_for(timeout=60_000)
+    assert page.locator("#error").text_content() == "", page.locator("#error").text_content()
+    assert (page.locator("#chat-output").text_content() or "").strip()
+
+    page.get_by_role("link", name="Experiments").click()
+    page.locator("#submit-form [name=name]").fill("bad")
+    page.locator("#submit-form [name=base_model]").fill("/no/such/model")
+    page.get_by_role("button", name="Submit").click()
+    expect(page.locator("#error")).to_contain_text("base_model")
