@@ -1,3 +1,5 @@
+"""Every /api router, one per resource."""
+
 from fastapi import APIRouter
 
 from app.api.routes import (
@@ -16,15 +18,6 @@ from app.api.routes import (
 )
 
 api_router = APIRouter()
-api_router.include_router(auth.router)
-api_router.include_router(users.router)
-api_router.include_router(teams.router)
-api_router.include_router(invitations.router)
-api_router.include_router(api_keys.router)
-api_router.include_router(audit.router)
-api_router.include_router(team_events.router)
-api_router.include_router(datasets.router)
-api_router.include_router(experiments.router)
-api_router.include_router(deployments.router)
-api_router.include_router(ab_testing.router)
-api_router.include_router(recipes.router)
+for resource in (auth, users, teams, invitations, api_keys, audit, team_events, datasets, experiments, recipes,
+                 deployments, ab_testing):  # fmt: skip
+    api_router.include_router(resource.router)
