@@ -38,9 +38,9 @@ def page(browser: Browser, stack: Stack) -> Iterator[Page]:
     assert not errors, f"JavaScript errors: {errors}"
 
 
-def log_in(page: Page, password: str = ADMIN_PASSWORD) -> None:
+def log_in(page: Page, password: str = ADMIN_PASSWORD, email: str = ADMIN_EMAIL) -> None:
     page.goto("/")
-    page.get_by_label("Email").fill(ADMIN_EMAIL)
+    page.get_by_label("Email").fill(email)
     page.get_by_label("Password").fill(password)
     page.get_by_role("button", name="Log in").click()
 
@@ -101,3 +101,23 @@ def test_train_watch_deploy_and_chat(page: Page, stack: Stack, tiny_model: Path,
     page.locator("#submit-form [name=base_model]").fill("/no/such/model")
     page.get_by_role("button", name="Submit").click()
     expect(page.locator("#error")).to_contain_text("base_model")
+
+
+def test_a_viewer_is_not_offered_writes(page: Page, stack: Stack) -> None:
+    with stack.http() as http:
+        team = http.get("/api/users/me").json()["teams"][0]["id"]
+        invite = http.post(f"/api/teams/{team}/invitations", json={"email": "viewer@e2e.test", "role": "viewer"},
+                           headers=stack.jwt_headers)  # fmt: skip
+        assert invite.status_code == 201, invite.text
+        accepted = http.post("/api/invitations/accept", json={"token": invite.json()["token"],
+                                                               "password": "viewer-password"})  # fmt: skip
+        assert accepted.status_code == 200, accepted.text
+        listed = min(http.get("/api/experiments/?limit=100").json()["count"], 100)
+    log_in(page, "viewer-password", "viewer@e2e.test")
+    expect(page.locator("#me")).to_have_text("viewer@e2e.test")
+    expect(page.locator("#experiments tbody tr")).to_have_count(listed)  # reads what the team has
+    expect(page.locator("#submit-form")).to_be_hidden()
+    expect(page.get_by_role("button", name="Stop")).to_have_count(0)
+    expect(page.get_by_role("button", name="Deploy")).to_have_count(0)
+    page.get_by_role("link", name="Datasets").click()
+    expect(page.locator("#upload-form")).to_be_hidden()

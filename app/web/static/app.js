@@ -1,7 +1,8 @@
 // Fine-Tuning Studio web UI: a thin client of the REST API. Data is only ever put in the page with
 // textContent (never as HTML), and the login token lives in sessionStorage for this tab.
 
-const state = { token: sessionStorage.getItem("studio-token"), team: null, experiments: new Map(), flash: null };
+const state = { token: sessionStorage.getItem("studio-token"), team: null, roles: new Map(), experiments: new Map(),
+                flash: null };
 const $ = (selector) => document.querySelector(selector);
 
 // ------------------------------------------------------------------ API
@@ -74,6 +75,13 @@ function option(select, value, label) {
 
 // ------------------------------------------------------------------ login and navigation
 
+// Viewers read; the server refuses their writes anyway, so the page does not offer them.
+function selectTeam(id) {
+  state.team = id;
+  document.body.classList.toggle("viewer", state.roles.get(id) === "viewer");
+}
+const canWrite = () => !document.body.classList.contains("viewer");
+
 async function login(event) {
   event.preventDefault();
   $("#login-error").textContent = "";
@@ -99,7 +107,8 @@ async function start() {
   const teams = $("#team");
   teams.replaceChildren();
   for (const team of me.teams) option(teams, team.id, `${team.name} (${team.role})`);
-  state.team = me.teams[0]?.id ?? null;
+  state.roles = new Map(me.teams.map((t) => [t.id, t.role]));
+  selectTeam(me.teams[0]?.id ?? null);
   $("#login").hidden = true;
   $("#app").hidden = false;
   await route();
@@ -145,6 +154,7 @@ function renderExperiments() {
     cell(row, e.created_at.slice(0, 19).replace("T", " "));
     const actions = row.insertCell();
     actions.append(button("Details", () => showExperiment(e.id)));
+    if (!canWrite()) continue;
     if (e.status === "queued" || e.status === "running") {
       actions.append(button("Stop", async () => { await api(`/api/experiments/${e.id}/stop`, { method: "POST" }); }));
     }
@@ -256,7 +266,7 @@ async function loadDeployments() {
     cell(row, d.model); cell(row, d.base_model.split("/").slice(-2).join("/"));
     cell(row, d.experiment_id ?? "—"); cell(row, d.status);
     const actions = row.insertCell();
-    if (d.status === "active") {
+    if (d.status === "active" && canWrite()) {
       actions.append(button("Retire", async () => { await api(`/api/deployments/${d.id}`, { method: "DELETE" });
                                                      await loadDeployments(); }));
     }
@@ -307,7 +317,7 @@ async function chat(event) {
 
 $("#login-form").addEventListener("submit", (e) => login(e).catch((err) => { $("#login-error").textContent = err.message; }));
 $("#logout").addEventListener("click", logout);
-$("#team").addEventListener("change", async (e) => { state.team = e.target.value; await route(); followTeam(); });
+$("#team").addEventListener("change", async (e) => { selectTeam(e.target.value); await route(); followTeam(); });
 $("#submit-form").addEventListener("submit", submitExperiment);
 $("#upload-form").addEventListener("submit", uploadDataset);
 $("#chat-form").addEventListener("submit", chat);
