@@ -59,3 +59,8 @@ def session_scope() -> Iterator[Session]:
     """A session for code outside a request (workers, relay, CLI)."""
     with Session(get_engine(), expire_on_commit=False) as session:
         yield session
+
+
+def is_postgres(session: Session) -> bool:
+    """Row locks (FOR UPDATE, SKIP LOCKED) exist only there; SQLite serialises writers itself."""
+    return session.get_bind().dialect.name == "postgresql"

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from sqlmodel import Session, col, delete, func, select
 
 from app.core.config import Settings
+from app.core.db import is_postgres
 from app.core.storage import Storage
 from app.models import (
     Dataset,
@@ -149,7 +150,7 @@ def start_experiment(*, session: Session, settings: Settings, actor: Principal, 
 def stop_experiment(*, session: Session, actor: Principal, experiment: Experiment) -> Experiment:
     """A queued job is cancelled at once; a running one is flagged and its worker kills it."""
     # Lock and re-read first, so a worker finishing the job concurrently cannot be overwritten.
-    session.refresh(experiment, with_for_update=session.get_bind().dialect.name == "postgresql")
+    session.refresh(experiment, with_for_update=is_postgres(session))
     if experiment.status.terminal:
         raise Conflict(f"experiment is already {experiment.status.value}")
     if experiment.status in (ExperimentStatus.created, ExperimentStatus.queued):
@@ -173,7 +174,7 @@ def requeue_stale(*, session: Session, stale_after_s: float) -> list[tuple[uuid.
     query = select(Experiment).where(
         Experiment.status == ExperimentStatus.running, col(Experiment.heartbeat_at) < cutoff
     )
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgres(session):
         query = query.with_for_update(skip_locked=True)
     requeued = []
     for experiment in session.exec(query).all():

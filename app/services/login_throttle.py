@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from app.core.config import AuthSettings
+from app.core.db import is_postgres
 from app.models import LoginThrottle, utcnow
 
 
@@ -40,7 +41,7 @@ def record_failure(session: Session, settings: AuthSettings, keys: list[str]) ->
 def _count(session: Session, settings: AuthSettings, keys: list[str]) -> None:
     now = utcnow()
     for key in keys:
-        row = session.get(LoginThrottle, key, with_for_update=session.get_bind().dialect.name == "postgresql")
+        row = session.get(LoginThrottle, key, with_for_update=is_postgres(session))
         if row is None:
             row = LoginThrottle(key=key, failures=0, window_start=now)
         elif now - row.window_start > timedelta(seconds=settings.login_window_s):

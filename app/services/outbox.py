@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
+from app.core.db import is_postgres
 from app.models import OutboxMessage, utcnow
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def relay_once(session: Session, send: Sender, limit: int = 100) -> int:
     query = (
         select(OutboxMessage).where(col(OutboxMessage.sent_at).is_(None)).order_by(col(OutboxMessage.id)).limit(limit)
     )
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgres(session):
         # Several API replicas may relay at once; each takes different rows.
         query = query.with_for_update(skip_locked=True)
     sent = 0

@@ -9,6 +9,7 @@ from datetime import timedelta
 from sqlmodel import Session, col, func, select
 
 from app.core.config import Settings
+from app.core.db import is_postgres
 from app.core.security import new_one_time_token, token_hash
 from app.models import (
     Experiment,
@@ -26,13 +27,23 @@ from app.models import (
     utcnow,
 )
 from app.services import audit
-from app.services.accounts import create_user, get_by_email, normalize_email
+from app.services.accounts import create_user, get_by_email, memberships, normalize_email
 from app.services.errors import Conflict, InvalidRequest, NotFound
 from app.services.principal import Principal
 
 
 def team_public(team: Team, settings: Settings, role: Role | None) -> TeamPublic:
     return TeamPublic(id=team.id, name=team.name, role=role, created_at=team.created_at, **quota_limits(team, settings))
+
+
+def user_teams(session: Session, settings: Settings, user_id: uuid.UUID) -> list[TeamPublic]:
+    """The teams a user belongs to, with the user's role in each, oldest membership first."""
+    teams = []
+    for membership in memberships(session, user_id):
+        team = session.get(Team, membership.team_id)
+        assert team is not None
+        teams.append(team_public(team, settings, membership.role))
+    return teams
 
 
 def create_team(session: Session, user_id: uuid.UUID, name: str) -> Team:
@@ -137,7 +148,7 @@ def revoke_invitation(session: Session, actor: Principal, invitation_id: uuid.UU
 def accept_invitation(session: Session, body: InvitationAccept) -> tuple[User, Membership]:
     """The token is the credential: whoever holds it joins (a new account needs a password)."""
     query = select(Invitation).where(Invitation.token_hash == token_hash(body.token))
-    invitation = session.exec(query.with_for_update() if _pg(session) else query).first()
+    invitation = session.exec(query.with_for_update() if is_postgres(session) else query).first()
     if invitation is None or invitation.accepted_at is not None or invitation.expires_at < utcnow():
         raise InvalidRequest("token", "invitation is unknown, used or expired", status_code=400)
     user = get_by_email(session, invitation.email)
@@ -193,7 +204,7 @@ def check_quota(session: Session, settings: Settings, team_id: uuid.UUID) -> Non
     """Before queueing a job: 429 when the team is at its quota. Locks the team row on Postgres so two
     concurrent submits cannot both take the last slot (the lock lasts until the caller commits)."""
     query = select(Team).where(Team.id == team_id)
-    team = session.exec(query.with_for_update() if _pg(session) else query).one()
+    team = session.exec(query.with_for_update() if is_postgres(session) else query).one()
     limits = quota_limits(team, settings)
     max_active, max_queued = limits["max_active_jobs"], limits["max_queued_jobs"]
     counts = dict(session.exec(  # type: ignore[arg-type]
@@ -209,7 +220,3 @@ def check_quota(session: Session, settings: Settings, team_id: uuid.UUID) -> Non
     if active >= max_active:
         raise InvalidRequest("quota", f"team has {active} experiments queued or running; its quota is {max_active}",
                              429)  # fmt: skip
-
-
-def _pg(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"

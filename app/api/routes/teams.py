@@ -18,7 +18,6 @@ from app.models import (
     TeamPublic,
     TeamsPublic,
 )
-from app.services import accounts
 from app.services import teams as service
 from app.services.principal import Principal
 
@@ -28,11 +27,7 @@ router = APIRouter(prefix="/teams", tags=["teams"])
 @router.get("/", response_model=TeamsPublic)
 def list_my_teams(session: SessionDep, settings: SettingsDep, user: CurrentUser) -> TeamsPublic:
     """The teams you belong to, with your role."""
-    data = []
-    for m in accounts.memberships(session, user.id):
-        team = session.get(Team, m.team_id)
-        assert team is not None
-        data.append(service.team_public(team, settings, m.role))
+    data = service.user_teams(session, settings, user.id)
     return TeamsPublic(data=data, count=len(data))
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api.deps import CurrentUser, SessionDep, SettingsDep
-from app.models import Team, UserMe, UserUpdateMe
+from app.models import UserMe, UserUpdateMe
 from app.services import accounts
-from app.services.teams import team_public
+from app.services.teams import user_teams
 
 router = APIRouter(prefix="/users", tags=["users"])
 
@@ -25,9 +25,5 @@ def update_me(session: SessionDep, settings: SettingsDep, user: CurrentUser, bod
 
 
 def _me(session: SessionDep, settings: SettingsDep, user: CurrentUser) -> UserMe:
-    teams = []
-    for m in accounts.memberships(session, user.id):
-        team = session.get(Team, m.team_id)
-        assert team is not None
-        teams.append(team_public(team, settings, m.role))
+    teams = user_teams(session, settings, user.id)
     return UserMe(**user.model_dump(exclude={"hashed_password"}), teams=teams)
