@@ -16,8 +16,8 @@ from app.api.main import api_router
 from app.api.routes import admin, health, openai
 from app.core.config import get_settings
 from app.core.db import session_scope
-from app.core.relay import OutboxRelay, set_relay
 from app.services.accounts import bootstrap_admin
+from app.services.relay import OutboxRelay, set_relay
 
 MULTIPART_OVERHEAD = 64 * 1024
 UPLOAD_PATH = "/api/datasets/upload"
@@ -27,7 +27,7 @@ WEB_DIR = Path(__file__).resolve().parent / "web" / "static"
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     with session_scope() as session:  # first start: the admin named by STUDIO_ADMIN_EMAIL / _PASSWORD
-        bootstrap_admin(session, get_settings())
+        bootstrap_admin(session=session, settings=get_settings())
     relay = OutboxRelay(get_settings())
     set_relay(relay)
     relay.start()
@@ -43,9 +43,10 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Fine-Tuning Studio", version="0.1.0", lifespan=lifespan)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(
-        BodySizeLimit, max_bytes=settings.api.max_request_bytes,
+        BodySizeLimit,
+        max_bytes=settings.api.max_request_bytes,
         large={UPLOAD_PATH: settings.api.max_upload_bytes + MULTIPART_OVERHEAD},
-    )  # fmt: skip
+    )
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(api_router, prefix="/api")

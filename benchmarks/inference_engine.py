@@ -152,22 +152,38 @@ def run_hf_continuous_batching(
     the engine has to beat (it packs sequences into one row, so it cannot mix LoRA adapters per row)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model: Any = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True, dtype=dtype,
-                                                      attn_implementation=attn)  # fmt: skip
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        model_path, use_safetensors=True, dtype=dtype, attn_implementation=attn
+    )
     model = model.to(device).eval()
-    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,  # never stops early
-                              pad_token_id=model.generation_config.pad_token_id)  # fmt: skip
-    model.generate_batch(inputs=prompts[:2], generation_config=GenerationConfig(
-        max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=config.pad_token_id))  # warm-up  # fmt: skip
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=-1,  # never stops early
+        pad_token_id=model.generation_config.pad_token_id,
+    )
+    model.generate_batch(
+        inputs=prompts[:2],
+        generation_config=GenerationConfig(
+            max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=config.pad_token_id
+        ),
+    )  # warm-up
     sync(device)
     start = time.perf_counter()
     out = model.generate_batch(inputs=prompts, generation_config=config)
     sync(device)
     seconds = time.perf_counter() - start
     tokens = sum(len(o.generated_tokens) for o in out.values())
-    return {"arm": f"HF generate_batch ({attn})", "concurrency": len(prompts), "requests": len(prompts),
-            "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "ms_per_step": 1000 * seconds / new_tokens, "outputs": [[]]}  # fmt: skip
+    return {
+        "arm": f"HF generate_batch ({attn})",
+        "concurrency": len(prompts),
+        "requests": len(prompts),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "ms_per_step": 1000 * seconds / new_tokens,
+        "outputs": [[]],
+    }
 
 
 def run_engine(
@@ -264,8 +280,11 @@ def main() -> None:
         baseline = run_hf_baseline(model_path, prompts[: args.baseline_prompts], args.new_tokens, device, dtype)
         library = []
         if args.hf_batch_attn:
-            library = [run_hf_continuous_batching(model_path, prompts[: max(args.concurrency)], args.new_tokens,
-                                                  device, dtype, args.hf_batch_attn)]  # fmt: skip
+            library = [
+                run_hf_continuous_batching(
+                    model_path, prompts[: max(args.concurrency)], args.new_tokens, device, dtype, args.hf_batch_attn
+                )
+            ]
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)

@@ -28,7 +28,7 @@ SHAPES: dict[str, dict[str, int]] = {
         "num_attention_heads": 32,
         "num_key_value_heads": 4,
         "intermediate_size": 5632,
-    },  # fmt: skip
+    },
 }
 
 
@@ -40,22 +40,30 @@ def variable_length_rows(n: int, max_words: int, seed: int = 0) -> list[dict[str
     for _ in range(n):
         length = int(rng.paretovariate(1.2) * 8) % max_words + 4
         answer = " ".join(rng.choice(words) for _ in range(length))
-        rows.append({"messages": [{"role": "user", "content": "Tell me something."},
-                                  {"role": "assistant", "content": answer}]})  # fmt: skip
+        rows.append(
+            {"messages": [{"role": "user", "content": "Tell me something."}, {"role": "assistant", "content": answer}]}
+        )
     return rows
 
 
 def run_arm(model: Path, train_file: Path, out: Path, packing: bool, args: argparse.Namespace) -> dict[str, Any]:
     config = {
-        "base_model": str(model), "train_file": str(train_file), "output_dir": str(out), "method": "lora",
-        "lora_r": 16, "max_steps": args.steps, "per_device_train_batch_size": args.batch_size,
-        "max_seq_length": args.max_seq_length, "packing": packing, "logging_steps": 1,
-        "save_steps": 10**9, "learning_rate": 1e-4,
-    }  # fmt: skip
+        "base_model": str(model),
+        "train_file": str(train_file),
+        "output_dir": str(out),
+        "method": "lora",
+        "lora_r": 16,
+        "max_steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_seq_length": args.max_seq_length,
+        "packing": packing,
+        "logging_steps": 1,
+        "save_steps": 10**9,
+        "learning_rate": 1e-4,
+    }
     cfg = out.parent / f"{out.name}.json"
     cfg.write_text(json.dumps(config))
-    subprocess.run([sys.executable, "-m", "workers.training.run", str(cfg)], cwd=REPO, check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run([sys.executable, "-m", "workers.training.run", str(cfg)], cwd=REPO, check=True, capture_output=True)
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     steps = [e for e in events if e["type"] == "metrics" and "num_tokens" in e]
     # Skip the first steps (compilation, allocator warm-up); measure the steady state.
@@ -89,16 +97,21 @@ def main() -> None:
         train_file = root / "train.jsonl"
         rows = variable_length_rows(args.rows, max_words=args.max_seq_length // 2)
         train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        results = [run_arm(model, train_file, root / name, packing, args)
-                   for name, packing in (("padded", False), ("packed", True))]  # fmt: skip
+        results = [
+            run_arm(model, train_file, root / name, packing, args)
+            for name, packing in (("padded", False), ("packed", True))
+        ]
     base = results[0]["real_tokens_per_s"]
     print(f"{'arm':<24} {'steps':>6} {'real tokens':>12} {'seconds':>8} {'tok/s':>10} {'vs padded':>10}")
     for r in results:
         r["ratio_vs_padded"] = round(r["real_tokens_per_s"] / base, 2)
-        print(f"{r['arm']:<24} {r['steps']:>6} {r['real_tokens']:>12} {r['seconds']:>8} "
-              f"{r['real_tokens_per_s']:>10} {r['ratio_vs_padded']:>9}x")  # fmt: skip
-    args.json.write_text(json.dumps({"shape": args.shape, "args": vars(args) | {"json": str(args.json)},
-                                     "results": results}, indent=2))  # fmt: skip
+        print(
+            f"{r['arm']:<24} {r['steps']:>6} {r['real_tokens']:>12} {r['seconds']:>8} "
+            f"{r['real_tokens_per_s']:>10} {r['ratio_vs_padded']:>9}x"
+        )
+    args.json.write_text(
+        json.dumps({"shape": args.shape, "args": vars(args) | {"json": str(args.json)}, "results": results}, indent=2)
+    )
 
 
 if __name__ == "__main__":

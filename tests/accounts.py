@@ -46,8 +46,11 @@ def make_team(name: str | None = None) -> uuid.UUID:
 def make_member(team_id: uuid.UUID, role: Role, email: str | None = None) -> Member:
     email = email or f"{role.value}-{secrets.token_hex(4)}@example.com"
     with session_scope() as session:
-        user = accounts.get_by_email(session, email) or accounts.create_user(session, email=email, password=PASSWORD)
+        user = accounts.get_by_email(session=session, email=email) or accounts.create_user(
+            session=session, email=email, password=PASSWORD
+        )
         session.add(Membership(team_id=team_id, user_id=user.id, role=role))
         session.commit()
-        _, key = api_keys.create_key(session, Principal(user.id, team_id, role), ApiKeyCreate(name="test", role=role))
+        actor = Principal(user.id, team_id, role)
+        _, key = api_keys.create_key(session=session, actor=actor, body=ApiKeyCreate(name="test", role=role))
         return Member(user.id, team_id, email, role, key)

@@ -4,7 +4,7 @@ Services come from STUDIO_TEST_PG (default postgresql://postgres@127.0.0.1:5432)
 STUDIO_TEST_REDIS (default redis://127.0.0.1:6379); `make test` starts them when they are down.
 Settings are process-wide (cached), so the environment is set here, before the app is imported.
 STUDIO_TEST_SERVICES=0 runs without them (only tests that need neither, e.g. `-m gpu` on a GPU box
-that has no Postgres, Redis or API dependencies).
+that has no Postgres, Redis or API dependencies, or `-m fast`, whose `db` fixture is then a SQLite file).
 """
 
 from __future__ import annotations
@@ -86,6 +86,33 @@ def _database() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def db() -> Iterator[None]:
+    """A migrated database for in-process tests that make their own rows (``fast`` tests ask for it).
+
+    With services it is the session's Postgres (migrated by ``_database``). Without them it is a SQLite
+    file in the session's data dir, migrated once here, with no Redis for notifications: settings and
+    the engine are cached, so both caches are cleared after the environment changes. App code is
+    imported only here, so a bare GPU box (STUDIO_TEST_SERVICES=0, no sqlmodel) never loads it.
+    """
+    if SERVICES:
+        yield
+        return
+    os.environ["STUDIO_DATABASE__URL"] = f"sqlite:///{DATA_DIR / 'fast.db'}"
+    os.environ["STUDIO_EVENTS__REDIS_URL"] = ""
+    os.environ.pop("STUDIO_BROKER__URL", None)
+    from app.core import notify, replies, storage
+    from app.core.config import get_settings
+    from app.core.db import get_engine
+    from app.core.migrate import upgrade
+
+    for cached in (get_settings, get_engine, notify._client, replies.reply_channel, storage.get_storage):
+        cached.cache_clear()
+    upgrade()
+    yield
+    get_engine().dispose()
+
+
+@pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """The tiny random Llama every training test uses (built once, offline, deterministic)."""
     from workers.training.tiny_model import build_tiny_model
@@ -93,13 +120,16 @@ def tiny_model() -> Path:
     return build_tiny_model(DATA_DIR / "models" / "tiny", seed=0)
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` deselected what will not run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """GPU tests run where CUDA exists (the device machine) and are skipped elsewhere."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:  # importing torch costs seconds; `make test-fast` selects no GPU test
+        return
     import torch
 
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    for item in gpu_items:
+        item.add_marker(skip)

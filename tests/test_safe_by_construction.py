@@ -55,15 +55,17 @@ def test_torch_load_only_with_weights_only() -> None:
     for path in SOURCES:
         for call in _calls(ast.parse(path.read_text())):
             if _name(call.func).endswith("torch.load"):
-                safe = any(kw.arg == "weights_only" and isinstance(kw.value, ast.Constant) and kw.value.value is True
-                           for kw in call.keywords)  # fmt: skip
+                safe = any(
+                    kw.arg == "weights_only" and isinstance(kw.value, ast.Constant) and kw.value.value is True
+                    for kw in call.keywords
+                )
                 if not safe:
                     found.append(f"{path.relative_to(REPO)}:{call.lineno}")
     assert not found
 
 
 def test_celery_accepts_json_only() -> None:
-    from workers.celery_app import celery_app
+    from app.core.celery_app import celery_app
 
     assert celery_app.conf.accept_content == ["json"]
     assert celery_app.conf.task_serializer == "json" and celery_app.conf.result_serializer == "json"

@@ -8,15 +8,25 @@ moved and does nothing. Every later write checks ``attempt == N`` so a worker th
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from sqlmodel import col, update
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlmodel import col, select, update
 
 from app.core import notify
-from app.core.db import session_scope
+from app.core.contracts.events import StatusEvent
+from app.core.db import is_postgres, session_scope
+from app.core.event_log import Fenced, record_event, record_status
+from app.core.job_queue import queue_next_attempt
 from app.models import Experiment, ExperimentStatus, utcnow
-from app.services.events import Fenced, record_event
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _owned(experiment_id: uuid.UUID, attempt: int) -> Any:
@@ -45,32 +55,90 @@ def claim(experiment_id: uuid.UUID, attempt: int, worker: str) -> Experiment | N
                 heartbeat_at=now,
                 started_at=now,
                 stop_requested=False,
-            )  # fmt: skip
+            )
         )
         if result.rowcount != 1:
             session.rollback()
             return None
-        record_event(session, experiment_id, "status",
-                     {"status": "running", "attempt": attempt, "worker": worker}, attempt=attempt)  # fmt: skip
+        event = StatusEvent(status=ExperimentStatus.running.value, attempt=attempt, worker=worker)
+        record_status(session, experiment_id, event, fenced=True)
         session.commit()
         experiment = session.get(Experiment, experiment_id)
     _notify(experiment)
     return experiment
 
 
-def heartbeat(experiment_id: uuid.UUID, attempt: int, pid: int | None = None) -> bool:
-    """Refresh the heartbeat; returns whether a stop was requested. Raises Fenced if not owner."""
+@dataclass(frozen=True)
+class Orders:
+    """What the job's row asks of its supervisor at a heartbeat."""
+
+    stop: bool  # the user asked to stop: end the run (cancelled)
+    handoff: bool  # this worker is shutting down: checkpoint and give the job back
+
+
+def heartbeat(experiment_id: uuid.UUID, attempt: int, pid: int | None = None) -> Orders:
+    """Refresh the heartbeat and read the orders. Raises Fenced if this attempt no longer owns the job."""
     with session_scope() as session:
         values: dict[str, Any] = {"heartbeat_at": utcnow()}
         if pid is not None:
             values["pid"] = pid
-        stop = session.exec(  # type: ignore[call-overload]
-            _owned(experiment_id, attempt).values(**values).returning(col(Experiment.stop_requested))
-        ).scalar_one_or_none()
+        row = session.exec(  # type: ignore[call-overload]
+            _owned(experiment_id, attempt)
+            .values(**values)
+            .returning(col(Experiment.stop_requested), col(Experiment.handoff_requested))
+        ).one_or_none()
         session.commit()
-    if stop is None:
+    if row is None:
         raise Fenced(f"experiment {experiment_id} attempt {attempt} lost ownership")
-    return bool(stop)
+    return Orders(stop=bool(row[0]), handoff=bool(row[1]))
+
+
+def request_handoff(worker: str) -> int:
+    """The worker is shutting down: ask the supervisors of its running jobs to checkpoint and hand them
+    back (they see it at their next heartbeat). Returns how many jobs were asked."""
+    with session_scope() as session:
+        result = session.exec(  # type: ignore[call-overload]
+            update(Experiment)
+            .where(col(Experiment.worker) == worker, col(Experiment.status) == ExperimentStatus.running)
+            .values(handoff_requested=True)
+        )
+        session.commit()
+        return int(result.rowcount)
+
+
+def hand_off(experiment_id: uuid.UUID, attempt: int, reason: str) -> bool:
+    """Give the owned job back to the queue as the next attempt, at once (no backoff, not counted as a
+    worker loss): it resumes from its last stored checkpoint. False if this attempt no longer owns it."""
+    with session_scope() as session:
+        query = select(Experiment).where(
+            col(Experiment.id) == experiment_id,
+            col(Experiment.attempt) == attempt,
+            col(Experiment.status) == ExperimentStatus.running,
+        )
+        experiment = session.exec(query.with_for_update() if is_postgres(session) else query).first()
+        if experiment is None:
+            return False
+        queue_next_attempt(session, experiment, reason=reason)
+        session.commit()
+        team_id = experiment.team_id
+    notify.publish(experiment_id, team_id)
+    return True
+
+
+def with_db_retries(what: str, operation: Callable[[], T], budget_s: float) -> T:
+    """Run ``operation``, retrying database errors with backoff for up to ``budget_s``: a blip must not kill
+    a run. ``Fenced`` (lost ownership) is not an error to retry; it ends the attempt."""
+    deadline = time.monotonic() + budget_s
+    delay = 0.5
+    while True:
+        try:
+            return operation()
+        except (OperationalError, InterfaceError, DisconnectionError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: database error, retrying in %.1f s: %s", what, delay, str(exc).splitlines()[0])
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def add_events(experiment_id: uuid.UUID, attempt: int, events: list[tuple[str, dict[str, Any]]]) -> None:
@@ -96,14 +164,18 @@ def finish(
 ) -> bool:
     """Move the owned job to a terminal status; False if this attempt no longer owns it."""
     with session_scope() as session:
-        values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "pid": None,
-                                  "error": error, "log_tail": log_tail}  # fmt: skip
+        values: dict[str, Any] = {
+            "status": status,
+            "finished_at": utcnow(),
+            "pid": None,
+            "error": error,
+            "log_tail": log_tail,
+        }
         if final_metrics is not None:
             values["final_metrics"] = final_metrics
         try:
-            record_event(session, experiment_id, "status",
-                         {"status": status.value, "attempt": attempt,
-                          **({"error": error} if error else {})}, attempt=attempt)  # fmt: skip
+            event = StatusEvent(status=status.value, attempt=attempt, error=error)
+            record_status(session, experiment_id, event, fenced=True)
         except Fenced:
             session.rollback()
             return False

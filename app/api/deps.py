@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, Header, HTTPException, Query, Request
 from fastapi.security import OAuth2PasswordBearer
 from sqlmodel import Session
 
@@ -22,7 +23,10 @@ from app.core.security import API_KEY_PREFIX, InvalidToken, decode_access_token
 from app.core.storage import Storage, get_storage
 from app.models import Membership, Role, User
 from app.services import accounts, api_keys
+from app.services.crud import TeamOwned, get_owned
 from app.services.principal import Principal
+
+OwnedT = TypeVar("OwnedT", bound=TeamOwned)
 
 
 def get_session() -> Iterator[Session]:
@@ -48,7 +52,7 @@ def _authenticate(session: Session, settings: Settings, token: str | None) -> tu
     if not token:
         raise unauthorized("not authenticated: send Authorization: Bearer <token or API key>")
     if token.startswith(API_KEY_PREFIX):
-        principal = api_keys.resolve(session, token)
+        principal = api_keys.resolve(session=session, key=token)
         if principal is None:
             raise unauthorized("invalid or revoked API key")
         user = session.get(User, principal.user_id)
@@ -72,9 +76,12 @@ def get_current_user(session: SessionDep, settings: SettingsDep, token: TokenDep
 
 
 def get_principal(
-    request: Request, session: SessionDep, settings: SettingsDep, token: TokenDep,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    token: TokenDep,
     x_team_id: Annotated[str | None, Header(description="Team to act in; default your first team")] = None,
-) -> Principal:  # fmt: skip
+) -> Principal:
     user, key_principal = _authenticate(session, settings, token)
     wanted = request.path_params.get("team_id") or x_team_id
     team_id = _parse_team(wanted) if wanted else None
@@ -87,7 +94,7 @@ def get_principal(
         if membership is None:
             raise HTTPException(404, f"team {team_id} not found")
     else:
-        teams = accounts.memberships(session, user.id)
+        teams = accounts.memberships(session=session, user_id=user.id)
         if not teams:
             raise HTTPException(403, "you are not a member of any team; ask an admin for an invitation")
         membership = teams[0]
@@ -124,9 +131,38 @@ def require_superuser(session: SessionDep, settings: SettingsDep, token: TokenDe
     return user
 
 
+@dataclass(frozen=True)
+class PageParams:
+    """A list route's ``?skip=&limit=``."""
+
+    skip: int
+    limit: int
+
+
+def page_params(skip: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100) -> PageParams:
+    return PageParams(skip=skip, limit=limit)
+
+
+def long_page_params(
+    skip: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> PageParams:
+    return PageParams(skip=skip, limit=limit)
+
+
+def get_owned_or_404(*, session: Session, model: type[OwnedT], team_id: uuid.UUID, id: Any, what: str) -> OwnedT:
+    """The team's row, or 404 "<what> <id> not found" (also for another team's row)."""
+    row = get_owned(session=session, model=model, team_id=team_id, id=id)
+    if row is None:
+        raise HTTPException(404, f"{what} {id} not found")
+    return row
+
+
 CurrentUser = Annotated[User, Depends(get_current_user)]
 Viewer = Annotated[Principal, Depends(require(Role.viewer))]
 Trainer = Annotated[Principal, Depends(require(Role.trainer))]
 Admin = Annotated[Principal, Depends(require(Role.admin))]
 Superuser = Annotated[User, Depends(require_superuser)]
 LoggedIn = Annotated[Principal, Depends(require_login)]
+# ?skip=&limit= on list routes; LongPage allows pages of up to 1000 rows instead of 500.
+Page = Annotated[PageParams, Depends(page_params)]
+LongPage = Annotated[PageParams, Depends(long_page_params)]

@@ -16,9 +16,15 @@ from app.datasets.formats import DatasetInvalid
 from app.services.errors import InvalidRequest
 from app.services.inference import InferenceFailed
 
-OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-                429: "rate_limit_error"}  # fmt: skip
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 class PayloadTooLarge(Exception):
@@ -26,11 +32,13 @@ class PayloadTooLarge(Exception):
         self.message = message
 
 
-def openai_error(status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+def openai_error(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status, headers=headers)  # fmt: skip
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status, headers=headers
+    )
 
 
 def _is_openai(request: Request) -> bool:

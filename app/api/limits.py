@@ -49,8 +49,7 @@ class BodySizeLimit:
 
     async def _reject(self, send: Send, limit: int) -> None:
         body = json.dumps({"detail": f"request body larger than {limit} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})
 
 

@@ -18,6 +18,18 @@ from app.api.routes import (
 )
 
 api_router = APIRouter()
-for resource in (auth, users, teams, invitations, api_keys, audit, team_events, datasets, experiments, recipes,
-                 deployments, ab_testing):  # fmt: skip
+for resource in (
+    auth,
+    users,
+    teams,
+    invitations,
+    api_keys,
+    audit,
+    team_events,
+    datasets,
+    experiments,
+    recipes,
+    deployments,
+    ab_testing,
+):
     api_router.include_router(resource.router)

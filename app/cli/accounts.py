@@ -48,7 +48,7 @@ def create_admin(
     upgrade()
     try:
         with session_scope() as session:
-            user = create(session, email=email, password=password, full_name=full_name)
+            user = create(session=session, email=email, password=password, full_name=full_name)
             console.print(f"admin {user.email} created ({user.id})")
     except InvalidRequest as exc:
         fail(str(exc))

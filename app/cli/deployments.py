@@ -51,8 +51,13 @@ def chat(
     temperature: Annotated[float, typer.Option(min=0, max=2)] = 0.7,
 ) -> None:
     """One chat turn with a deployment, streamed to the terminal."""
-    body = {"model": model, "messages": [{"role": "user", "content": message}], "max_tokens": max_tokens,
-            "temperature": temperature, "stream": True}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": message}],
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "stream": True,
+    }
     with client(timeout=None) as http, connect_sse(http, "POST", "/v1/chat/completions", json=body) as source:
         if source.response.status_code >= 400:
             source.response.read()

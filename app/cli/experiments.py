@@ -44,8 +44,14 @@ def submit(
     watch_: Annotated[bool, typer.Option("--watch", help="Follow progress until it ends")] = False,
 ) -> None:
     """Submit an experiment; prints its id."""
-    body = {"name": name, "base_model": base_model, "dataset_id": dataset, "recipe": recipe,
-            "hyperparameters": parse_overrides(set_ or []), "queue": queue}  # fmt: skip
+    body = {
+        "name": name,
+        "base_model": base_model,
+        "dataset_id": dataset,
+        "recipe": recipe,
+        "hyperparameters": parse_overrides(set_ or []),
+        "queue": queue,
+    }
     experiment = request("POST", "/api/experiments/", json=body)
     console.print(f"[green]experiment {experiment['id']}[/] queued on {experiment['queue']}")
     if watch_:
@@ -72,8 +78,9 @@ def show(experiment_id: str) -> None:
 def stop(experiment_id: str) -> None:
     """Stop (cancel) an experiment."""
     experiment = request("POST", f"/api/experiments/{experiment_id}/stop")
-    console.print(f"experiment {experiment_id}: {experiment['status']}"
-                  + (" (stopping)" if experiment["stop_requested"] else ""))  # fmt: skip
+    console.print(
+        f"experiment {experiment_id}: {experiment['status']}" + (" (stopping)" if experiment["stop_requested"] else "")
+    )
 
 
 @app.command()
@@ -82,8 +89,13 @@ def watch(experiment_id: str) -> None:
     experiment = request("GET", f"/api/experiments/{experiment_id}")
     total = experiment["hyperparameters"].get("max_steps") or 0
     status = experiment["status"]
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed:.0f}"),
-               TextColumn("{task.fields[loss]}"), TimeElapsedColumn()]  # fmt: skip
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("step {task.completed:.0f}"),
+        TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(status, total=total if total > 0 else None, loss="")
         try:
@@ -103,15 +115,20 @@ def watch(experiment_id: str) -> None:
                         progress.console.print(
                             f"{data['train_rows']} train rows, {tokens['tokens_total']:,} tokens "
                             f"(mean {tokens['tokens_mean']}, max {tokens['tokens_max']})"
-                            + (f" — [yellow]{over} rows longer than max_seq_length={tokens['max_seq_length']} "
-                               "will be cut[/]" if over else "")
-                        )  # fmt: skip
+                            + (
+                                f" — [yellow]{over} rows longer than max_seq_length={tokens['max_seq_length']} "
+                                "will be cut[/]"
+                                if over
+                                else ""
+                            )
+                        )
                     elif sse.event == "metrics" and "loss" in data:
                         progress.update(task, completed=data.get("step", 0), loss=f"loss {data['loss']:.4f}")
         except httpx.HTTPError as exc:
             fail(f"lost the event stream: {exc}")
     final = request("GET", f"/api/experiments/{experiment_id}")
-    console.print(f"experiment {experiment_id}: {final['status']}"
-                  + (f" — {final['error']}" if final.get("error") else ""))  # fmt: skip
+    console.print(
+        f"experiment {experiment_id}: {final['status']}" + (f" — {final['error']}" if final.get("error") else "")
+    )
     if final["status"] != "succeeded":
         raise typer.Exit(1)

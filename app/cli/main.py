@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -61,20 +62,23 @@ def first_admin(settings: Settings, url: str) -> None:
     from app.services.principal import Principal
 
     with session_scope() as session:
-        if accounts.user_count(session):
+        if accounts.user_count(session=session):
             return
         if settings.admin_email and settings.admin_password.get_secret_value():
-            accounts.bootstrap_admin(session, settings)
+            accounts.bootstrap_admin(session=session, settings=settings)
             return
         if settings.environment != "development":
             fail("no users yet: set STUDIO_ADMIN_EMAIL and STUDIO_ADMIN_PASSWORD, or run `studio users create-admin`")
         password = secrets.token_urlsafe(12)
-        admin = accounts.create_admin(session, email=LOCAL_ADMIN, password=password)
+        admin = accounts.create_admin(session=session, email=LOCAL_ADMIN, password=password)
         actor = Principal(admin.id, DEFAULT_TEAM_ID, Role.admin)
-        _, key = api_keys.create_key(session, actor, ApiKeyCreate(name="local CLI", role=Role.admin))
+        _, key = api_keys.create_key(session=session, actor=actor, body=ApiKeyCreate(name="local CLI", role=Role.admin))
     path = save_token(url, key)
-    console.print(f"[bold]First start:[/] created admin [cyan]{LOCAL_ADMIN}[/] with password [cyan]{password}[/] "
-                  f"(shown once). This machine's CLI is logged in ({path}).", soft_wrap=True)  # fmt: skip
+    console.print(
+        f"[bold]First start:[/] created admin [cyan]{LOCAL_ADMIN}[/] with password [cyan]{password}[/] "
+        f"(shown once). This machine's CLI is logged in ({path}).",
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -127,8 +131,16 @@ def flower(
     """Run the Flower monitoring UI for the worker fleet, behind basic auth."""
     if not basic_auth or ":" not in basic_auth:
         fail("--basic-auth user:password (or STUDIO_FLOWER_BASIC_AUTH) is required: Flower can revoke tasks")
-    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower",
-            f"--port={port}", f"--basic-auth={basic_auth}"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "app.core.celery_app",
+        "flower",
+        f"--port={port}",
+        f"--basic-auth={basic_auth}",
+    ]
     os.execv(sys.executable, argv)  # noqa: S606 - fixed argv
 
 
@@ -140,12 +152,17 @@ def datasets_upload(
     eval_fraction: Annotated[float, typer.Option(min=0, max=0.99)] = 0.1,
 ) -> None:
     """Upload a dataset file; prints its id."""
-    data = {"eval_fraction": str(eval_fraction), **({"name": name} if name else {}),
-            **({"format": format} if format else {})}  # fmt: skip
+    data = {
+        "eval_fraction": str(eval_fraction),
+        **({"name": name} if name else {}),
+        **({"format": format} if format else {}),
+    }
     with path.open("rb") as f:
         body = request("POST", "/api/datasets/upload", files={"file": (path.name, f)}, data=data)
-    console.print(f"[green]dataset {body['id']}[/] {body['name']}: {body['format']}, "
-                  f"{body['row_count']} rows ({body['train_rows']} train / {body['eval_rows']} eval)")  # fmt: skip
+    console.print(
+        f"[green]dataset {body['id']}[/] {body['name']}: {body['format']}, "
+        f"{body['row_count']} rows ({body['train_rows']} train / {body['eval_rows']} eval)"
+    )
 
 
 @datasets_app.command("list")
@@ -164,9 +181,12 @@ def models_tiny(
     seed: Annotated[int, typer.Option(help="Same seed, same bytes")] = 0,
 ) -> None:
     """Build a tiny random Llama with a locally trained tokenizer and chat template (offline)."""
-    from workers.training.tiny_model import build_tiny_model
-
-    path = build_tiny_model(output_dir, seed=seed)
+    # Built by the worker code in its own process: the CLI never imports torch or workers.
+    argv = [sys.executable, "-m", "workers.training.tiny_model", str(output_dir), "--seed", str(seed)]
+    done = subprocess.run(argv, capture_output=True, text=True)  # noqa: S603 - fixed argv
+    if done.returncode != 0:
+        fail(f"building the tiny model failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    path = Path(done.stdout.strip().splitlines()[-1])
     console.print(f"tiny model written to {path}")
     console.print(json.dumps({"path": str(path)}))
 

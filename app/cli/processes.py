@@ -20,11 +20,27 @@ def worker_command(queues: list[str], name: str, concurrency: int | None = None)
     if concurrency is None:
         concurrency = get_settings().inference.concurrency if serving else 1
     return [
-        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-        "-Q", ",".join(queues), "-n", name, "--concurrency", str(concurrency),
-        "--pool", "threads" if serving else "prefork",
-        "--prefetch-multiplier", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "app.core.celery_app",
+        "worker",
+        "-Q",
+        ",".join(queues),
+        "-n",
+        name,
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        "threads" if serving else "prefork",
+        "--prefetch-multiplier",
+        "1",
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+    ]
 
 
 def api_command(host: str, port: int) -> list[str]:

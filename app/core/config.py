@@ -66,6 +66,24 @@ class TrainingSettings(BaseModel):
     max_steps_cap: int = Field(100_000, description="Largest max_steps a request may ask for")
     max_seq_length_cap: int = Field(32_768, description="Largest max_seq_length allowed")
     python: str = Field("", description="Interpreter for the trainer child; default this one")
+    max_attempts: int = Field(
+        3, ge=1, description="Worker losses (dead or silent worker) a job survives before it fails; /start resets"
+    )
+    requeue_backoff_s: float = Field(
+        10.0, ge=0, description="Wait before re-running a job whose worker was lost; doubles per loss (max 10 min)"
+    )
+    handoff_grace_s: float = Field(
+        120.0, gt=0, description="A worker shutting down gives its trainer this long to checkpoint before handing off"
+    )
+    resend_after_s: float = Field(
+        300.0,
+        gt=0,
+        description="A job queued this long without a claim is sent again (lost broker message); the interval "
+        "doubles per resend",
+    )
+    db_retry_s: float = Field(
+        120.0, ge=0, description="How long a running job retries database errors (with backoff) before giving up"
+    )
 
 
 class ApiSettings(BaseModel):
@@ -74,6 +92,12 @@ class ApiSettings(BaseModel):
     max_request_bytes: int = Field(64 * 1024 * 1024, description="Largest request body except uploads (413)")
     relay_interval_s: float = Field(0.5, description="Outbox relay poll interval")
     models_dir: str = Field("", description="Extra directory where base_model names resolve to local models")
+    idempotency_ttl_s: int = Field(
+        24 * 3600,
+        ge=1,
+        description="How long a creating POST's Idempotency-Key is remembered (its response replayed); "
+        "after that the same key creates anew",
+    )
 
 
 class InferenceSettings(BaseModel):

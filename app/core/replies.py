@@ -21,13 +21,12 @@ from fastapi.concurrency import run_in_threadpool
 from sqlmodel import col, delete, select
 
 from app.core.config import get_settings
+from app.core.contracts.inference import Cancel, Reply, dump_reply, parse_reply
 from app.core.db import session_scope
 from app.models import InferenceReply, utcnow
 
 TTL_S = 3600
 POLL_S = 0.05
-
-Reply = dict[str, Any]
 
 
 class ReplyChannel(Protocol):
@@ -59,14 +58,14 @@ class RedisReplies:
 
     def send(self, request_id: str, reply: Reply) -> None:
         pipe = self._sync.pipeline()
-        pipe.xadd(_key(request_id), {"d": json.dumps(reply)})
+        pipe.xadd(_key(request_id), {"d": json.dumps(dump_reply(reply))})
         pipe.expire(_key(request_id), TTL_S)
         pipe.execute()
 
     async def read(self, request_id: str, after: str, timeout_s: float) -> list[tuple[str, Reply]]:
         block_ms = max(1, int(timeout_s * 1000))
         got: Any = await self._async.xread({_key(request_id): after or "0"}, count=256, block=block_ms)
-        return [(i.decode(), json.loads(f[b"d"])) for _, entries in got or [] for i, f in entries]
+        return [(i.decode(), parse_reply(f[b"d"])) for _, entries in got or [] for i, f in entries]
 
     def cancelled(self, request_id: str) -> bool:
         return bool(self._sync.exists(f"studio:{_cancel_key(request_id)}"))
@@ -81,7 +80,7 @@ class RedisReplies:
 class SqlReplies:
     def send(self, request_id: str, reply: Reply) -> None:
         with session_scope() as session:
-            session.add(InferenceReply(request_id=request_id, data=reply))
+            session.add(InferenceReply(request_id=request_id, data=dump_reply(reply)))
             session.commit()
 
     async def read(self, request_id: str, after: str, timeout_s: float) -> list[tuple[str, Reply]]:
@@ -101,7 +100,7 @@ class SqlReplies:
                 .where(InferenceReply.request_id == request_id, col(InferenceReply.id) > after)
                 .order_by(col(InferenceReply.id))
             ).all()
-            return [(str(r.id), r.data) for r in rows]
+            return [(str(r.id), parse_reply(r.data)) for r in rows]
 
     def cancelled(self, request_id: str) -> bool:
         with session_scope() as session:
@@ -109,7 +108,7 @@ class SqlReplies:
             return session.exec(query).first() is not None
 
     async def cancel(self, request_id: str) -> None:
-        await run_in_threadpool(self.send, _cancel_key(request_id), {"type": "cancel"})
+        await run_in_threadpool(self.send, _cancel_key(request_id), Cancel())
 
     async def discard(self, request_id: str) -> None:
         def run() -> None:

@@ -97,8 +97,7 @@ def create_access_token(settings: Settings, user_id: uuid.UUID) -> tuple[str, in
         "exp": now + timedelta(seconds=ttl),
         "jti": secrets.token_hex(8),
     }
-    token = jwt.encode(claims, keys.keys[keys.active_kid], algorithm=JWT_ALGORITHM,
-                       headers={"kid": keys.active_kid})  # fmt: skip
+    token = jwt.encode(claims, keys.keys[keys.active_kid], algorithm=JWT_ALGORITHM, headers={"kid": keys.active_kid})
     return token, ttl
 
 
@@ -121,9 +120,13 @@ def decode_access_token(settings: Settings, token: str) -> TokenClaims:
         raise InvalidToken("token signed with an unknown or retired key id")
     try:
         claims = jwt.decode(
-            token, key, algorithms=[JWT_ALGORITHM], audience=settings.auth.audience, issuer=settings.auth.issuer,
+            token,
+            key,
+            algorithms=[JWT_ALGORITHM],
+            audience=settings.auth.audience,
+            issuer=settings.auth.issuer,
             options={"require": ["exp", "iat", "sub", "iss", "aud"]},
-        )  # fmt: skip
+        )
         return TokenClaims(uuid.UUID(claims["sub"]), datetime.fromtimestamp(int(claims["iat"]), UTC))
     except jwt.ExpiredSignatureError:
         raise InvalidToken("token expired") from None

@@ -13,8 +13,14 @@ from typing import Any
 from app.models import DatasetFormat
 
 MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "tool": "tool"}  # fmt: skip
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 MAX_REPORTED_ERRORS = 10
 
 
@@ -141,12 +147,10 @@ def to_training_record(row: dict[str, Any], fmt: DatasetFormat) -> dict[str, Any
     if fmt is DatasetFormat.messages:
         return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
     if fmt is DatasetFormat.sharegpt:
-        return {"messages": [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]}
-                             for t in row["conversations"]]}  # fmt: skip
+        return {"messages": [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in row["conversations"]]}
     if fmt is DatasetFormat.alpaca:
         prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        return {"messages": [{"role": "user", "content": prompt},
-                             {"role": "assistant", "content": row["output"]}]}  # fmt: skip
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]}
     if fmt is DatasetFormat.prompt_completion:
         return {"prompt": row["prompt"], "completion": row["completion"]}
     raise ValueError(f"{fmt.value} datasets need preference training (DPO), not SFT")

@@ -16,8 +16,12 @@ from app.datasets.formats import DatasetInvalid, RowError
 
 FileKind = Literal["jsonl", "json", "csv", "parquet"]
 EXTENSIONS: dict[str, FileKind] = {
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
-}  # fmt: skip
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
 NumberedRow = tuple[int, dict[str, Any]]
 
 

@@ -11,18 +11,20 @@ import uuid
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, col, select
 
 from app.core.config import Settings
+from app.core.contracts.inference import ChatMessage, ScoreItem, ScoreMessage
 from app.core.db import session_scope
+from app.core.layout import read_dataset_rows
 from app.core.storage import Storage
 from app.datasets.formats import to_training_record
 from app.datasets.split import split_indices
 from app.models import AbTest, AbTestCreate, Dataset, DatasetFormat, Deployment, DeploymentStatus, utcnow
 from app.services import audit
-from app.services.datasets import read_dataset_rows
+from app.services.crud import get_owned, paginate
 from app.services.errors import Conflict, InvalidRequest, NotFound
-from app.services.inference import GENERATE_TASK, SCORE_TASK, InferenceFailed, new_request_id, run_to_end, target
+from app.services.inference import InferenceFailed, complete, generation, greedy, score, target
 from app.services.principal import Principal
 
 MAX_PROMPTS = 50  # generated side by side per compare
@@ -34,7 +36,7 @@ JUDGE_PROMPT = (
 )
 
 
-def create_ab_test(session: Session, storage: Storage, actor: Principal, body: AbTestCreate) -> AbTest:
+def create_ab_test(*, session: Session, storage: Storage, actor: Principal, body: AbTestCreate) -> AbTest:
     for field in ("deployment_a", "deployment_b", "judge_deployment"):
         value = getattr(body, field)
         if value is not None:
@@ -46,62 +48,56 @@ def create_ab_test(session: Session, storage: Storage, actor: Principal, body: A
     if any(not p.strip() for p in body.prompts):
         raise InvalidRequest("prompts", "prompts must not be empty")
     if body.dataset_id is not None:
-        dataset = session.get(Dataset, body.dataset_id)
-        if dataset is None or dataset.team_id != actor.team_id:
+        dataset = get_owned(session=session, model=Dataset, team_id=actor.team_id, id=body.dataset_id)
+        if dataset is None:
             raise NotFound("dataset_id", f"no dataset {body.dataset_id}")
         if dataset.format is DatasetFormat.preference or dataset.eval_rows == 0:
             raise InvalidRequest("dataset_id", "needs an SFT-format dataset with a non-empty eval split")
     test = AbTest(team_id=actor.team_id, **body.model_dump())
     session.add(test)
     session.flush()
-    audit.record(session, actor, "ab_test.create", "ab_test", test.id, name=body.name)
+    audit.record(
+        session=session, actor=actor, action="ab_test.create", target_type="ab_test", target_id=test.id, name=body.name
+    )
     session.commit()
     session.refresh(test)
     return test
 
 
-def get_ab_test(session: Session, team_id: uuid.UUID, test_id: uuid.UUID) -> AbTest | None:
-    test = session.get(AbTest, test_id)
-    return test if test and test.team_id == team_id else None
+def list_ab_tests(*, session: Session, team_id: uuid.UUID, skip: int, limit: int) -> tuple[list[AbTest], int]:
+    query = select(AbTest).where(AbTest.team_id == team_id).order_by(col(AbTest.created_at).desc())
+    return paginate(session=session, query=query, skip=skip, limit=limit)
 
 
-def list_ab_tests(session: Session, team_id: uuid.UUID, skip: int, limit: int) -> tuple[list[AbTest], int]:
-    count = session.exec(select(func.count()).select_from(AbTest).where(AbTest.team_id == team_id)).one()
-    rows = session.exec(select(AbTest).where(AbTest.team_id == team_id).order_by(col(AbTest.created_at).desc())
-                        .offset(skip).limit(limit)).all()  # fmt: skip
-    return list(rows), count
-
-
-async def compare(session: Session, settings: Settings, storage: Storage, actor: Principal, test: AbTest) -> AbTest:
+async def compare(*, session: Session, settings: Settings, storage: Storage, actor: Principal, test: AbTest) -> AbTest:
     a = await run_in_threadpool(_active_deployment, session, test.team_id, test.deployment_a, "deployment_a")
     b = await run_in_threadpool(_active_deployment, session, test.team_id, test.deployment_b, "deployment_b")
     judge = None
     if test.judge_deployment:
-        judge = await run_in_threadpool(_active_deployment, session, test.team_id, test.judge_deployment,
-                                        "judge_deployment")  # fmt: skip
+        judge = await run_in_threadpool(
+            _active_deployment, session, test.team_id, test.judge_deployment, "judge_deployment"
+        )
     eval_items = await run_in_threadpool(_eval_items, session, storage, test.dataset_id)
     await run_in_threadpool(session.close)  # generation takes a while: hold no connection meanwhile
-    prompts: list[dict[str, Any]] = [{"messages": [{"role": "user", "content": p}]} for p in test.prompts]
-    prompts = prompts or [{k: v for k, v in item.items() if k != "completion"} for item in eval_items]
-    prompts = prompts[:MAX_PROMPTS]
+    prompts = [ScoreItem(messages=[ChatMessage(role="user", content=p)], completion="") for p in test.prompts]
+    prompts = (prompts or eval_items)[:MAX_PROMPTS]
 
     gate = asyncio.Semaphore(MAX_CONCURRENT)  # a compare is one user's job: it must not take the whole fleet
 
-    async def answer(deployment: Deployment, item: dict[str, Any]) -> dict[str, Any]:
+    async def answer(deployment: Deployment, item: ScoreItem) -> dict[str, Any]:
         """One side's answer, or its error: one bad prompt must not sink the whole comparison."""
         async with gate:
             return await _answer(deployment, item)
 
-    async def _answer(deployment: Deployment, item: dict[str, Any]) -> dict[str, Any]:
+    async def _answer(deployment: Deployment, item: ScoreItem) -> dict[str, Any]:
         start = time.monotonic()
+        message = generation(deployment, greedy(test.max_tokens), messages=item.messages, prompt=item.prompt)
         try:
-            done = await run_to_end(settings, GENERATE_TASK, {
-                "request_id": new_request_id(), **target(deployment), **item, "max_tokens": test.max_tokens,
-                "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 0, "stream": False})  # fmt: skip
+            done = await complete(settings, message)
         except InferenceFailed as exc:
             return {"text": None, "error": exc.message, "latency_s": None}
-        return {"text": done["text"], "latency_s": round(time.monotonic() - start, 4),
-                "completion_tokens": done["completion_tokens"]}  # fmt: skip
+        latency = round(time.monotonic() - start, 4)
+        return {"text": done.text, "latency_s": latency, "completion_tokens": done.completion_tokens}
 
     # All of both sides at once: they meet in the workers' batches.
     answers = await asyncio.gather(*(answer(d, p) for d in (a, b) for p in prompts))
@@ -129,8 +125,13 @@ async def compare(session: Session, settings: Settings, storage: Storage, actor:
         for row, verdict in zip(rows, verdicts, strict=True):
             row["judge"] = verdict
         decided = [v for v in verdicts if v]
-        results["judge"] = {"deployment": str(judge.id), "model": judge.name, "undecided": len(verdicts) - len(decided),
-                            "win_rate_a": _rate(decided, "a"), "win_rate_b": _rate(decided, "b")}  # fmt: skip
+        results["judge"] = {
+            "deployment": str(judge.id),
+            "model": judge.name,
+            "undecided": len(verdicts) - len(decided),
+            "win_rate_a": _rate(decided, "a"),
+            "win_rate_b": _rate(decided, "b"),
+        }
 
     def save() -> AbTest:
         with session_scope() as fresh:
@@ -138,7 +139,7 @@ async def compare(session: Session, settings: Settings, storage: Storage, actor:
             assert row is not None
             row.results, row.compared_at = results, utcnow()
             fresh.add(row)
-            audit.record(fresh, actor, "ab_test.compare", "ab_test", row.id)
+            audit.record(session=fresh, actor=actor, action="ab_test.compare", target_type="ab_test", target_id=row.id)
             fresh.commit()
             return row
 
@@ -146,39 +147,38 @@ async def compare(session: Session, settings: Settings, storage: Storage, actor:
 
 
 def _active_deployment(session: Session, team_id: uuid.UUID, deployment_id: uuid.UUID, field: str) -> Deployment:
-    deployment = session.get(Deployment, deployment_id)
-    if deployment is None or deployment.team_id != team_id:
+    deployment = get_owned(session=session, model=Deployment, team_id=team_id, id=deployment_id)
+    if deployment is None:
         raise NotFound(field, f"no deployment {deployment_id}")
     if deployment.status is not DeploymentStatus.active:
         raise Conflict(f"deployment {deployment.name} is retired", field=field)
     return deployment
 
 
-def _eval_items(session: Session, storage: Storage, dataset_id: uuid.UUID | None) -> list[dict[str, Any]]:
+def _eval_items(session: Session, storage: Storage, dataset_id: uuid.UUID | None) -> list[ScoreItem]:
     """The dataset's held-out rows as (prompt, completion) items, the same split training used."""
     dataset = session.get(Dataset, dataset_id) if dataset_id else None
     if dataset is None:
         return []
-    rows = read_dataset_rows(storage, dataset)
+    rows = read_dataset_rows(storage, dataset.id)
     _, held_out = split_indices(rows, dataset.eval_fraction)
     items = []
     for i in held_out[:MAX_EVAL_ITEMS]:
         record = to_training_record(rows[i], dataset.format)
         if "messages" in record and record["messages"][-1]["role"] == "assistant":
-            items.append({"messages": record["messages"][:-1], "completion": record["messages"][-1]["content"]})
+            history = [ChatMessage.model_validate(m) for m in record["messages"][:-1]]
+            items.append(ScoreItem(messages=history, completion=record["messages"][-1]["content"]))
         elif "prompt" in record:
-            items.append({"prompt": record["prompt"], "completion": record["completion"]})
+            items.append(ScoreItem(prompt=record["prompt"], completion=record["completion"]))
         elif "text" in record:
-            items.append({"prompt": "", "completion": record["text"]})
+            items.append(ScoreItem(prompt="", completion=record["text"]))
     return items
 
 
-async def _eval_loss(settings: Settings, deployment: Deployment, items: list[dict[str, Any]]) -> float:
-    done = await run_to_end(
-        settings, SCORE_TASK, {"request_id": new_request_id(), **target(deployment), "items": items}
-    )
-    nll = sum(s["nll_sum"] for s in done["scores"])
-    tokens = sum(s["tokens"] for s in done["scores"])
+async def _eval_loss(settings: Settings, deployment: Deployment, items: list[ScoreItem]) -> float:
+    scored = await score(settings, ScoreMessage(**target(deployment).model_dump(), items=items))
+    nll = sum(s.nll_sum for s in scored.scores)
+    tokens = sum(s.tokens for s in scored.scores)
     return nll / max(tokens, 1)
 
 
@@ -186,27 +186,30 @@ async def _judge(settings: Settings, judge: Deployment, row: dict[str, Any]) -> 
     if row["a"]["text"] is None or row["b"]["text"] is None:
         return None
     prompt = JUDGE_PROMPT.format(prompt=row["prompt"], a=row["a"]["text"], b=row["b"]["text"])
+    message = generation(judge, greedy(4), messages=[ChatMessage(role="user", content=prompt)])
     try:
-        done = await run_to_end(settings, GENERATE_TASK, {
-            "request_id": new_request_id(), **target(judge), "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 0, "stream": False})  # fmt: skip
+        done = await complete(settings, message)
     except InferenceFailed:
         return None
-    match = re.search(r"\b([AB])\b", done["text"].strip().upper())
+    match = re.search(r"\b([AB])\b", done.text.strip().upper())
     return match.group(1).lower() if match else None
 
 
 def _side(deployment: Deployment, answers: list[dict[str, Any]]) -> dict[str, Any]:
     latencies = [x["latency_s"] for x in answers if x["latency_s"] is not None]
-    return {"deployment": str(deployment.id), "model": deployment.name, "errors": len(answers) - len(latencies),
-            "mean_latency_s": round(sum(latencies) / max(len(latencies), 1), 4)}  # fmt: skip
+    return {
+        "deployment": str(deployment.id),
+        "model": deployment.name,
+        "errors": len(answers) - len(latencies),
+        "mean_latency_s": round(sum(latencies) / max(len(latencies), 1), 4),
+    }
 
 
 def _rate(verdicts: list[str], side: str) -> float | None:
     return round(verdicts.count(side) / len(verdicts), 4) if verdicts else None
 
 
-def _display(item: dict[str, Any]) -> str:
-    if "messages" in item:
-        return next((m["content"] for m in reversed(item["messages"]) if m["role"] == "user"), "")
-    return str(item.get("prompt", ""))
+def _display(item: ScoreItem) -> str:
+    if item.messages is not None:
+        return next((m.content for m in reversed(item.messages) if m.role == "user"), "")
+    return item.prompt or ""

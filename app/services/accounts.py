@@ -30,22 +30,22 @@ def normalize_email(email: str) -> str:
     return email
 
 
-def check_password(password: str, field: str = "password") -> None:
+def check_password(*, password: str, field: str = "password") -> None:
     if len(password) < MIN_PASSWORD:
         raise InvalidRequest(field, f"must be at least {MIN_PASSWORD} characters")
 
 
-def get_by_email(session: Session, email: str) -> User | None:
+def get_by_email(*, session: Session, email: str) -> User | None:
     return session.exec(select(User).where(User.email == email)).first()
 
 
 def create_user(
-    session: Session, *, email: str, password: str, full_name: str = "", is_superuser: bool = False
+    *, session: Session, email: str, password: str, full_name: str = "", is_superuser: bool = False
 ) -> User:
     """Add a user in the caller's transaction (not committed)."""
     email = normalize_email(email)
-    check_password(password)
-    if get_by_email(session, email) is not None:
+    check_password(password=password)
+    if get_by_email(session=session, email=email) is not None:
         raise InvalidRequest("email", f"a user with email {email} already exists", status_code=409)
     user = User(email=email, full_name=full_name, hashed_password=hash_password(password), is_superuser=is_superuser)
     session.add(user)
@@ -53,39 +53,39 @@ def create_user(
     return user
 
 
-def create_admin(session: Session, *, email: str, password: str, full_name: str = "") -> User:
+def create_admin(*, session: Session, email: str, password: str, full_name: str = "") -> User:
     """A platform admin (superuser) who is also admin of the default team."""
-    user = create_user(session, email=email, password=password, full_name=full_name, is_superuser=True)
+    user = create_user(session=session, email=email, password=password, full_name=full_name, is_superuser=True)
     session.add(Membership(team_id=DEFAULT_TEAM_ID, user_id=user.id, role=Role.admin))
     session.commit()
     session.refresh(user)
     return user
 
 
-def user_count(session: Session) -> int:
+def user_count(*, session: Session) -> int:
     return session.exec(select(func.count()).select_from(User)).one()
 
 
-def bootstrap_admin(session: Session, settings: Settings) -> User | None:
+def bootstrap_admin(*, session: Session, settings: Settings) -> User | None:
     """First start: create the admin named by STUDIO_ADMIN_EMAIL / STUDIO_ADMIN_PASSWORD, if no user exists."""
     password = settings.admin_password.get_secret_value()
-    if not settings.admin_email or not password or user_count(session):
+    if not settings.admin_email or not password or user_count(session=session):
         return None
-    return create_admin(session, email=settings.admin_email, password=password)
+    return create_admin(session=session, email=settings.admin_email, password=password)
 
 
-def authenticate(session: Session, settings: Settings, *, email: str, password: str, client: str | None) -> User:
+def authenticate(*, session: Session, settings: Settings, email: str, password: str, client: str | None) -> User:
     """The user for these credentials, or LoginRefused (401, or 429 once the rate limit trips)."""
     email = email.strip().lower()
-    keys = login_throttle.keys_for(email, client)
-    wait = login_throttle.retry_after_s(session, settings.auth, keys)
+    keys = login_throttle.keys_for(email=email, client=client)
+    wait = login_throttle.retry_after_s(session=session, settings=settings.auth, keys=keys)
     if wait:
         raise LoginRefused(f"too many failed logins; try again in {wait} s", 429, wait)
-    user = get_by_email(session, email)
+    user = get_by_email(session=session, email=email)
     if not verify_password(password, user.hashed_password if user else None) or user is None or not user.is_active:
-        login_throttle.record_failure(session, settings.auth, keys)
+        login_throttle.record_failure(session=session, settings=settings.auth, keys=keys)
         raise LoginRefused("incorrect email or password")
-    login_throttle.clear(session, email)
+    login_throttle.clear(session=session, email=email)
     if needs_rehash(user.hashed_password):
         user.hashed_password = hash_password(password)
         session.add(user)
@@ -93,7 +93,7 @@ def authenticate(session: Session, settings: Settings, *, email: str, password: 
     return user
 
 
-def update_me(session: Session, user: User, body: UserUpdateMe) -> User:
+def update_me(*, session: Session, user: User, body: UserUpdateMe) -> User:
     if body.full_name is not None:
         user.full_name = body.full_name
     if body.new_password is not None:
@@ -107,6 +107,6 @@ def update_me(session: Session, user: User, body: UserUpdateMe) -> User:
     return user
 
 
-def memberships(session: Session, user_id: uuid.UUID) -> list[Membership]:
+def memberships(*, session: Session, user_id: uuid.UUID) -> list[Membership]:
     query = select(Membership).where(Membership.user_id == user_id).order_by(col(Membership.created_at))
     return list(session.exec(query).all())

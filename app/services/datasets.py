@@ -11,21 +11,18 @@ from typing import Any
 
 from sqlmodel import Session, col, func, select
 
+from app.core.layout import dataset_prefix, dataset_rows_key, dataset_source_key
 from app.core.storage import Storage
 from app.datasets.formats import validate_rows
 from app.datasets.readers import FileKind, NumberedRow, read_rows
 from app.datasets.split import split_indices
 from app.models import AbTest, Dataset, DatasetFormat, Experiment
 from app.services import audit
+from app.services.crud import paginate
 from app.services.errors import Conflict
 from app.services.principal import Principal
 
 PREVIEW_ROWS = 5
-ROWS_FILE = "rows.jsonl"
-
-
-def rows_key(dataset: Dataset) -> str:
-    return f"{dataset.storage_prefix}/{ROWS_FILE}"
 
 
 def _build(
@@ -51,19 +48,34 @@ def _build(
     detected = validate_rows(collect(), fmt)
     train, held_out = split_indices(rows, eval_fraction)
     dataset = Dataset(
-        team_id=actor.team_id, name=name, format=detected, row_count=len(rows),
-        train_rows=len(train), eval_rows=len(held_out), eval_fraction=eval_fraction,
-        content_hash=content_hash, size_bytes=size_bytes, storage_prefix="",
+        team_id=actor.team_id,
+        name=name,
+        format=detected,
+        row_count=len(rows),
+        train_rows=len(train),
+        eval_rows=len(held_out),
+        eval_fraction=eval_fraction,
+        content_hash=content_hash,
+        size_bytes=size_bytes,
+        storage_prefix="",
         preview=rows[:PREVIEW_ROWS],
-    )  # fmt: skip
-    dataset.storage_prefix = f"datasets/{dataset.id}"
+    )
+    dataset.storage_prefix = dataset_prefix(dataset.id)
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
     try:
-        storage.put_bytes(rows_key(dataset), body)
+        storage.put_bytes(dataset_rows_key(dataset.id), body)
         if source:
-            storage.put_file(f"{dataset.storage_prefix}/source.{source[1]}", source[0])
+            storage.put_file(dataset_source_key(dataset.id, source[1]), source[0])
         session.add(dataset)
-        audit.record(session, actor, "dataset.create", "dataset", dataset.id, name=name, rows=len(rows))
+        audit.record(
+            session=session,
+            actor=actor,
+            action="dataset.create",
+            target_type="dataset",
+            target_id=dataset.id,
+            name=name,
+            rows=len(rows),
+        )
         session.commit()
     except BaseException:
         session.rollback()
@@ -85,10 +97,17 @@ def create_from_file(
     eval_fraction: float,
 ) -> Dataset:
     return _build(
-        session=session, storage=storage, actor=actor, name=name,
-        numbered=read_rows(path, kind), fmt=fmt, eval_fraction=eval_fraction,
-        content_hash=_file_sha256(path), size_bytes=path.stat().st_size, source=(path, kind),
-    )  # fmt: skip
+        session=session,
+        storage=storage,
+        actor=actor,
+        name=name,
+        numbered=read_rows(path, kind),
+        fmt=fmt,
+        eval_fraction=eval_fraction,
+        content_hash=_file_sha256(path),
+        size_bytes=path.stat().st_size,
+        source=(path, kind),
+    )
 
 
 def create_from_rows(
@@ -103,11 +122,17 @@ def create_from_rows(
 ) -> Dataset:
     body = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows)
     return _build(
-        session=session, storage=storage, actor=actor, name=name,
-        numbered=enumerate(rows, start=1), fmt=fmt, eval_fraction=eval_fraction,
-        content_hash=hashlib.sha256(body.encode()).hexdigest(), size_bytes=len(body),
+        session=session,
+        storage=storage,
+        actor=actor,
+        name=name,
+        numbered=enumerate(rows, start=1),
+        fmt=fmt,
+        eval_fraction=eval_fraction,
+        content_hash=hashlib.sha256(body.encode()).hexdigest(),
+        size_bytes=len(body),
         source=None,
-    )  # fmt: skip
+    )
 
 
 def delete_dataset(*, session: Session, storage: Storage, actor: Principal, dataset: Dataset) -> None:
@@ -119,7 +144,14 @@ def delete_dataset(*, session: Session, storage: Storage, actor: Principal, data
         test.dataset_id = None  # past A/B results stay; they just no longer point at the rows
         session.add(test)
     session.delete(dataset)
-    audit.record(session, actor, "dataset.delete", "dataset", dataset.id, name=dataset.name)
+    audit.record(
+        session=session,
+        actor=actor,
+        action="dataset.delete",
+        target_type="dataset",
+        target_id=dataset.id,
+        name=dataset.name,
+    )
     session.commit()
     storage.delete_prefix(dataset.storage_prefix)  # after commit: a failed delete leaves files, never a dangling row
 
@@ -132,20 +164,6 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def get_dataset(*, session: Session, team_id: uuid.UUID, dataset_id: uuid.UUID) -> Dataset | None:
-    dataset = session.get(Dataset, dataset_id)
-    return dataset if dataset and dataset.team_id == team_id else None
-
-
 def list_datasets(*, session: Session, team_id: uuid.UUID, skip: int, limit: int) -> tuple[list[Dataset], int]:
-    where = Dataset.team_id == team_id
-    count = session.exec(select(func.count()).select_from(Dataset).where(where)).one()
-    page = session.exec(
-        select(Dataset).where(where).order_by(col(Dataset.created_at).desc()).offset(skip).limit(limit)
-    ).all()
-    return list(page), count
-
-
-def read_dataset_rows(storage: Storage, dataset: Dataset) -> list[dict[str, Any]]:
-    with storage.open(rows_key(dataset)) as f:
-        return [json.loads(line) for line in f.read().splitlines() if line.strip()]
+    query = select(Dataset).where(Dataset.team_id == team_id).order_by(col(Dataset.created_at).desc())
+    return paginate(session=session, query=query, skip=skip, limit=limit)

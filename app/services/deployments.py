@@ -9,6 +9,7 @@ import uuid
 from sqlmodel import Session, col, func, select
 
 from app.core.config import Settings
+from app.core.layout import artifact_prefix
 from app.core.storage import Storage
 from app.models import (
     Deployment,
@@ -21,8 +22,9 @@ from app.models import (
     utcnow,
 )
 from app.services import audit
+from app.services.crud import get_owned, paginate
 from app.services.errors import Conflict, InvalidRequest, NotFound
-from app.services.experiments import artifact_prefix, check_base_model
+from app.services.experiments import check_base_model
 from app.services.principal import Principal
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -33,18 +35,19 @@ def public(deployment: Deployment) -> DeploymentPublic:
 
 
 def create_deployment(
-    session: Session, settings: Settings, storage: Storage, actor: Principal, body: DeploymentCreate
+    *, session: Session, settings: Settings, storage: Storage, actor: Principal, body: DeploymentCreate
 ) -> Deployment:
     if (body.experiment_id is None) == (body.base_model is None):
         raise InvalidRequest("experiment_id", "give exactly one of experiment_id or base_model")
     adapter_prefix = None
     if body.experiment_id is not None:
-        experiment = session.get(Experiment, body.experiment_id)
-        if experiment is None or experiment.team_id != actor.team_id:
+        experiment = get_owned(session=session, model=Experiment, team_id=actor.team_id, id=body.experiment_id)
+        if experiment is None:
             raise NotFound("experiment_id", f"no experiment {body.experiment_id}")
         if experiment.status is not ExperimentStatus.succeeded:
-            raise Conflict(f"experiment is {experiment.status.value}; only succeeded runs can be deployed",
-                           field="experiment_id")  # fmt: skip
+            raise Conflict(
+                f"experiment is {experiment.status.value}; only succeeded runs can be deployed", field="experiment_id"
+            )
         adapter_prefix = artifact_prefix(experiment.id)
         if not storage.exists(f"{adapter_prefix}/{ADAPTER_WEIGHTS}"):
             raise InvalidRequest("experiment_id", "the run has no LoRA adapter (full fine-tunes are not servable yet)")
@@ -54,34 +57,61 @@ def create_deployment(
         base_model = check_base_model(body.base_model, settings)
         default_name = base_model.rstrip("/").rsplit("/", 1)[-1]
     name = body.name or f"{_slug(default_name)}-{secrets.token_hex(3)}"
-    taken = session.exec(select(func.count()).select_from(Deployment).where(
-        Deployment.team_id == actor.team_id, Deployment.name == name)).one()  # fmt: skip
+    taken = session.exec(
+        select(func.count()).select_from(Deployment).where(Deployment.team_id == actor.team_id, Deployment.name == name)
+    ).one()
     if taken:
         raise Conflict(f"the team already has a deployment named {name!r}", field="name")
-    deployment = Deployment(team_id=actor.team_id, name=name, experiment_id=body.experiment_id, base_model=base_model,
-                            adapter_prefix=adapter_prefix, created_by=actor.user_id)  # fmt: skip
+    deployment = Deployment(
+        team_id=actor.team_id,
+        name=name,
+        experiment_id=body.experiment_id,
+        base_model=base_model,
+        adapter_prefix=adapter_prefix,
+        created_by=actor.user_id,
+    )
     session.add(deployment)
     session.flush()
-    audit.record(session, actor, "deployment.create", "deployment", deployment.id, name=name,
-                 experiment_id=str(body.experiment_id) if body.experiment_id else None)  # fmt: skip
+    audit.record(
+        session=session,
+        actor=actor,
+        action="deployment.create",
+        target_type="deployment",
+        target_id=deployment.id,
+        name=name,
+        experiment_id=str(body.experiment_id) if body.experiment_id else None,
+    )
     session.commit()
     session.refresh(deployment)
     return deployment
 
 
-def retire_deployment(session: Session, actor: Principal, deployment: Deployment) -> Deployment:
+def retire_deployment(*, session: Session, actor: Principal, deployment: Deployment) -> Deployment:
     """Stop serving it: the name stops resolving at once, and workers unload its weights."""
     if deployment.status is DeploymentStatus.retired:
         raise Conflict("deployment is already retired")
     deployment.status = DeploymentStatus.retired
     deployment.retired_at = utcnow()
     session.add(deployment)
-    shared_base = session.exec(select(func.count()).select_from(Deployment).where(
-        Deployment.base_model == deployment.base_model, Deployment.status == DeploymentStatus.active,
-        Deployment.id != deployment.id)).one()  # fmt: skip
+    shared_base = session.exec(
+        select(func.count())
+        .select_from(Deployment)
+        .where(
+            Deployment.base_model == deployment.base_model,
+            Deployment.status == DeploymentStatus.active,
+            Deployment.id != deployment.id,
+        )
+    ).one()
     if deployment.adapter_prefix or not shared_base:  # a base model others still serve stays loaded
         session.add(InferenceCommand(action="unload", target=unload_target(deployment)))
-    audit.record(session, actor, "deployment.retire", "deployment", deployment.id, name=deployment.name)
+    audit.record(
+        session=session,
+        actor=actor,
+        action="deployment.retire",
+        target_type="deployment",
+        target_id=deployment.id,
+        name=deployment.name,
+    )
     session.commit()
     session.refresh(deployment)
     return deployment
@@ -92,12 +122,7 @@ def unload_target(deployment: Deployment) -> str:
     return str(deployment.id) if deployment.adapter_prefix else deployment.base_model
 
 
-def get_deployment(session: Session, team_id: uuid.UUID, deployment_id: uuid.UUID) -> Deployment | None:
-    deployment = session.get(Deployment, deployment_id)
-    return deployment if deployment and deployment.team_id == team_id else None
-
-
-def by_model_name(session: Session, team_id: uuid.UUID, name: str) -> Deployment | None:
+def by_model_name(*, session: Session, team_id: uuid.UUID, name: str) -> Deployment | None:
     active = Deployment.status == DeploymentStatus.active
     return session.exec(
         select(Deployment).where(Deployment.team_id == team_id, Deployment.name == name, active)
@@ -105,16 +130,12 @@ def by_model_name(session: Session, team_id: uuid.UUID, name: str) -> Deployment
 
 
 def list_deployments(
-    session: Session, team_id: uuid.UUID, status: DeploymentStatus | None, skip: int = 0, limit: int = 500
+    *, session: Session, team_id: uuid.UUID, status: DeploymentStatus | None = None, skip: int = 0, limit: int = 500
 ) -> tuple[list[Deployment], int]:
-    where = [col(Deployment.team_id) == team_id]
+    query = select(Deployment).where(Deployment.team_id == team_id)
     if status:
-        where.append(col(Deployment.status) == status)
-    count = session.exec(select(func.count()).select_from(Deployment).where(*where)).one()
-    rows = session.exec(
-        select(Deployment).where(*where).order_by(col(Deployment.created_at).desc()).offset(skip).limit(limit)
-    ).all()
-    return list(rows), count
+        query = query.where(Deployment.status == status)
+    return paginate(session=session, query=query.order_by(col(Deployment.created_at).desc()), skip=skip, limit=limit)
 
 
 def _slug(text: str) -> str:

@@ -12,10 +12,14 @@ from datetime import timedelta
 from pathlib import Path
 
 from pydantic import ValidationError
-from sqlmodel import Session, col, delete, func, select
+from sqlmodel import Session, col, delete, select
 
 from app.core.config import Settings
+from app.core.contracts.training import Hyperparameters
 from app.core.db import is_postgres
+from app.core.event_log import status_event
+from app.core.job_queue import queue_next_attempt, send_attempt_message
+from app.core.layout import experiment_prefix
 from app.core.storage import Storage
 from app.models import (
     Dataset,
@@ -29,13 +33,13 @@ from app.models import (
     utcnow,
 )
 from app.services import audit
+from app.services.crud import get_owned, paginate
 from app.services.errors import Conflict, InvalidRequest
-from app.services.events import status_event
-from app.services.outbox import TRAIN_TASK, enqueue
 from app.services.principal import Principal
+from app.services.recipes import RecipeNotFound, resolve
 from app.services.teams import check_quota
-from app.training.hyperparameters import Hyperparameters, RecipeNotFound, resolve
 
+MAX_BACKOFF_S = 600.0
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
 
 
@@ -85,8 +89,8 @@ def resolve_hyperparameters(body: ExperimentCreate, settings: Settings) -> Hyper
 
 
 def create_experiment(*, session: Session, settings: Settings, actor: Principal, body: ExperimentCreate) -> Experiment:
-    dataset = session.get(Dataset, body.dataset_id)
-    if dataset is None or dataset.team_id != actor.team_id:
+    dataset = get_owned(session=session, model=Dataset, team_id=actor.team_id, id=body.dataset_id)
+    if dataset is None:
         raise InvalidRequest("dataset_id", f"no dataset {body.dataset_id}", status_code=404)
     if dataset.format is DatasetFormat.preference:
         raise InvalidRequest("dataset_id", "preference datasets need DPO, which SFT cannot train on")
@@ -100,48 +104,58 @@ def create_experiment(*, session: Session, settings: Settings, actor: Principal,
         raise InvalidRequest("hyperparameters.method", f"qlora needs a CUDA GPU, and queue {queue.name!r} has none")
     base_model = check_base_model(body.base_model, settings)
     if body.start:
-        check_quota(session, settings, actor.team_id)
+        check_quota(session=session, settings=settings, team_id=actor.team_id)
     experiment = Experiment(
-        team_id=actor.team_id, name=body.name, base_model=base_model, dataset_id=dataset.id,
-        recipe=body.recipe, hyperparameters=params.model_dump(), queue=queue.name,
-    )  # fmt: skip
+        team_id=actor.team_id,
+        name=body.name,
+        base_model=base_model,
+        dataset_id=dataset.id,
+        recipe=body.recipe,
+        hyperparameters=params.model_dump(),
+        queue=queue.name,
+    )
     session.add(experiment)
     session.flush()
     if body.start:
-        _queue_attempt(session, experiment)
+        queue_next_attempt(session, experiment)
     else:
         experiment.status = ExperimentStatus.created
         session.add(experiment)
         session.flush()
         status_event(session, experiment, reason="created without starting")
-    audit.record(session, actor, "experiment.create", "experiment", experiment.id, name=body.name,
-                 started=body.start)  # fmt: skip
+    audit.record(
+        session=session,
+        actor=actor,
+        action="experiment.create",
+        target_type="experiment",
+        target_id=experiment.id,
+        name=body.name,
+        started=body.start,
+    )
     session.commit()
     session.refresh(experiment)
     return experiment
 
 
-def _queue_attempt(session: Session, experiment: Experiment, **extra: str) -> None:
-    """Mark queued and send a wake-up for the next attempt, in the caller's transaction."""
-    experiment.status = ExperimentStatus.queued
-    experiment.stop_requested = False
-    session.add(experiment)
-    session.flush()
-    status_event(session, experiment, **extra)
-    payload = {"experiment_id": str(experiment.id), "attempt": experiment.attempt + 1}
-    enqueue(session, TRAIN_TASK, experiment.queue, payload)
-
-
 def start_experiment(*, session: Session, settings: Settings, actor: Principal, experiment: Experiment) -> Experiment:
     """Run again after a failure or cancel; resumes from the last stored checkpoint."""
     if experiment.status not in (ExperimentStatus.created, ExperimentStatus.failed, ExperimentStatus.cancelled):
-        raise Conflict(f"experiment is {experiment.status.value}; only created, failed or cancelled "
-                       "experiments can be started")  # fmt: skip
-    check_quota(session, settings, actor.team_id)
+        raise Conflict(
+            f"experiment is {experiment.status.value}; only created, failed or cancelled experiments can be started"
+        )
+    check_quota(session=session, settings=settings, team_id=actor.team_id)
     experiment.error = None
     experiment.finished_at = None
-    _queue_attempt(session, experiment, reason="started again")
-    audit.record(session, actor, "experiment.start", "experiment", experiment.id, attempt=experiment.attempt + 1)
+    experiment.worker_losses = 0  # a fresh budget: the user decided to try again
+    queue_next_attempt(session, experiment, reason="started again")
+    audit.record(
+        session=session,
+        actor=actor,
+        action="experiment.start",
+        target_type="experiment",
+        target_id=experiment.id,
+        attempt=experiment.attempt + 1,
+    )
     session.commit()
     session.refresh(experiment)
     return experiment
@@ -154,22 +168,24 @@ def stop_experiment(*, session: Session, actor: Principal, experiment: Experimen
     if experiment.status.terminal:
         raise Conflict(f"experiment is already {experiment.status.value}")
     if experiment.status in (ExperimentStatus.created, ExperimentStatus.queued):
-        experiment.status = ExperimentStatus.cancelled
-        experiment.finished_at = utcnow()
-        session.add(experiment)
-        session.flush()
-        status_event(session, experiment, reason="stopped before it started")
+        _end(session, experiment, ExperimentStatus.cancelled, reason="stopped before it started")
     elif not experiment.stop_requested:
         experiment.stop_requested = True
         session.add(experiment)
-    audit.record(session, actor, "experiment.stop", "experiment", experiment.id)
+    audit.record(
+        session=session, actor=actor, action="experiment.stop", target_type="experiment", target_id=experiment.id
+    )
     session.commit()
     session.refresh(experiment)
     return experiment
 
 
-def requeue_stale(*, session: Session, stale_after_s: float) -> list[tuple[uuid.UUID, uuid.UUID]]:
-    """Running jobs whose worker stopped heartbeating go back to the queue (resume from checkpoint)."""
+def requeue_stale(
+    *, session: Session, stale_after_s: float, max_attempts: int = 3, backoff_s: float = 10.0
+) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """Running jobs whose worker stopped heartbeating go back to the queue (resume from checkpoint),
+    after a backoff that doubles per loss; after ``max_attempts`` losses the job fails instead, so a
+    job that takes its worker down does not loop."""
     cutoff = utcnow() - timedelta(seconds=stale_after_s)
     query = select(Experiment).where(
         Experiment.status == ExperimentStatus.running, col(Experiment.heartbeat_at) < cutoff
@@ -178,17 +194,61 @@ def requeue_stale(*, session: Session, stale_after_s: float) -> list[tuple[uuid.
         query = query.with_for_update(skip_locked=True)
     requeued = []
     for experiment in session.exec(query).all():
+        lost_on = experiment.worker or "an unknown worker"
         if experiment.stop_requested:
-            experiment.status = ExperimentStatus.cancelled
-            experiment.finished_at = utcnow()
-            session.add(experiment)
-            session.flush()
-            status_event(session, experiment, reason="worker lost while stopping")
+            _end(session, experiment, ExperimentStatus.cancelled, reason="worker lost while stopping")
         else:
-            _queue_attempt(session, experiment, reason="worker lost; requeued")
+            experiment.worker_losses += 1
+            if experiment.worker_losses >= max_attempts:
+                error = (
+                    f"worker lost {experiment.worker_losses} times (last: {lost_on} stopped heartbeating); "
+                    "giving up after training.max_attempts. Fix the cause, then start the experiment again"
+                )
+                _end(session, experiment, ExperimentStatus.failed, reason="too many worker losses", error=error)
+            else:
+                delay = min(backoff_s * 2 ** (experiment.worker_losses - 1), MAX_BACKOFF_S)
+                reason = f"worker {lost_on} lost ({experiment.worker_losses} of {max_attempts}); requeued"
+                queue_next_attempt(session, experiment, reason=reason, delay_s=delay)
         requeued.append((experiment.id, experiment.team_id))
     session.commit()
     return requeued
+
+
+def resend_unclaimed(*, session: Session, resend_after_s: float) -> list[uuid.UUID]:
+    """Send the wake-up again for jobs queued longer than ``resend_after_s`` (doubling per resend)
+    without being claimed: a message lost by the broker recovers by itself; a duplicate of one that
+    was not lost is harmless (the claim by attempt number ignores it)."""
+    now = utcnow()
+    query = select(Experiment).where(
+        Experiment.status == ExperimentStatus.queued,
+        col(Experiment.queued_at) < now - timedelta(seconds=resend_after_s),
+    )
+    if is_postgres(session):
+        query = query.with_for_update(skip_locked=True)
+    resent = []
+    for experiment in session.exec(query).all():
+        assert experiment.queued_at is not None
+        waited = (now - experiment.queued_at).total_seconds()
+        if waited < resend_after_s * 2**experiment.queue_resends:
+            continue
+        experiment.queue_resends += 1
+        session.add(experiment)
+        send_attempt_message(session, experiment)
+        resent.append(experiment.id)
+    session.commit()
+    return resent
+
+
+def _end(
+    session: Session, experiment: Experiment, status: ExperimentStatus, *, reason: str, error: str | None = None
+) -> None:
+    experiment.status = status
+    experiment.finished_at = utcnow()
+    if error is not None:
+        experiment.error = error
+    session.add(experiment)
+    session.flush()
+    status_event(session, experiment, reason=reason)
 
 
 def delete_experiment(*, session: Session, storage: Storage, actor: Principal, experiment: Experiment) -> None:
@@ -203,33 +263,22 @@ def delete_experiment(*, session: Session, storage: Storage, actor: Principal, e
         session.add(deployment)
     session.exec(delete(ExperimentEvent).where(col(ExperimentEvent.experiment_id) == experiment.id))  # type: ignore[call-overload]
     session.delete(experiment)
-    audit.record(session, actor, "experiment.delete", "experiment", experiment.id, name=experiment.name)
+    audit.record(
+        session=session,
+        actor=actor,
+        action="experiment.delete",
+        target_type="experiment",
+        target_id=experiment.id,
+        name=experiment.name,
+    )
     session.commit()
-    storage.delete_prefix(f"experiments/{experiment.id}")
-
-
-def get_experiment(*, session: Session, team_id: uuid.UUID, experiment_id: uuid.UUID) -> Experiment | None:
-    experiment = session.get(Experiment, experiment_id)
-    return experiment if experiment and experiment.team_id == team_id else None
+    storage.delete_prefix(experiment_prefix(experiment.id))
 
 
 def list_experiments(
     *, session: Session, team_id: uuid.UUID, status: ExperimentStatus | None, skip: int, limit: int
 ) -> tuple[list[Experiment], int]:
-    where = [col(Experiment.team_id) == team_id]
+    query = select(Experiment).where(col(Experiment.team_id) == team_id)
     if status:
-        where.append(col(Experiment.status) == status)
-    count = session.exec(select(func.count()).select_from(Experiment).where(*where)).one()
-    page = session.exec(
-        select(Experiment).where(*where).order_by(col(Experiment.created_at).desc())
-        .offset(skip).limit(limit)
-    ).all()  # fmt: skip
-    return list(page), count
-
-
-def artifact_prefix(experiment_id: uuid.UUID) -> str:
-    return f"experiments/{experiment_id}/artifacts"
-
-
-def checkpoint_prefix(experiment_id: uuid.UUID) -> str:
-    return f"experiments/{experiment_id}/checkpoints"
+        query = query.where(col(Experiment.status) == status)
+    return paginate(session=session, query=query.order_by(col(Experiment.created_at).desc()), skip=skip, limit=limit)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import timedelta
 from functools import partial
@@ -20,14 +19,24 @@ from fastapi.concurrency import run_in_threadpool
 from sqlmodel import col, select
 
 from app.core.config import Settings
+from app.core.contracts.inference import (
+    Accepted,
+    ChatMessage,
+    Delta,
+    Done,
+    Error,
+    GenerateMessage,
+    ModelTarget,
+    Sampling,
+    Scored,
+    ScoreMessage,
+)
 from app.core.db import session_scope
-from app.core.relay import celery_send
-from app.core.replies import Reply, reply_channel
+from app.core.queues import GENERATE_TASK, INFERENCE_QUEUE, SCORE_TASK
+from app.core.replies import reply_channel
 from app.models import Deployment, InferenceWorker, utcnow
+from app.services.relay import celery_send
 
-GENERATE_TASK = "studio.generate"
-SCORE_TASK = "studio.score"
-INFERENCE_QUEUE = "inference"
 READ_WAIT_S = 1.0
 CLEANUP_S = 5.0
 log = logging.getLogger(__name__)
@@ -39,31 +48,50 @@ class InferenceFailed(Exception):
         self.status, self.code, self.message, self.param = status, code, message, param
 
 
-def target(deployment: Deployment) -> dict[str, Any]:
+def target(deployment: Deployment) -> ModelTarget:
     """What a worker needs to know about the model: base weights and the adapter, if any."""
-    return {"base_model": deployment.base_model,
-            "adapter": str(deployment.id) if deployment.adapter_prefix else None,
-            "adapter_prefix": deployment.adapter_prefix}  # fmt: skip
+    adapter = str(deployment.id) if deployment.adapter_prefix else None
+    return ModelTarget(base_model=deployment.base_model, adapter=adapter, adapter_prefix=deployment.adapter_prefix)
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex
+def generation(
+    deployment: Deployment,
+    sampling: Sampling,
+    *,
+    messages: list[ChatMessage] | None = None,
+    prompt: str | None = None,
+    stream: bool = False,
+) -> GenerateMessage:
+    """The one builder of a generation message: a chat (``messages``) or a plain ``prompt``."""
+    return GenerateMessage(
+        **target(deployment).model_dump(), **sampling.model_dump(), messages=messages, prompt=prompt, stream=stream
+    )
+
+
+def greedy(max_tokens: int) -> Sampling:
+    """Deterministic sampling, for comparisons and judges."""
+    return Sampling(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=0)
+
+
+Answer = Delta | Done | Scored
 
 
 async def replies(
-    settings: Settings, task: str, payload: dict[str, Any], gone: Callable[[], Awaitable[bool]] | None = None
-) -> AsyncGenerator[Reply, None]:
-    """Send, then yield the worker's replies until ``done``; raise InferenceFailed on any failure.
+    settings: Settings, message: GenerateMessage | ScoreMessage, gone: Callable[[], Awaitable[bool]] | None = None
+) -> AsyncGenerator[Answer, None]:
+    """Send, then yield the worker's replies until ``done``/``scored``; raise InferenceFailed on any failure.
     ``gone`` tells whether the client disconnected; then the worker is told to stop."""
     limits = settings.inference
-    rid = payload["request_id"]
+    rid = message.request_id
+    task = GENERATE_TASK if isinstance(message, GenerateMessage) else SCORE_TASK
     channel = reply_channel()
     if not await run_in_threadpool(live_workers, limits.worker_stale_after_s):
-        raise InferenceFailed(503, "no_worker", "no inference worker is running; start one with "
-                              "`studio worker --queue inference`")  # fmt: skip
+        raise InferenceFailed(
+            503, "no_worker", "no inference worker is running; start one with `studio worker --queue inference`"
+        )
     # Expires with the queue timeout: a request nobody took in time is never run for nobody later.
-    await run_in_threadpool(partial(celery_send, task, INFERENCE_QUEUE, {"request": payload},
-                                    expires=limits.queue_timeout_s))  # fmt: skip
+    send = partial(celery_send, task, INFERENCE_QUEUE, message.kwargs(), expires=limits.queue_timeout_s)
+    await run_in_threadpool(send)
     start = last_check = time.monotonic()
     after, worker, finished = "0", None, False
     try:
@@ -71,22 +99,23 @@ async def replies(
             got = await channel.read(rid, after, READ_WAIT_S)
             for reply_id, reply in got:
                 after = reply_id
-                if reply["type"] == "accepted":
-                    worker = reply["worker"]
-                elif reply["type"] == "error":
+                if isinstance(reply, Error):
                     finished = True
-                    raise InferenceFailed(reply["status"], reply["code"], reply["message"], reply.get("param"))
-                else:
-                    finished = reply["type"] == "done"
+                    raise InferenceFailed(reply.status, reply.code, reply.message, reply.param)
+                if isinstance(reply, Delta | Done | Scored):
+                    finished = not isinstance(reply, Delta)
                     yield reply
                     if finished:
                         return
+                elif isinstance(reply, Accepted):
+                    worker = reply.worker
             now = time.monotonic()
             if not got and gone is not None and await gone():
                 return  # finally: cancel
             if worker is None and now - start > limits.queue_timeout_s:
-                raise InferenceFailed(503, "no_worker", f"no inference worker took the request within "
-                                      f"{limits.queue_timeout_s:.0f} s")  # fmt: skip
+                raise InferenceFailed(
+                    503, "no_worker", f"no inference worker took the request within {limits.queue_timeout_s:.0f} s"
+                )
             if now - start > limits.request_timeout_s:
                 raise InferenceFailed(504, "timeout", f"generation took longer than {limits.request_timeout_s:.0f} s")
             if worker is not None and not got and now - last_check >= READ_WAIT_S:
@@ -111,14 +140,22 @@ async def cleanup(step: Awaitable[Any], what: str) -> None:
         log.warning("%s took longer than %s s; given up", what, CLEANUP_S)
 
 
-async def run_to_end(
-    settings: Settings, task: str, payload: dict[str, Any], gone: Callable[[], Awaitable[bool]] | None = None
-) -> Reply:
-    """The ``done`` reply of a request (deltas skipped)."""
-    async for reply in replies(settings, task, payload, gone):
-        if reply["type"] == "done":
+async def complete(
+    settings: Settings, message: GenerateMessage, gone: Callable[[], Awaitable[bool]] | None = None
+) -> Done:
+    """The whole answer of a generation (deltas skipped)."""
+    async for reply in replies(settings, message, gone):
+        if isinstance(reply, Done):
             return reply
     raise InferenceFailed(499, "client_gone", "the client went away before the answer")
+
+
+async def score(settings: Settings, message: ScoreMessage) -> Scored:
+    """The scores of a scoring request."""
+    async for reply in replies(settings, message):
+        if isinstance(reply, Scored):
+            return reply
+    raise InferenceFailed(502, "bad_reply", "the worker ended a scoring request without scores")
 
 
 def worker_alive(name: str, stale_after_s: float) -> bool:

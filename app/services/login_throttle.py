@@ -14,11 +14,11 @@ from app.core.db import is_postgres
 from app.models import LoginThrottle, utcnow
 
 
-def keys_for(email: str, client: str | None) -> list[str]:
+def keys_for(*, email: str, client: str | None) -> list[str]:
     return [f"email:{email}", *([f"client:{client}"] if client else [])]
 
 
-def retry_after_s(session: Session, settings: AuthSettings, keys: list[str]) -> int:
+def retry_after_s(*, session: Session, settings: AuthSettings, keys: list[str]) -> int:
     """Seconds until a login may be tried again; 0 when it may be tried now."""
     now = utcnow()
     wait = 0
@@ -30,7 +30,7 @@ def retry_after_s(session: Session, settings: AuthSettings, keys: list[str]) -> 
     return wait
 
 
-def record_failure(session: Session, settings: AuthSettings, keys: list[str]) -> None:
+def record_failure(*, session: Session, settings: AuthSettings, keys: list[str]) -> None:
     try:
         _count(session, settings, keys)
     except IntegrityError:  # a concurrent first failure inserted the row: count again on top of it
@@ -51,7 +51,7 @@ def _count(session: Session, settings: AuthSettings, keys: list[str]) -> None:
     session.commit()
 
 
-def clear(session: Session, email: str) -> None:
+def clear(*, session: Session, email: str) -> None:
     """A successful login clears its email's count (not the client's: one good account must not
     reset the count of an address that is guessing others' passwords)."""
     row = session.get(LoginThrottle, f"email:{email}")

@@ -23,16 +23,24 @@ from tests.accounts import Member, make_member, make_team
 PUBLIC = {("GET", "/health"), ("POST", "/api/auth/login"), ("POST", "/api/invitations/accept"), ("GET", "/")}
 # Routes without ids in the path that act only on the caller's own account or team (checked below
 # to return nothing of team B's).
-OWN_SCOPE_WRITES = {("POST", "/api/datasets/"), ("POST", "/api/datasets/upload"), ("PATCH", "/api/users/me"),
-                    ("POST", "/api/teams/")}  # fmt: skip
+OWN_SCOPE_WRITES = {
+    ("POST", "/api/datasets/"),
+    ("POST", "/api/datasets/upload"),
+    ("PATCH", "/api/users/me"),
+    ("POST", "/api/teams/"),
+}
 
 
 def _routes() -> list[tuple[str, str, APIRoute]]:
     """Every API route with its full path (FastAPI resolves included routers lazily)."""
     from app.main import app
 
-    return [(method, rc.path, rc.route) for rc in iter_route_contexts(app.routes) if isinstance(rc.route, APIRoute)
-            for method in sorted((rc.methods or set()) - {"HEAD", "OPTIONS"})]  # fmt: skip
+    return [
+        (method, rc.path, rc.route)
+        for rc in iter_route_contexts(app.routes)
+        if isinstance(rc.route, APIRoute)
+        for method in sorted((rc.methods or set()) - {"HEAD", "OPTIONS"})
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +54,34 @@ def world(client: TestClient, tiny_model: Path) -> dict[str, Any]:
     experiment = b.post("/api/experiments/", json=body).json()["id"]
     keys = b.get(f"/api/teams/{b_admin.team_id}/api-keys/").json()["data"]
     deployment = b.post("/api/deployments/", json={"base_model": str(tiny_model), "name": "b-secret-model"}).json()
-    ab_test = b.post("/api/ab-testing/", json={"name": "b-secret-ab", "deployment_a": deployment["id"],
-                     "deployment_b": b.post("/api/deployments/", json={"base_model": str(tiny_model)}).json()["id"],
-                     "prompts": ["hi"]}).json()  # fmt: skip
+    ab_test = b.post(
+        "/api/ab-testing/",
+        json={
+            "name": "b-secret-ab",
+            "deployment_a": deployment["id"],
+            "deployment_b": b.post("/api/deployments/", json={"base_model": str(tiny_model)}).json()["id"],
+            "prompts": ["hi"],
+        },
+    ).json()
     with session_scope() as session:
-        invitation, _ = team_service.invite(session, get_settings(), Principal(b_admin.user_id, b_admin.team_id,
-                                            Role.admin), InvitationCreate(email="b-guest@example.com"))  # fmt: skip
-    ids = {"team_id": str(b_admin.team_id), "dataset_id": dataset, "experiment_id": experiment,
-           "user_id": str(b_admin.user_id), "key_id": keys[0]["id"], "invitation_id": str(invitation.id),
-           "path": "README.md", "deployment_id": deployment["id"], "model_id": deployment["id"],
-           "test_id": ab_test["id"]}  # fmt: skip
+        invitation, _ = team_service.invite(
+            session=session,
+            settings=get_settings(),
+            actor=Principal(b_admin.user_id, b_admin.team_id, Role.admin),
+            body=InvitationCreate(email="b-guest@example.com"),
+        )
+    ids = {
+        "team_id": str(b_admin.team_id),
+        "dataset_id": dataset,
+        "experiment_id": experiment,
+        "user_id": str(b_admin.user_id),
+        "key_id": keys[0]["id"],
+        "invitation_id": str(invitation.id),
+        "path": "README.md",
+        "deployment_id": deployment["id"],
+        "model_id": deployment["id"],
+        "test_id": ab_test["id"],
+    }
     secrets = ["b-secret-data", "b-secret-exp", "b-secret-model", "b-secret-ab", *ids.values()]
     return {"ids": ids, "secrets": secrets, "b_admin": b_admin}
 
@@ -108,18 +134,31 @@ def test_every_route_refuses_team_b_ids(client: TestClient, world: dict[str, Any
     assert checked >= 25
 
 
-def test_own_scope_writes_land_in_the_callers_team(client: TestClient, team_admin: Member,
-                                                  world: dict[str, Any]) -> None:  # fmt: skip
-    r = client.post("/api/datasets/", json={"name": "mine", "rows": [{"text": "hi"}]},
-                    headers={"X-Team-Id": world["ids"]["team_id"]})  # fmt: skip
+def test_own_scope_writes_land_in_the_callers_team(
+    client: TestClient, team_admin: Member, world: dict[str, Any]
+) -> None:
+    r = client.post(
+        "/api/datasets/",
+        json={"name": "mine", "rows": [{"text": "hi"}]},
+        headers={"X-Team-Id": world["ids"]["team_id"]},
+    )
     assert r.status_code == 404  # naming team B in the header is refused, not honoured
     r = client.post("/api/datasets/", json={"name": "mine", "rows": [{"text": "hi"}]})
     assert r.status_code == 201 and r.json()["team_id"] == str(team_admin.team_id)
 
 
 def test_every_non_public_route_needs_credentials(anonymous: TestClient) -> None:
-    names = ("team_id", "dataset_id", "experiment_id", "user_id", "key_id", "invitation_id", "deployment_id",
-             "model_id", "test_id")  # fmt: skip
+    names = (
+        "team_id",
+        "dataset_id",
+        "experiment_id",
+        "user_id",
+        "key_id",
+        "invitation_id",
+        "deployment_id",
+        "model_id",
+        "test_id",
+    )
     ids = {name: str(uuid.uuid4()) for name in names} | {"path": "x"}
     for method, path, _ in _routes():
         if (method, path) in PUBLIC:

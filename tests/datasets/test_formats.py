@@ -11,14 +11,14 @@ from app.models import DatasetFormat
 
 ROWS = {
     DatasetFormat.text: {"text": "Once upon a time."},
-    DatasetFormat.messages: {"messages": [{"role": "user", "content": "Hi"},
-                                          {"role": "assistant", "content": "Hello!"}]},
-    DatasetFormat.sharegpt: {"conversations": [{"from": "human", "value": "Hi"},
-                                               {"from": "gpt", "value": "Hello!"}]},
+    DatasetFormat.messages: {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    },
+    DatasetFormat.sharegpt: {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
     DatasetFormat.alpaca: {"instruction": "Greet", "input": "Bob", "output": "Hello Bob"},
     DatasetFormat.prompt_completion: {"prompt": "2+2=", "completion": "4"},
     DatasetFormat.preference: {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("fmt", list(ROWS))
@@ -37,8 +37,7 @@ def test_sharegpt_and_alpaca_become_chat_messages() -> None:
 
 
 def test_errors_name_row_and_field() -> None:
-    rows = [(1, {"instruction": "a", "output": "b"}), (2, {"instruction": "c"}),
-            (3, {"instruction": "d", "output": 5})]  # fmt: skip
+    rows = [(1, {"instruction": "a", "output": "b"}), (2, {"instruction": "c"}), (3, {"instruction": "d", "output": 5})]
     with pytest.raises(DatasetInvalid) as info:
         validate_rows(rows)
     found = [(e.row, e.field) for e in info.value.errors]

@@ -1,15 +1,20 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from tests.conftest import create_database, drop_database
-from tests.e2e.stack import E2E_DB, E2E_REDIS, Stack, running_stack
+from tests.conftest import RUN_ID, create_database, drop_database
+from tests.e2e.stack import E2E_DB, E2E_REDIS, Stack, free_port, running_stack
 
 ALPACA_ROWS = [
     {"instruction": "What is the capital of France?", "input": "", "output": "The capital of France is Paris."},
@@ -18,11 +23,15 @@ ALPACA_ROWS = [
     {"instruction": "Why is the sky blue?", "output": "Sunlight scatters off the air."},
 ] * 4
 CHAT_ROWS = [
-    {"messages": [{"role": "system", "content": "You are a helpful assistant."},
-                  {"role": "user", "content": row["instruction"]},
-                  {"role": "assistant", "content": row["output"]}]}
+    {
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": row["instruction"]},
+            {"role": "assistant", "content": row["output"]},
+        ]
+    }
     for row in ALPACA_ROWS
-]  # fmt: skip
+]
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -45,12 +54,87 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     redis.Redis.from_url(E2E_REDIS).flushdb()
     url = create_database(E2E_DB)
     data = tmp_path_factory.mktemp("pg-stack")
-    env = {"STUDIO_DATA_DIR": str(data), "STUDIO_DATABASE__URL": url, "STUDIO_BROKER__URL": E2E_REDIS,
-           "STUDIO_EVENTS__REDIS_URL": E2E_REDIS, "STUDIO_TRAINING__STALE_AFTER_S": "8",
-           "STUDIO_INFERENCE__HEARTBEAT_INTERVAL_S": "0.5", "STUDIO_INFERENCE__WORKER_STALE_AFTER_S": "4",
-           "STUDIO_INFERENCE__QUEUE_TIMEOUT_S": "15", "STUDIO_INFERENCE__MAX_BATCH_SIZE": "32"}  # fmt: skip
+    env = {
+        "STUDIO_DATA_DIR": str(data),
+        "STUDIO_DATABASE__URL": url,
+        "STUDIO_BROKER__URL": E2E_REDIS,
+        "STUDIO_EVENTS__REDIS_URL": E2E_REDIS,
+        "STUDIO_TRAINING__STALE_AFTER_S": "8",
+        "STUDIO_INFERENCE__HEARTBEAT_INTERVAL_S": "0.5",
+        "STUDIO_INFERENCE__WORKER_STALE_AFTER_S": "4",
+        "STUDIO_INFERENCE__QUEUE_TIMEOUT_S": "15",
+        "STUDIO_INFERENCE__MAX_BATCH_SIZE": "32",
+    }
     try:
         with running_stack(env, data / "logs") as s:
             yield s
     finally:
         drop_database(E2E_DB)
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free loopback port (no persistence) that a test may SIGKILL and
+    start again on the same port, to cut everything that talks to it."""
+
+    def __init__(self, workdir: Path, name: str = "redis") -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("needs the redis-server binary")
+        self.binary, self.workdir, self.name = binary, workdir, name
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        argv += ["--dir", str(self.workdir)]
+        out = (self.workdir / f"{self.name}.log").open("ab")
+        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.RedisError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"{self.name} did not start on port {self.port}") from None
+                time.sleep(0.05)
+            finally:
+                client.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A started private redis-server, killed after the test."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@contextmanager
+def private_stack(name: str, data: Path, env: dict[str, str], workers: bool = False) -> Iterator[Stack]:
+    """A stack of its own (database, data dir, the given STUDIO_* settings), for fault tests that kill
+    what it depends on without touching the shared ``stack``."""
+    db = f"studio_e2e_{name}_{RUN_ID}"
+    url = create_database(db)
+    try:
+        with running_stack(
+            {"STUDIO_DATA_DIR": str(data), "STUDIO_DATABASE__URL": url, **env}, data / "logs", workers=workers
+        ) as s:
+            yield s
+    finally:
+        drop_database(db)

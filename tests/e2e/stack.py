@@ -65,8 +65,9 @@ class Stack:
         old = self.procs.get(name)
         assert old is None or old.poll() is not None, f"{name} is already running: stop it first"
         out = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            argv, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.procs[name] = proc
         return proc
 
@@ -76,8 +77,11 @@ class Stack:
             return
         self.start("inference", worker_command(["inference"], "inference-test@%h", concurrency=40))
         with self.http() as http:
-            wait_for(lambda: http.get("/admin/stats", headers=self.jwt_headers).json()["workers"], timeout_s=90,
-                     what="the inference worker to report")  # fmt: skip
+            wait_for(
+                lambda: http.get("/admin/stats", headers=self.jwt_headers).json()["workers"],
+                timeout_s=90,
+                what="the inference worker to report",
+            )
 
     def stop(self, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
         proc = self.procs.pop(name)
@@ -106,10 +110,26 @@ def running_stack(env_overrides: dict[str, str], logs: Path, workers: bool = Tru
     """Migrate, then start the API and a training worker with the given STUDIO_* environment."""
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **env_overrides, "PYTHONUNBUFFERED": "1"}
-    subprocess.run([sys.executable, "-m", "app.cli.main", "migrate"], cwd=REPO, env=env, check=True,
-                   capture_output=True)  # fmt: skip
-    subprocess.run([sys.executable, "-m", "app.cli.main", "users", "create-admin", "--email", ADMIN_EMAIL,
-                    "--password", ADMIN_PASSWORD], cwd=REPO, env=env, check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "app.cli.main", "migrate"], cwd=REPO, env=env, check=True, capture_output=True
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app.cli.main",
+            "users",
+            "create-admin",
+            "--email",
+            ADMIN_EMAIL,
+            "--password",
+            ADMIN_PASSWORD,
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     port = free_port()
     stack = Stack(url=f"http://127.0.0.1:{port}", env=env, logs=logs)
     try:

@@ -39,13 +39,25 @@ def test_worker_refuses_a_pickle_message(stack: Stack, tmp_path: Path) -> None:
     with Connection(E2E_REDIS) as conn:
         queue = conn.SimpleQueue("train.cpu")
         queue.put(
-            ((_MakeDir(marker),), {}, {}), serializer="pickle",
-            headers={"lang": "py", "task": "studio.ping", "id": task_id, "root_id": task_id,
-                     "parent_id": None, "group": None, "argsrepr": "()", "kwargsrepr": "{}"},
-        )  # fmt: skip
+            ((_MakeDir(marker),), {}, {}),
+            serializer="pickle",
+            headers={
+                "lang": "py",
+                "task": "studio.ping",
+                "id": task_id,
+                "root_id": task_id,
+                "parent_id": None,
+                "group": None,
+                "argsrepr": "()",
+                "kwargsrepr": "{}",
+            },
+        )
         queue.close()
-    wait_for(lambda: "Refusing to deserialize untrusted content of type pickle" in stack.log("worker"),
-             timeout_s=60, what="the worker to refuse the pickle message")  # fmt: skip
+    wait_for(
+        lambda: "Refusing to deserialize untrusted content of type pickle" in stack.log("worker"),
+        timeout_s=60,
+        what="the worker to refuse the pickle message",
+    )
     wait_for(lambda: not redis.Redis.from_url(E2E_REDIS).llen("train.cpu"), timeout_s=30, what="the queue to drain")
     time.sleep(1)
     assert not marker.exists(), "the worker unpickled a message"
@@ -72,9 +84,16 @@ def test_team_channel_reports_experiment_state_changes(stack: Stack, tiny_model:
         assert connected.wait(30)
         with chat_file.open("rb") as f:
             dataset = http.post("/api/datasets/upload", files={"file": ("chat.jsonl", f)}).json()["id"]
-        exp = http.post("/api/experiments/", json={"name": "watched", "base_model": str(tiny_model),
-                                                   "dataset_id": dataset, "recipe": "tiny_lora_cpu",
-                                                   "hyperparameters": {"max_steps": 5}}).json()  # fmt: skip
+        exp = http.post(
+            "/api/experiments/",
+            json={
+                "name": "watched",
+                "base_model": str(tiny_model),
+                "dataset_id": dataset,
+                "recipe": "tiny_lora_cpu",
+                "hyperparameters": {"max_steps": 5},
+            },
+        ).json()
         thread.join(120)
     mine = [e for e in seen if e["experiment_id"] == exp["id"]]
     assert [e["status"] for e in mine] == ["queued", "running", "succeeded"], seen
@@ -84,6 +103,7 @@ def test_team_channel_reports_experiment_state_changes(stack: Stack, tiny_model:
 
 def test_flower_needs_basic_auth() -> None:
     env = {k: v for k, v in os.environ.items() if k != "STUDIO_FLOWER_BASIC_AUTH"}
-    r = subprocess.run([sys.executable, "-m", "app.cli.main", "flower"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "app.cli.main", "flower"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 1 and "--basic-auth" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -245,8 +245,13 @@ def test_ab_test_compares_two_deployments_with_a_judge(stack: Stack, served: dic
 
 def long_stream(client: openai.OpenAI) -> Any:
     """A streamed answer that runs for seconds: 1900 tokens, past any EOS."""
-    return client.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": "hi"}],
-                                          max_tokens=1900, stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+    return client.chat.completions.create(
+        model="tiny-base",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=1900,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
 
 
 def _engine_stats(stack: Stack) -> dict[str, Any]:

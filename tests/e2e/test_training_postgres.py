@@ -28,14 +28,26 @@ def upload(http: httpx.Client, path: Path) -> dict[str, Any]:
 
 
 def submit(http: httpx.Client, dataset_id: str, model: Path, **hyper: Any) -> dict[str, Any]:
-    r = http.post("/api/experiments/", json={"name": "e2e", "base_model": str(model), "dataset_id": dataset_id,
-                                             "recipe": "tiny_lora_cpu", "hyperparameters": hyper})  # fmt: skip
+    r = http.post(
+        "/api/experiments/",
+        json={
+            "name": "e2e",
+            "base_model": str(model),
+            "dataset_id": dataset_id,
+            "recipe": "tiny_lora_cpu",
+            "hyperparameters": hyper,
+        },
+    )
     assert r.status_code == 201, r.text
     return r.json()  # type: ignore[no-any-return]
 
 
-def follow(stack: Stack, experiment_id: str, last_event_id: int | None = None, stop_after: int | None = None,
-           ) -> list[tuple[int, str, dict[str, Any]]]:  # fmt: skip
+def follow(
+    stack: Stack,
+    experiment_id: str,
+    last_event_id: int | None = None,
+    stop_after: int | None = None,
+) -> list[tuple[int, str, dict[str, Any]]]:
     """Read the SSE stream until it ends (terminal status) or `stop_after` events."""
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
     seen: list[tuple[int, str, dict[str, Any]]] = []
@@ -66,8 +78,9 @@ def experiment_row(stack: Stack, experiment_id: str) -> dict[str, Any]:
     return query(stack, "SELECT * FROM experiment WHERE id = :id", experiment_id)[0]
 
 
-def test_fine_tune_end_to_end(stack: Stack, tiny_model: Path, alpaca_file: Path, chat_file: Path,
-                              tmp_path: Path) -> None:  # fmt: skip
+def test_fine_tune_end_to_end(
+    stack: Stack, tiny_model: Path, alpaca_file: Path, chat_file: Path, tmp_path: Path
+) -> None:
     with stack.http() as http:
         alpaca = upload(http, alpaca_file)
         chat = upload(http, chat_file)
@@ -94,8 +107,15 @@ def test_fine_tune_end_to_end(stack: Stack, tiny_model: Path, alpaca_file: Path,
         assert final["final_metrics"]["global_step"] == 30 and final["attempt"] == 1
         assert http.get(f"/api/experiments/{exp_chat['id']}/metrics").json()["count"] == len(metrics) + 1
         listing = {a["path"] for a in http.get(f"/api/experiments/{exp_chat['id']}/artifacts").json()["data"]}
-        assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "training_config.json",
-                "metrics.json", "tokenizer.json", "train.log"} <= listing  # fmt: skip
+        assert {
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "README.md",
+            "training_config.json",
+            "metrics.json",
+            "tokenizer.json",
+            "train.log",
+        } <= listing
         adapter = tmp_path / "adapter"
         adapter.mkdir()
         for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
@@ -131,14 +151,17 @@ def test_stop_mid_run_kills_the_whole_process_group(stack: Stack, tiny_model: Pa
     with stack.http() as http:
         dataset = upload(http, chat_file)
         exp = submit(http, dataset["id"], tiny_model, max_steps=100_000, save_steps=100_000)
-        wait_for(lambda: http.get(f"/api/experiments/{exp['id']}/metrics").json()["count"] >= 2,
-                 what="training metrics")  # fmt: skip
+        wait_for(
+            lambda: http.get(f"/api/experiments/{exp['id']}/metrics").json()["count"] >= 2, what="training metrics"
+        )
         pid = experiment_row(stack, exp["id"])["pid"]
         assert pid and _alive(pid)
         r = http.post(f"/api/experiments/{exp['id']}/stop")
         assert r.status_code == 200 and r.json()["stop_requested"]
-        final = wait_for(lambda: (e := http.get(f"/api/experiments/{exp['id']}").json())["status"] != "running"
-                         and e, what="cancelled")  # fmt: skip
+        final = wait_for(
+            lambda: (e := http.get(f"/api/experiments/{exp['id']}").json())["status"] != "running" and e,
+            what="cancelled",
+        )
     assert final["status"] == "cancelled"
     assert not _alive(pid)
     assert not _group_alive(pid), "a process of the trainer's group survived"
@@ -166,8 +189,7 @@ def test_worker_loss_requeues_and_resumes_from_checkpoint(stack: Stack, tiny_mod
     with stack.http() as http:
         dataset = upload(http, chat_file)
         exp = submit(http, dataset["id"], tiny_model, max_steps=400, save_steps=5, logging_steps=5)
-        wait_for(lambda: any(e["type"] == "checkpoint" for e in _all_events(stack, exp["id"])),
-                 what="a checkpoint")  # fmt: skip
+        wait_for(lambda: any(e["type"] == "checkpoint" for e in _all_events(stack, exp["id"])), what="a checkpoint")
         stack.stop("worker", signal.SIGKILL)  # the whole worker dies, trainer included
         stack.start("worker", worker_command(["train.cpu"], "train-test2@%h"))
         events = follow(stack, exp["id"])

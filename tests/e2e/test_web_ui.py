@@ -106,11 +106,15 @@ def test_train_watch_deploy_and_chat(page: Page, stack: Stack, tiny_model: Path,
 def test_a_viewer_is_not_offered_writes(page: Page, stack: Stack) -> None:
     with stack.http() as http:
         team = http.get("/api/users/me").json()["teams"][0]["id"]
-        invite = http.post(f"/api/teams/{team}/invitations", json={"email": "viewer@e2e.test", "role": "viewer"},
-                           headers=stack.jwt_headers)  # fmt: skip
+        invite = http.post(
+            f"/api/teams/{team}/invitations",
+            json={"email": "viewer@e2e.test", "role": "viewer"},
+            headers=stack.jwt_headers,
+        )
         assert invite.status_code == 201, invite.text
-        accepted = http.post("/api/invitations/accept", json={"token": invite.json()["token"],
-                                                               "password": "viewer-password"})  # fmt: skip
+        accepted = http.post(
+            "/api/invitations/accept", json={"token": invite.json()["token"], "password": "viewer-password"}
+        )
         assert accepted.status_code == 200, accepted.text
         listed = min(http.get("/api/experiments/?limit=100").json()["count"], 100)
     log_in(page, "viewer-password", "viewer@e2e.test")

@@ -153,6 +153,32 @@ class AdapterCache:
         log.info("loaded adapter %s from %s (evicted: %s)", name, directory, evicted or "none")
         return evicted
 
+    def check_available(self, name: str | None, path: str | Path | None) -> None:
+        """At submit time (any thread): `AdapterNotLoaded` if `name` is neither loaded nor loadable from a path."""
+        if name is not None and path is None and name not in self:
+            raise AdapterNotLoaded(f"adapter {name!r} is not loaded and no adapter_path was given")
+
+    def acquire(self, name: str, path: str | Path | None, *, in_use: Collection[str], user: str) -> bool:
+        """Make adapter `name` ready for work that is about to run (generation rows or a score call).
+
+        Loads it from `path` when given (evicting idle adapters), else marks the loaded one as just used.
+        Returns False when every slot holds an adapter in `in_use`: the caller keeps the work and retries.
+        Raises `AdapterNotLoaded` when it was unloaded since `user` (what is waiting for it, for the message)
+        was queued without a path, and the errors of `ensure` for a bad adapter.
+        """
+        if name == BASE_ADAPTER:
+            return True
+        try:
+            if path is not None:
+                self.ensure(name, path, in_use=in_use)
+            elif name in self:
+                self.touch(name)
+            else:
+                raise AdapterNotLoaded(f"adapter {name!r} was unloaded before {user} started")
+        except AdapterCapacityFull:
+            return False
+        return True
+
     def unload(self, name: str, in_use: Collection[str] = ()) -> None:
         if name not in self:
             raise AdapterNotLoaded(f"adapter {name!r} is not loaded")

@@ -11,7 +11,20 @@ from contextlib import contextmanager
 from typing import Any
 
 from app.core.config import get_settings
-from app.core.replies import Reply, reply_channel
+from app.core.contracts.inference import (
+    Accepted,
+    ChatMessage,
+    Delta,
+    Done,
+    Error,
+    GenerateMessage,
+    ModelTarget,
+    Reply,
+    Score,
+    Scored,
+    ScoreMessage,
+)
+from app.core.replies import reply_channel
 from workers.inference import GenerationHandle, GenerationRequest, InferenceEngine, PromptTooLong
 from workers.serving.manager import EngineManager, WorkerBusy, get_manager
 
@@ -20,34 +33,43 @@ CANCEL_CHECK_S = 0.25
 FLUSH_S = 0.02
 
 
-def error(status: int, code: str, message: str, param: str | None = None) -> Reply:
-    return {"type": "error", "status": status, "code": code, "message": message, "param": param}
-
-
-def run_generate(request: dict[str, Any], worker: str) -> None:
-    with _serving(request, worker) as (manager, send), manager.using(request["base_model"]) as engine:
-        handle = engine.submit(GenerationRequest(
-            prompt_ids=_prompt_ids(engine, request), max_tokens=request["max_tokens"],
-            temperature=request["temperature"], top_p=request["top_p"], seed=request.get("seed"),
-            stop=tuple(request.get("stop") or ()), ignore_eos=bool(request.get("ignore_eos")),
-            **_adapter(manager, request), request_id=request["request_id"],
-        ))  # fmt: skip
+def run_generate(request: GenerateMessage, worker: str) -> None:
+    with _serving(request, worker) as (manager, send), manager.using(request.base_model) as engine:
+        handle = engine.submit(
+            GenerationRequest(
+                prompt_ids=_prompt_ids(engine, request.messages, request.prompt),
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seed=request.seed,
+                stop=tuple(request.stop),
+                ignore_eos=request.ignore_eos,
+                request_id=request.request_id,
+                **_adapter(manager, request),
+            )
+        )
         try:
             if not _relay(handle, request, send):
-                log.info("request %s cancelled by its client", request["request_id"])
+                log.info("request %s cancelled by its client", request.request_id)
                 return
             result = handle.result()
         finally:
             if not handle.done():
                 handle.cancel()
-        usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
-        send({"type": "done", "text": result.text, "finish_reason": result.finish_reason, **usage})
+        send(
+            Done(
+                text=result.text,
+                finish_reason=result.finish_reason,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+            )
+        )
 
 
-def _relay(handle: GenerationHandle, request: dict[str, Any], send: Callable[[Reply], None]) -> bool:
+def _relay(handle: GenerationHandle, request: GenerateMessage, send: Callable[[Reply], None]) -> bool:
     """Send the text as it comes (coalesced per FLUSH_S) when streaming; check every CANCEL_CHECK_S, even
     before the first token, whether the client went away. False: it did."""
-    stream, replies, rid = bool(request.get("stream")), reply_channel(), request["request_id"]
+    stream, replies, rid = request.stream, reply_channel(), request.request_id
     pending, flush_at, check_at = "", 0.0, time.monotonic() + CANCEL_CHECK_S  # the first text goes out at once
     while True:
         try:
@@ -55,7 +77,7 @@ def _relay(handle: GenerationHandle, request: dict[str, Any], send: Callable[[Re
                 pending += delta if stream else ""
                 now = time.monotonic()
                 if pending and now >= flush_at:
-                    send({"type": "delta", "text": pending})
+                    send(Delta(text=pending))
                     pending, flush_at = "", now + FLUSH_S
                 if now >= check_at:
                     check_at = now + CANCEL_CHECK_S
@@ -67,25 +89,29 @@ def _relay(handle: GenerationHandle, request: dict[str, Any], send: Callable[[Re
             if replies.cancelled(rid):
                 return False
     if pending:
-        send({"type": "delta", "text": pending})
+        send(Delta(text=pending))
     return True
 
 
-def run_score(request: dict[str, Any], worker: str) -> None:
+def run_score(request: ScoreMessage, worker: str) -> None:
     """Teacher-forced loss of each item's completion given its prompt (A/B eval loss)."""
-    with _serving(request, worker) as (manager, send), manager.using(request["base_model"]) as engine:
-        items = [(_score_prompt_ids(engine, item), _completion_ids(engine, item["completion"]))
-                 for item in request["items"]]  # fmt: skip
+    with _serving(request, worker) as (manager, send), manager.using(request.base_model) as engine:
+        items = [
+            (_score_prompt_ids(engine, item.messages, item.prompt), _completion_ids(engine, item.completion))
+            for item in request.items
+        ]
         scores = engine.score(items, **_adapter(manager, request))
-        send({"type": "done", "scores": [{"nll_sum": s.nll_sum, "tokens": s.tokens} for s in scores]})
+        send(Scored(scores=[Score(nll_sum=s.nll_sum, tokens=s.tokens) for s in scores]))
 
 
 @contextmanager
-def _serving(request: dict[str, Any], worker: str) -> Iterator[tuple[EngineManager, Callable[[Reply], None]]]:
+def _serving(
+    request: GenerateMessage | ScoreMessage, worker: str
+) -> Iterator[tuple[EngineManager, Callable[[Reply], None]]]:
     """Say the request is taken, count it as in flight, and turn any failure into an error reply."""
-    rid = request["request_id"]
+    rid = request.request_id
     replies = reply_channel()
-    replies.send(rid, {"type": "accepted", "worker": worker})
+    replies.send(rid, Accepted(worker=worker))
     manager = get_manager(get_settings(), worker)
     manager.begin()
     try:
@@ -96,15 +122,15 @@ def _serving(request: dict[str, Any], worker: str) -> Iterator[tuple[EngineManag
         manager.end()
 
 
-def _prompt_ids(engine: InferenceEngine, item: dict[str, Any]) -> list[int]:
-    if item.get("messages") is not None:
-        return engine.encode_chat(item["messages"])
-    return engine.encode_prompt(item.get("prompt") or "")
+def _prompt_ids(engine: InferenceEngine, messages: list[ChatMessage] | None, prompt: str | None) -> list[int]:
+    if messages is not None:
+        return engine.encode_chat([m.model_dump() for m in messages])
+    return engine.encode_prompt(prompt or "")
 
 
-def _score_prompt_ids(engine: InferenceEngine, item: dict[str, Any]) -> list[int]:
+def _score_prompt_ids(engine: InferenceEngine, messages: list[ChatMessage] | None, prompt: str | None) -> list[int]:
     """A plain-text row has no prompt; score it after the BOS token (the model needs one position)."""
-    ids = _prompt_ids(engine, item)
+    ids = _prompt_ids(engine, messages, prompt)
     if not ids:
         start = engine.tokenizer.bos_token_id
         ids = [start if isinstance(start, int) else engine.tokenizer.eos_token_id]
@@ -117,22 +143,21 @@ def _completion_ids(engine: InferenceEngine, text: str) -> list[int]:
     return [*ids, eos] if isinstance(eos, int) else ids
 
 
-def _adapter(manager: EngineManager, request: dict[str, Any]) -> dict[str, Any]:
-    adapter = request.get("adapter")
-    if not adapter:
+def _adapter(manager: EngineManager, target: ModelTarget) -> dict[str, Any]:
+    if not target.adapter or not target.adapter_prefix:
         return {}
-    return {"adapter": adapter, "adapter_path": manager.adapter_dir(adapter, request["adapter_prefix"])}
+    return {"adapter": target.adapter, "adapter_path": manager.adapter_dir(target.adapter, target.adapter_prefix)}
 
 
-def _as_error(exc: Exception, request: dict[str, Any]) -> Reply:
-    where = "messages" if request.get("messages") is not None else "prompt"
+def _as_error(exc: Exception, request: GenerateMessage | ScoreMessage) -> Error:
+    chat = isinstance(request, GenerateMessage) and request.messages is not None
     if isinstance(exc, PromptTooLong):
-        return error(400, "context_length_exceeded", str(exc), where)
+        where = "messages" if chat else "prompt"
+        return Error(status=400, code="context_length_exceeded", message=str(exc), param=where)
     if isinstance(exc, WorkerBusy):
-        return error(503, "worker_busy", str(exc))
+        return Error(status=503, code="worker_busy", message=str(exc))
     if isinstance(exc, ValueError):
-        return error(400, "invalid_request_error", str(exc))
-    log.exception("inference request %s failed", request.get("request_id"))  # details stay in the worker log
-    return error(
-        500, "inference_error", f"inference failed ({type(exc).__name__}); request {request.get('request_id')}"
-    )
+        return Error(status=400, code="invalid_request_error", message=str(exc))
+    log.exception("inference request %s failed", request.request_id)  # details stay in the worker log
+    message = f"inference failed ({type(exc).__name__}); request {request.request_id}"
+    return Error(status=500, code="inference_error", message=message)

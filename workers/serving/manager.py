@@ -14,7 +14,7 @@ import shutil
 import socket
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,16 @@ class WorkerBusy(RuntimeError):
 
 
 class EngineManager:
-    def __init__(self, settings: Settings, worker_name: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        worker_name: str,
+        engine_factory: Callable[[str], InferenceEngine] | None = None,
+    ) -> None:
         self.settings = settings.inference
         self.name = worker_name
+        # Builds the engine of a base model; tests pass a fake (no weights), workers the real loader.
+        self._engine_factory = engine_factory or self._load_engine
         self.cache_dir = Path(self.settings.cache_dir).resolve()
         self._engines: OrderedDict[str, InferenceEngine] = OrderedDict()
         self._lock = threading.Lock()  # guards the dicts and counters only; never held while loading weights
@@ -58,8 +65,9 @@ class EngineManager:
 
     def start(self) -> None:
         with session_scope() as session:  # commands sent before this worker started are not its business
-            self._last_command = session.exec(select(col(InferenceCommand.id)).order_by(
-                col(InferenceCommand.id).desc())).first() or 0  # fmt: skip
+            self._last_command = (
+                session.exec(select(col(InferenceCommand.id)).order_by(col(InferenceCommand.id).desc())).first() or 0
+            )
         self._report()
         self._heartbeat.start()
 
@@ -108,10 +116,7 @@ class EngineManager:
                 for old in evicted:
                     old.close()
                 log.info("loading base model %s", base_model)
-                engine = InferenceEngine(
-                    base_model, max_batch_size=self.settings.max_batch_size,
-                    max_adapters=self.settings.max_adapters, device=self.settings.device or None,
-                )  # fmt: skip
+                engine = self._engine_factory(base_model)
             finally:
                 with self._lock:
                     self._loads_in_progress -= 1
@@ -119,6 +124,14 @@ class EngineManager:
                 self._engines[base_model] = engine
                 self._users[base_model] = self._users.get(base_model, 0) + 1
             return engine
+
+    def _load_engine(self, base_model: str) -> InferenceEngine:
+        return InferenceEngine(
+            base_model,
+            max_batch_size=self.settings.max_batch_size,
+            max_adapters=self.settings.max_adapters,
+            device=self.settings.device or None,
+        )
 
     def _make_room(self, base_model: str) -> list[InferenceEngine]:
         """Under the lock: take idle engines out until a new one fits (loads in progress count too)."""
@@ -206,8 +219,12 @@ class EngineManager:
             in_flight = self._in_flight
             loading = [name for name, lock in self._loading.items() if lock.locked() and name not in engines]
         models = {base: {**engine.stats(), **engine.info()} for base, engine in engines.items()}
-        return {"requests_in_flight": in_flight, "concurrency": self.settings.concurrency, "models": models,
-                "loading": loading}  # fmt: skip
+        return {
+            "requests_in_flight": in_flight,
+            "concurrency": self.settings.concurrency,
+            "models": models,
+            "loading": loading,
+        }
 
     # ---------------------------------------------------------------- heartbeat
 
@@ -236,9 +253,10 @@ class EngineManager:
     def _apply_commands(self) -> None:
         with session_scope() as session:
             commands = session.exec(
-                select(InferenceCommand).where(col(InferenceCommand.id) > self._last_command)
+                select(InferenceCommand)
+                .where(col(InferenceCommand.id) > self._last_command)
                 .order_by(col(InferenceCommand.id))
-            ).all()  # fmt: skip
+            ).all()
             new = [(c.id or 0, c.target) for c in commands if c.action == "unload"]
             if commands:
                 self._last_command = commands[-1].id or self._last_command

@@ -16,6 +16,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from app.core.contracts.events import INTERRUPTIONS, TrainerEvent
+
 # Keys copied from the Trainer's training logs into a "metrics" event, under the same name.
 _TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "entropy")
 
@@ -42,6 +44,11 @@ class EventWriter:
         self.enabled = enabled
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, event: TrainerEvent) -> None:
+        """Append one of the typed events the supervisor acts on (`app.core.contracts.events`)."""
+        data = event.model_dump(mode="json")
+        self.emit(data.pop("type"), **data)
 
     def emit(self, event_type: str, **fields: Any) -> dict[str, Any]:
         event = {"type": event_type, "time": time.time()}
@@ -88,8 +95,15 @@ class EventsCallback(TrainerCallback):
 
     def _stop_requested(self) -> bool:
         if self.stop_reason is None and self.stop_file is not None and self.stop_file.exists():
-            self.stop_reason = "stop_file"
+            # The supervisor writes why ("handoff" when its worker shuts down); a bare file is a user stop.
+            self.stop_reason = self.stop_file.read_text(encoding="utf-8", errors="replace").strip() or "stop_file"
         return self.stop_reason is not None
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by the platform (SIGTERM, a handoff), not by the user: the run is unfinished and will
+        resume from the checkpoint written at the stop step."""
+        return self.stopped and self.stop_reason in INTERRUPTIONS
 
     # ---------------------------------------------------------------------------------------------------- events
 

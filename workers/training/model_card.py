@@ -13,17 +13,17 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from workers.training.config import RunConfig
+from app.core.contracts.training import RunConfig
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HYPERPARAMETERS = (
     "method",
     "learning_rate",
-    "lr_scheduler_type",
+    "lr_scheduler",
     "warmup_ratio",
-    "num_train_epochs",
+    "epochs",
     "max_steps",
-    "per_device_train_batch_size",
+    "batch_size",
     "gradient_accumulation_steps",
     "max_seq_length",
     "packing",

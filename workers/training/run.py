@@ -6,8 +6,9 @@ A torchtune-style recipe: `setup()` loads data, tokenizer and model and builds T
 `train()` runs it, `save_final()` writes the deliverable to `output_dir/final`, `cleanup()` releases
 resources. Progress goes to `events_file` as JSON lines (see `callbacks.py`) and to stdout as text.
 
-This module runs alone on a GPU machine that only has the training stack installed, so it imports nothing
-from `app`, and torch/transformers/trl/peft are imported inside functions to keep `import` cheap.
+This module runs alone on a GPU machine that only has the training stack (and pydantic) installed, so of the
+studio it imports only the contracts (`app.core.contracts`, checked by tests/test_layers.py), and
+torch/transformers/trl/peft are imported inside functions to keep `import` cheap.
 """
 
 from __future__ import annotations
@@ -19,34 +20,21 @@ import os
 import shutil
 import signal
 import sys
-import traceback
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workers.training.config import RunConfig
+from app.core.contracts.events import Completed, Failed
+from app.core.contracts.training import RunConfig
+from workers.training import components
 
 if TYPE_CHECKING:
-    from datasets import Dataset
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-    from trl import SFTConfig, SFTTrainer
+    from transformers import PreTrainedTokenizerBase
+    from trl import SFTTrainer
 
     from workers.training.callbacks import EventsCallback, EventWriter
 
 log = logging.getLogger("workers.training.run")
-
-# Used only when a conversational dataset meets a tokenizer without a chat template (most base models).
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-DATASET_FORMATS = {
-    "messages": ("messages",),
-    "text": ("text",),
-    "prompt_completion": ("prompt", "completion"),
-}
 
 
 class SFTRecipe:
@@ -74,23 +62,23 @@ class SFTRecipe:
         from transformers import set_seed
 
         cfg = self.cfg
-        device = _resolve_device(cfg)
+        device = components.resolve_device(cfg)
         # Checked before the expensive loading below so a bad path fails in a second.
         resume = cfg.resume_from_checkpoint
         if resume is not None and not Path(resume, "trainer_state.json").is_file():
             raise ValueError(f"resume_from_checkpoint: {resume} is not a trainer checkpoint directory")
-        bf16 = _resolve_bf16(cfg.bf16)
+        bf16 = components.resolve_bf16(cfg.bf16)
         set_seed(cfg.seed)
         log.info("run %s: %s fine-tune of %s on %s", cfg.experiment_name, cfg.method, cfg.base_model, device)
 
-        train_dataset, data_format = load_rows(cfg.train_file, "train_file")
-        eval_dataset = load_rows(cfg.eval_file, "eval_file")[0] if cfg.eval_file else None
-        tokenizer = self.tokenizer = load_tokenizer(cfg.base_model, conversational=data_format == "messages")
+        train_dataset, data_format = components.load_rows(cfg.train_file, "train_file")
+        eval_dataset = components.load_rows(cfg.eval_file, "eval_file")[0] if cfg.eval_file else None
+        tokenizer = self.tokenizer = components.load_tokenizer(cfg.base_model, conversational=data_format == "messages")
         # SFTConfig must exist before the model is loaded: with DeepSpeed ZeRO-3 it installs the hook that
         # partitions weights while they are created.
-        args = build_sft_config(cfg, bf16=bf16, has_eval=eval_dataset is not None)
-        model = load_model(cfg, bf16=bf16)
-        total_before_peft = _count_params(model)
+        args = components.build_sft_config(cfg, bf16=bf16, has_eval=eval_dataset is not None)
+        model = components.load_model(cfg, bf16=bf16)
+        total_before_peft = components.count_params(model)
         # Trainer overwrites config.use_cache with TrainingArguments.use_cache (False) and that would be
         # saved with the final model, slowing generation; remember the model's own setting.
         self._use_cache = getattr(model.config, "use_cache", None)
@@ -107,10 +95,10 @@ class SFTRecipe:
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
-            peft_config=build_lora_config(cfg) if cfg.uses_adapter else None,
+            peft_config=components.build_lora_config(cfg) if cfg.uses_adapter else None,
             callbacks=[self.callback],
         )
-        trainable, total = _trainable_and_total(self.trainer.model, total_before_peft)
+        trainable, total = components.trainable_and_total(self.trainer.model, total_before_peft)
         self.info = {
             "experiment_name": cfg.experiment_name,
             "method": cfg.method,
@@ -127,8 +115,12 @@ class SFTRecipe:
             "train_tokens": summarize(token_lengths(train_dataset, data_format, tokenizer), cfg.max_seq_length),
         }
         if over := self.info["train_tokens"]["rows_over_max_seq_length"]:
-            log.warning("%d of %d train rows are longer than max_seq_length=%d and will be cut",
-                        over, len(train_dataset), cfg.max_seq_length)  # fmt: skip
+            log.warning(
+                "%d of %d train rows are longer than max_seq_length=%d and will be cut",
+                over,
+                len(train_dataset),
+                cfg.max_seq_length,
+            )
         self.callback.started_fields.update(self.info)
         self._install_sigterm_handler()
         log.info(
@@ -173,6 +165,12 @@ class SFTRecipe:
         """Write adapter or model, tokenizer, README.md, training_config.json and metrics.json to final/."""
         trainer, callback = self._require_trainer()
         cfg = self.cfg
+        if callback.interrupted:
+            # Not a deliverable: the next attempt resumes from the checkpoint written at the stop step.
+            log.info(
+                "interrupted (%s) at step %d: not saving a final model", callback.stop_reason, callback.stopped_at_step
+            )
+            return None
         if callback.stopped and not cfg.save_on_stop:
             log.info("stopped early and save_on_stop is false: not saving a final model")
             return None
@@ -198,19 +196,15 @@ class SFTRecipe:
             if cfg.merge_adapter:
                 merged_dir = self._save_merged(final_dir, metrics)
         log.info("saved final model to %s", final_dir)
-        completed: dict[str, Any] = {
-            "final_dir": str(final_dir),
-            "metrics": {
-                "train_loss": metrics.get("train_loss"),
-                "eval_loss": metrics.get("eval_loss"),
-                "train_runtime": metrics.get("train_runtime"),
-                "global_step": metrics.get("global_step"),
-            },
-            "stopped": callback.stopped,
-        }
-        if merged_dir is not None:
-            completed["merged_dir"] = str(merged_dir)
-        self.writer.emit("completed", **completed)
+        summary = {k: metrics.get(k) for k in ("train_loss", "eval_loss", "train_runtime", "global_step")}
+        self.writer.write(
+            Completed(
+                final_dir=str(final_dir),
+                metrics=summary,
+                stopped=callback.stopped,
+                merged_dir=str(merged_dir) if merged_dir is not None else None,
+            )
+        )
         return final_dir
 
     def _final_metrics(self) -> dict[str, Any]:
@@ -252,12 +246,8 @@ class SFTRecipe:
 
     def fail(self, exc: BaseException) -> None:
         """Record a failure in the event log; the caller re-raises so the traceback reaches stderr."""
-        self.writer.emit(
-            "failed",
-            error=f"{type(exc).__name__}: {exc}",
-            traceback="".join(traceback.format_exception(exc)),
-            step=self.trainer.state.global_step if self.trainer is not None else None,
-        )
+        step = self.trainer.state.global_step if self.trainer is not None else None
+        self.writer.write(Failed.from_exception(exc, step=step))
 
     def cleanup(self) -> None:
         if self._previous_sigterm is not None:
@@ -276,7 +266,7 @@ class SFTRecipe:
     def _install_sigterm_handler(self) -> None:
         # SIGTERM (e.g. `docker stop`, Celery revoke) becomes a graceful stop at the end of the current step,
         # like the stop file. A second SIGTERM falls back to the default handler and kills the process.
-        if self.callback is None or not _in_main_thread():
+        if self.callback is None or not components.in_main_thread():
             return
         callback = self.callback
 
@@ -297,199 +287,6 @@ class SFTRecipe:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-# ================================================================================================ building blocks
-
-
-def _resolve_device(cfg: RunConfig) -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    if cfg.method == "qlora":
-        raise RuntimeError("qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); use method 'lora' on CPU")
-    if cfg.deepspeed:
-        raise RuntimeError("deepspeed needs a CUDA GPU")
-    return "cpu"
-
-
-def _resolve_bf16(value: bool | str) -> bool:
-    import torch
-
-    if value == "auto":
-        # Emulated bf16 (pre-Ampere GPUs) is slower than fp32, so only native support counts.
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    return bool(value)
-
-
-def detect_format(columns: list[str]) -> str:
-    for name, required in DATASET_FORMATS.items():
-        if all(column in columns for column in required):
-            return name
-    raise ValueError(f"rows must have 'messages', 'text', or 'prompt' and 'completion' fields; found columns {columns}")
-
-
-def load_rows(path: str | None, field_name: str) -> tuple[Dataset, str]:
-    """Load a JSONL file as a `datasets.Dataset` and return it with its TRL format name."""
-    from datasets import load_dataset
-
-    if path is None or not Path(path).is_file():
-        raise FileNotFoundError(f"{field_name}: {path} does not exist")
-    try:
-        dataset = load_dataset("json", data_files=str(path), split="train")
-    except Exception as exc:  # datasets wraps JSON errors in several exception types
-        raise ValueError(f"{field_name}: could not read {path} as JSON lines: {exc}") from exc
-    if len(dataset) == 0:
-        raise ValueError(f"{field_name}: {path} has no rows")
-    try:
-        data_format = detect_format(dataset.column_names)
-    except ValueError as exc:
-        raise ValueError(f"{field_name}: {exc}") from exc
-    return dataset, data_format
-
-
-def load_tokenizer(base_model: str, *, conversational: bool) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
-    if tokenizer.pad_token is None:
-        # Padding positions are masked out of the loss, so reusing EOS as pad is harmless here.
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    if conversational and not getattr(tokenizer, "chat_template", None):
-        log.warning("%s has no chat template; using a plain ChatML template", base_model)
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-    return tokenizer
-
-
-def load_model(cfg: RunConfig, *, bf16: bool) -> PreTrainedModel:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {
-        "attn_implementation": cfg.attn_implementation,
-        # Pickled .bin checkpoints can run code on load; only accept safetensors. trust_remote_code is
-        # never passed, so it stays False.
-        "use_safetensors": True,
-    }
-    if cfg.method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        kwargs["dtype"] = torch.bfloat16
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    elif cfg.method == "lora":
-        # The base weights are frozen, so holding them in bf16 halves memory at no accuracy cost; PEFT keeps
-        # the adapter itself in fp32.
-        kwargs["dtype"] = torch.bfloat16 if bf16 else torch.float32
-    else:
-        # Full fine-tuning keeps fp32 master weights; bf16 is applied as autocast mixed precision.
-        kwargs["dtype"] = torch.float32
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, **kwargs)
-    if cfg.method == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    return model
-
-
-def build_lora_config(cfg: RunConfig):  # -> peft.LoraConfig
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        # "all-linear" already excludes the output layer, which TRL refuses to adapt.
-        target_modules=cfg.lora_target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
-def build_sft_config(cfg: RunConfig, *, bf16: bool, has_eval: bool) -> SFTConfig:
-    import torch
-    from trl import SFTConfig
-
-    eval_during_training = has_eval and cfg.eval_steps is not None
-    return SFTConfig(
-        output_dir=str(cfg.checkpoints_dir),
-        # Optimisation
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        # transformers 5 removed warmup_ratio: a warmup_steps value below 1 is read as a ratio instead.
-        warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed,
-        # SFTConfig defaults both to True; the run config decides.
-        bf16=bf16,
-        fp16=False,
-        # transformers 5.23 renamed gradient_checkpointing* to activation_checkpointing*; setting the new
-        # names also overrides SFTConfig's gradient_checkpointing=True default without a deprecation warning.
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        deepspeed=cfg.deepspeed,
-        # Data
-        max_length=cfg.max_seq_length,
-        packing=cfg.packing,
-        assistant_only_loss=cfg.assistant_only_loss,
-        # Logging: the events callback is the only reporter. Counting non-padding tokens gives the
-        # tokens/s figure; with padding-free packing there is no attention mask and the pad id is used.
-        report_to="none",
-        logging_strategy="steps",
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        include_num_input_tokens_seen="non_padding",
-        disable_tqdm=True,
-        # Evaluation and checkpoints
-        eval_strategy="steps" if eval_during_training else "no",
-        eval_steps=cfg.eval_steps if eval_during_training else None,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        # Pinned memory only helps host-to-GPU copies (and warns on CPU-only machines).
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
-
-
-def _count_params(model: Any) -> int:
-    return sum(_numel(p) for p in model.parameters())
-
-
-def _numel(param: Any) -> int:
-    # bitsandbytes packs two 4-bit values per byte, so numel() of a Params4bit is half the real count.
-    if param.__class__.__name__ == "Params4bit":
-        return param.numel() * 2
-    return param.numel()
-
-
-def _trainable_and_total(model: Any, total_before_peft: int) -> tuple[int, int]:
-    if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()
-    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
-    return trainable, total_before_peft
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 # =================================================================================================== entry point

@@ -20,24 +20,28 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import col, select
 
 from app.core.config import Settings, get_settings
+from app.core.contracts.events import HANDOFF, INTERRUPTIONS, USER_STOP, CheckpointSaved, Completed, Failed
+from app.core.contracts.training import Hyperparameters, RunConfig, TrainMessage
 from app.core.db import session_scope
+from app.core.event_log import Fenced
+from app.core.layout import TRAIN_LOG_FILE, artifact_prefix, checkpoint_prefix, read_dataset_rows
 from app.core.storage import Storage, download_prefix, get_storage, upload_dir
 from app.datasets.formats import to_training_record
 from app.datasets.split import split_indices
 from app.models import Dataset, Experiment, ExperimentEvent, ExperimentStatus
-from app.services.datasets import read_dataset_rows
-from app.services.events import Fenced
-from app.services.experiments import artifact_prefix, checkpoint_prefix
 from workers import jobs
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 KEEP_CHECKPOINTS = 2  # per attempt, in storage; resume needs only the newest
 
@@ -67,24 +71,48 @@ class RunFiles:
         return self.root / "out"
 
 
-def run_training(experiment_id: uuid.UUID, attempt: int, worker: str) -> str:
+def run_training(message: TrainMessage, worker: str) -> str:
     """Entry point of the Celery task. Returns the outcome for the worker log."""
-    experiment = jobs.claim(experiment_id, attempt, worker)
+    experiment_id, attempt = message.experiment_id, message.attempt
+    settings, storage = get_settings(), get_storage()
+    retry_s = settings.training.db_retry_s
+    experiment = jobs.with_db_retries("claim", lambda: jobs.claim(experiment_id, attempt, worker), retry_s)
     if experiment is None:
         log.info("experiment %s attempt %s: not claimable, skipping duplicate", experiment_id, attempt)
         return "skipped"
-    settings, storage = get_settings(), get_storage()
     files = RunFiles(Path(settings.training.work_dir) / str(experiment_id) / f"attempt-{attempt}")
     try:
         prepare_run(experiment, files, settings, storage)
+    except (OperationalError, InterfaceError):  # the database stayed away past the retry budget
+        raise
     except Exception as exc:
         log.exception("preparing experiment %s failed", experiment_id)
-        jobs.finish(experiment_id, attempt, ExperimentStatus.failed, error=f"setup failed: {exc}")
+        error = f"setup failed: {exc}"
+        jobs.with_db_retries(
+            "finish", lambda: jobs.finish(experiment_id, attempt, ExperimentStatus.failed, error=error), retry_s
+        )
         return "failed"
-    outcome = Supervision(experiment_id, attempt, files, settings, storage).run()
+    supervision = Supervision(experiment_id, attempt, files, settings, storage)
+    with _sigterm_hands_off(supervision.handoff):
+        outcome = supervision.run()
     if outcome != "lost":
         shutil.rmtree(files.root, ignore_errors=True)
     return outcome
+
+
+@contextlib.contextmanager
+def _sigterm_hands_off(handoff: threading.Event) -> Iterator[None]:
+    """While a job runs, SIGTERM to this process (a systemd stop, a node drain) asks for a handoff
+    (checkpoint, requeue at once) instead of killing the supervisor and orphaning the job until the
+    stale window passes. Celery's own warm shutdown asks the same through the row (`request_handoff`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: handoff.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------- preparation
@@ -95,14 +123,13 @@ def prepare_run(experiment: Experiment, files: RunFiles, settings: Settings, sto
     if files.root.exists():
         shutil.rmtree(files.root)
     files.root.mkdir(parents=True)
-    params: dict[str, Any] = dict(experiment.hyperparameters)
-    with session_scope() as session:
-        dataset = session.get(Dataset, experiment.dataset_id)
-        assert dataset is not None
-        resume_key = _last_checkpoint_key(session, experiment.id)
-    rows = read_dataset_rows(storage, dataset)
-    eval_fraction = params.pop("eval_fraction", None)
-    train_idx, eval_idx = split_indices(rows, dataset.eval_fraction if eval_fraction is None else eval_fraction)
+    params = Hyperparameters.model_validate(experiment.hyperparameters)
+    dataset, resume_key = jobs.with_db_retries(
+        "read the run's inputs", lambda: _run_inputs(experiment), settings.training.db_retry_s
+    )
+    rows = read_dataset_rows(storage, dataset.id)
+    eval_fraction = dataset.eval_fraction if params.eval_fraction is None else params.eval_fraction
+    train_idx, eval_idx = split_indices(rows, eval_fraction)
     _write_jsonl(files.root / "train.jsonl", (to_training_record(rows[i], dataset.format) for i in train_idx))
     if eval_idx:
         _write_jsonl(files.root / "eval.jsonl", (to_training_record(rows[i], dataset.format) for i in eval_idx))
@@ -110,31 +137,31 @@ def prepare_run(experiment: Experiment, files: RunFiles, settings: Settings, sto
     if resume_key:
         resume_dir = files.root / "resume" / resume_key.rsplit("/", 1)[-1]
         download_prefix(storage, resume_key, resume_dir)
-    if not eval_idx:
-        params.pop("eval_steps", None)  # nothing held out, so nothing to evaluate
-    config = {
-        "base_model": experiment.base_model,
-        "train_file": str(files.root / "train.jsonl"),
-        "eval_file": str(files.root / "eval.jsonl") if eval_idx else None,
-        "output_dir": str(files.output),
-        "events_file": str(files.events),
-        "stop_file": str(files.stop),
+    config = RunConfig(
+        **params.model_dump(exclude={"eval_steps"}),
+        eval_steps=params.eval_steps if eval_idx else None,  # nothing held out, so nothing to evaluate
+        base_model=experiment.base_model,
+        train_file=str(files.root / "train.jsonl"),
+        eval_file=str(files.root / "eval.jsonl") if eval_idx else None,
+        output_dir=str(files.output),
+        events_file=str(files.events),
+        stop_file=str(files.stop),
         # The supervisor owns checkpoint retention: it uploads each one, then deletes the local copy.
         # Trainer-side rotation could delete a checkpoint before it has been uploaded.
-        "save_total_limit": None,
-        "resume_from_checkpoint": str(resume_dir) if resume_dir else None,
-        "experiment_name": experiment.name,
-        "dataset_name": dataset.name,
-        **_run_config_params(params),
-    }
-    files.config.write_text(json.dumps(config, indent=2))
+        save_total_limit=None,
+        resume_from_checkpoint=str(resume_dir) if resume_dir else None,
+        experiment_name=experiment.name,
+        dataset_name=dataset.name,
+    )
+    config.to_json(files.config)
 
 
-def _run_config_params(params: dict[str, Any]) -> dict[str, Any]:
-    """API hyperparameter names → the trainer's RunConfig names."""
-    renames = {"epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
-               "lr_scheduler": "lr_scheduler_type"}  # fmt: skip
-    return {renames.get(k, k): v for k, v in params.items()}
+def _run_inputs(experiment: Experiment) -> tuple[Dataset, str | None]:
+    """The experiment's dataset, and the storage key of its last complete checkpoint (to resume from)."""
+    with session_scope() as session:
+        dataset = session.get(Dataset, experiment.dataset_id)
+        assert dataset is not None
+        return dataset, _last_checkpoint_key(session, experiment.id)
 
 
 def _last_checkpoint_key(session: Any, experiment_id: uuid.UUID) -> str | None:
@@ -166,8 +193,16 @@ def trainer_command(config_path: Path) -> list[str]:
     python = get_settings().training.python or sys.executable
     gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
     if len(gpus) > 1:  # one process per GPU of this worker's group (DDP / DeepSpeed)
-        return [python, "-m", "accelerate.commands.launch", "--num_processes", str(len(gpus)),
-                "-m", "workers.training.run", str(config_path)]  # fmt: skip
+        return [
+            python,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(len(gpus)),
+            "-m",
+            "workers.training.run",
+            str(config_path),
+        ]
     return [python, "-m", "workers.training.run", str(config_path)]
 
 
@@ -178,8 +213,11 @@ class Supervision:
     files: RunFiles
     settings: Settings
     storage: Storage
-    completed: dict[str, Any] | None = None
+    completed: Completed | None = None
+    failure: Failed | None = None
+    stopped: dict[str, Any] | None = None  # the child's "stopped" event: why and at which step
     stop_requested: bool = False
+    handoff: threading.Event = field(default_factory=threading.Event)
     _events_offset: int = 0
     _stored_checkpoints: list[str] = field(default_factory=list)
 
@@ -187,10 +225,15 @@ class Supervision:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         with self.files.log.open("wb") as log_file:
             proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-                trainer_command(self.files.config), cwd=PROJECT_ROOT, env=env,
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent,
-            )  # fmt: skip
+                trainer_command(self.files.config),
+                cwd=PROJECT_ROOT,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         try:
             return self._watch(proc)
         finally:
@@ -210,8 +253,9 @@ class Supervision:
                         raise Fenced("heartbeat fenced")
                     self._relay_events()
                 except Fenced:
-                    log.warning("experiment %s attempt %s lost ownership; killing trainer",
-                                self.experiment_id, self.attempt)  # fmt: skip
+                    log.warning(
+                        "experiment %s attempt %s lost ownership; killing trainer", self.experiment_id, self.attempt
+                    )
                     return "lost"
                 if proc.poll() is not None:
                     break
@@ -222,27 +266,56 @@ class Supervision:
             beat.close()
 
     def _conclude(self, returncode: int) -> str:
+        """Record the end truthfully: the user's stop → cancelled; a run that trained to its end →
+        succeeded; one the platform interrupted (SIGTERM, a handoff) → the next attempt, queued now;
+        anything else → failed with the child's own error."""
+        job, attempt = self.experiment_id, self.attempt
         try:
             self._relay_events()
             if self.stop_requested:
-                status, outcome = ExperimentStatus.cancelled, "cancelled"
-                jobs.finish(self.experiment_id, self.attempt, status)
-            elif returncode == 0 and self.completed is not None:
-                final_dir = Path(self.completed["final_dir"])
-                upload_dir(self.storage, final_dir, artifact_prefix(self.experiment_id))
-                self.storage.put_file(f"{artifact_prefix(self.experiment_id)}/train.log", self.files.log)
-                jobs.finish(self.experiment_id, self.attempt, ExperimentStatus.succeeded,
-                            final_metrics=self.completed.get("metrics", {}))  # fmt: skip
-                outcome = "succeeded"
-            else:
-                tail = _tail(self.files.log, self.settings.training.log_tail_lines)
-                error = _error_line(tail) or f"trainer exited with code {returncode}"
-                jobs.finish(self.experiment_id, self.attempt, ExperimentStatus.failed,
-                            error=error, log_tail=tail)  # fmt: skip
-                outcome = "failed"
+                self._db("finish", lambda: jobs.finish(job, attempt, ExperimentStatus.cancelled))
+                return "cancelled"
+            if returncode == 0 and self.completed is not None and not self.completed.stopped:
+                prefix = artifact_prefix(job)
+                upload_dir(self.storage, Path(self.completed.final_dir), prefix)
+                self.storage.put_file(f"{prefix}/{TRAIN_LOG_FILE}", self.files.log)
+                metrics = self.completed.metrics
+                self._db(
+                    "finish",
+                    lambda: jobs.finish(job, attempt, ExperimentStatus.succeeded, final_metrics=metrics),
+                )
+                return "succeeded"
+            if interruption := self._interruption(returncode):
+                reason = f"{interruption}; resumes from {self._resume_point()} as attempt {attempt + 1}"
+                handed = self._db("hand off", lambda: jobs.hand_off(job, attempt, reason))
+                log.warning("experiment %s attempt %s: %s", job, attempt, reason)
+                return "handed off" if handed else "lost"
+            tail = _tail(self.files.log, self.settings.training.log_tail_lines)
+            error = self._failure_reason(returncode)
+            self._db(
+                "finish",
+                lambda: jobs.finish(job, attempt, ExperimentStatus.failed, error=error, log_tail=tail),
+            )
+            return "failed"
         except Fenced:
             return "lost"
-        return outcome
+
+    def _interruption(self, returncode: int) -> str | None:
+        """Why the run ended early without the user asking, if it did: it must not count as a success."""
+        if self.handoff.is_set():
+            return "handed off: its worker is shutting down"
+        reason = (self.stopped or {}).get("reason")
+        if reason in INTERRUPTIONS or (self.completed is not None and self.completed.stopped):
+            return f"interrupted ({reason or 'stopped early'}) at step {(self.stopped or {}).get('step')}"
+        if returncode == -signal.SIGTERM:
+            return "interrupted: the trainer was terminated (SIGTERM)"
+        return None
+
+    def _resume_point(self) -> str:
+        return self._stored_checkpoints[-1].rsplit("/", 1)[-1] if self._stored_checkpoints else "its last checkpoint"
+
+    def _db(self, what: str, operation: Callable[[], T]) -> T:
+        return jobs.with_db_retries(what, operation, self.settings.training.db_retry_s)
 
     def _relay_events(self) -> None:
         """Persist new complete lines of the child's events file."""
@@ -258,12 +331,16 @@ class Supervision:
             event = json.loads(line)
             kind = event.pop("type")
             if kind == "checkpoint":
-                batch.append(("checkpoint", self._store_checkpoint(event)))
+                batch.append(("checkpoint", self._store_checkpoint(CheckpointSaved.model_validate(event))))
             elif kind == "completed":
-                self.completed = event
+                self.completed = Completed.model_validate(event)
+            elif kind == "failed":
+                self.failure = Failed.model_validate(event)
             elif kind in ("metrics", "started", "stopped"):
                 batch.append((kind, event))
-        jobs.add_events(self.experiment_id, self.attempt, batch)
+                if kind == "stopped":
+                    self.stopped = event
+        self._db("record events", lambda: jobs.add_events(self.experiment_id, self.attempt, batch))
         self._prune_checkpoints()
 
     def _prune_checkpoints(self) -> None:
@@ -272,19 +349,29 @@ class Supervision:
             self.storage.delete_prefix(key)
         del self._stored_checkpoints[:-KEEP_CHECKPOINTS]
 
-    def _store_checkpoint(self, event: dict[str, Any]) -> dict[str, Any]:
+    def _failure_reason(self, returncode: int) -> str:
+        """The child's own error (type, message, where) when it reported one; else how it ended."""
+        if self.failure is not None:
+            return self.failure.summary()
+        if returncode < 0:
+            with contextlib.suppress(ValueError):
+                return f"trainer killed by signal {signal.Signals(-returncode).name}"
+        return f"trainer exited with code {returncode} without reporting an error"
+
+    def _store_checkpoint(self, event: CheckpointSaved) -> dict[str, Any]:
         """Upload a finished checkpoint and free its local disk."""
-        local = Path(event["path"])
+        local = Path(event.path)
         key = f"{checkpoint_prefix(self.experiment_id)}/{local.name}"
         upload_dir(self.storage, local, key)
         shutil.rmtree(local, ignore_errors=True)
         self._stored_checkpoints.append(key)
-        return {"step": event.get("step"), "key": key, "time": event.get("time")}
+        return {"step": event.step, "key": key, "time": event.time}
 
 
 class Heartbeat(threading.Thread):
     """Beats every ``training.heartbeat_interval_s`` until closed, and acts on what it learns at once:
-    a stop request → stop file + SIGTERM to the trainer's group, SIGKILL after ``stop_grace_s``; lost
+    a stop request → stop file + SIGTERM to the trainer's group, SIGKILL after ``stop_grace_s``; a handoff
+    (this worker is shutting down) → the same with ``handoff_grace_s`` for the checkpoint; lost
     ownership → SIGKILL. If the supervising loop stops ticking for ``stall_after_s`` (a hung upload), it
     stops beating and kills the trainer, so the reaper gives the job to another worker."""
 
@@ -302,31 +389,49 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         kill_at: float | None = None
+        handing_off = False
         while not self._closed.is_set():
             now = time.monotonic()
             if now - self._ticked > self.limits.stall_after_s:
-                log.error("supervisor of experiment %s stalled for %.0f s; giving the job up",
-                          self.job.experiment_id, now - self._ticked)  # fmt: skip
+                log.error(
+                    "supervisor of experiment %s stalled for %.0f s; giving the job up",
+                    self.job.experiment_id,
+                    now - self._ticked,
+                )
                 self._kill(signal.SIGKILL)
                 self.fenced.set()
                 return
             try:
-                stop = jobs.heartbeat(self.job.experiment_id, self.job.attempt, pid=self.proc.pid)
+                orders = jobs.heartbeat(self.job.experiment_id, self.job.attempt, pid=self.proc.pid)
             except Fenced:
                 self._kill(signal.SIGKILL)
                 self.fenced.set()
                 return
             except Exception:  # a database blip: the next beat tries again (the reaper allows stale_after_s)
                 log.exception("heartbeat for experiment %s failed", self.job.experiment_id)
-                stop = False
-            if stop and not self.stop_requested.is_set():
+                orders = jobs.Orders(stop=False, handoff=False)
+            if orders.handoff:
+                self.job.handoff.set()
+            if orders.stop and not self.stop_requested.is_set():
                 self.stop_requested.set()
-                self.job.files.stop.touch()  # lets the trainer's callback stop cleanly at the end of a step
-                self._kill(signal.SIGTERM)
+                self._ask_trainer_to_stop(USER_STOP)
                 kill_at = now + self.limits.stop_grace_s
+            elif self.job.handoff.is_set() and not handing_off and not self.stop_requested.is_set():
+                handing_off = True  # checkpoint at the end of the step, within handoff_grace_s
+                log.warning("experiment %s: worker shutting down; handing the job off", self.job.experiment_id)
+                self._ask_trainer_to_stop(HANDOFF)
+                kill_at = now + self.limits.handoff_grace_s
             if kill_at is not None and now >= kill_at:
                 self._kill(signal.SIGKILL)
             self._closed.wait(self.limits.heartbeat_interval_s)
+
+    def _ask_trainer_to_stop(self, reason: str) -> None:
+        """The stop file says why (the trainer's callback reads it at the end of a step); SIGTERM makes it look
+        now. Written then renamed, so the trainer never reads a half-written reason."""
+        partial = self.job.files.stop.with_suffix(".partial")
+        partial.write_text(reason, encoding="utf-8")
+        partial.replace(self.job.files.stop)
+        self._kill(signal.SIGTERM)
 
     def _kill(self, sig: signal.Signals) -> None:
         if self.proc.returncode is None:  # not reaped yet, so its process group id is still ours
@@ -346,11 +451,3 @@ def _tail(path: Path, lines: int) -> str:
     if not path.exists():
         return ""
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def _error_line(tail: str) -> str | None:
-    """The exception line of a Python traceback, the most useful one-line reason."""
-    for line in reversed(tail.splitlines()):
-        if line and not line.startswith((" ", "\t")) and ("Error" in line or "Exception" in line):
-            return line.strip()[:1000]
-    return None

@@ -159,6 +159,10 @@ def build_tiny_model(
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    print(build_tiny_model(sys.argv[1] if len(sys.argv) > 1 else "tiny-llama"))
+    parser = argparse.ArgumentParser(description="Build a tiny random Llama with a locally trained tokenizer.")
+    parser.add_argument("output_dir", nargs="?", default="tiny-llama")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    args = parser.parse_args()
+    print(build_tiny_model(args.output_dir, seed=args.seed))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep, Trainer, Viewer
+from app.api.deps import Page, SessionDep, SettingsDep, StorageDep, Trainer, Viewer, get_owned_or_404
+from app.api.idempotency import idempotent
 from app.models import AbTest, AbTestCreate, AbTestPublic, AbTestsPublic
 from app.services import ab_tests as service
 
@@ -15,17 +15,17 @@ router = APIRouter(prefix="/ab-testing", tags=["ab testing"])
 
 
 @router.post("/", response_model=AbTestPublic, status_code=201)
+@idempotent
 def create_ab_test(session: SessionDep, storage: StorageDep, principal: Trainer, body: AbTestCreate) -> AbTestPublic:
     """Define a test: `deployment_a`, `deployment_b`, `prompts` or a `dataset_id`, optional `judge_deployment`."""
-    return AbTestPublic.model_validate(service.create_ab_test(session, storage, principal, body))
+    return AbTestPublic.model_validate(
+        service.create_ab_test(session=session, storage=storage, actor=principal, body=body)
+    )
 
 
 @router.get("/", response_model=AbTestsPublic)
-def list_ab_tests(
-    session: SessionDep, principal: Viewer,
-    skip: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100,
-) -> AbTestsPublic:  # fmt: skip
-    rows, count = service.list_ab_tests(session, principal.team_id, skip, limit)
+def list_ab_tests(session: SessionDep, principal: Viewer, page: Page) -> AbTestsPublic:
+    rows, count = service.list_ab_tests(session=session, team_id=principal.team_id, skip=page.skip, limit=page.limit)
     return AbTestsPublic(data=[AbTestPublic.model_validate(t) for t in rows], count=count)
 
 
@@ -41,11 +41,9 @@ async def compare(
     """Run it: side-by-side outputs (greedy), latency per side, eval loss and perplexity of each on the
     held-out split, and the judge's preference per prompt with win rates. Stored on the test."""
     test = _get(session, principal.team_id, test_id)
-    return AbTestPublic.model_validate(await service.compare(session, settings, storage, principal, test))
+    compared = await service.compare(session=session, settings=settings, storage=storage, actor=principal, test=test)
+    return AbTestPublic.model_validate(compared)
 
 
 def _get(session: SessionDep, team_id: uuid.UUID, test_id: uuid.UUID) -> AbTest:
-    test = service.get_ab_test(session, team_id, test_id)
-    if test is None:
-        raise HTTPException(404, f"A/B test {test_id} not found")
-    return test
+    return get_owned_or_404(session=session, model=AbTest, team_id=team_id, id=test_id, what="A/B test")

@@ -20,7 +20,7 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 async def stats(settings: SettingsDep, _: Superuser) -> dict[str, Any]:
     """Per live inference worker: loaded models and adapters, batch sizes seen, requests in flight,
     tokens/s; and the depth of the inference queue."""
-    workers = await run_in_threadpool(live_workers, settings.inference.worker_stale_after_s)
+    workers = await run_in_threadpool(live_workers, stale_after_s=settings.inference.worker_stale_after_s)
     return {
         "queue": INFERENCE_QUEUE,
         "queue_depth": await run_in_threadpool(_queue_depth, settings.broker.url),
@@ -34,7 +34,7 @@ async def stats(settings: SettingsDep, _: Superuser) -> dict[str, Any]:
                 **w.stats,
             }
             for w in workers
-        ],  # fmt: skip
+        ],
     }
 
 

@@ -17,13 +17,17 @@ router = APIRouter(prefix="/auth", tags=["auth"])
 
 @router.post("/login", response_model=Token)
 def login(
-    request: Request, session: SessionDep, settings: SettingsDep,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
     form: Annotated[OAuth2PasswordRequestForm, Depends()],
-) -> Token:  # fmt: skip
+) -> Token:
     """Exchange email (`username`) and password for a bearer token. Repeated failures answer 429."""
     client = request.client.host if request.client else None
     try:
-        user = accounts.authenticate(session, settings, email=form.username, password=form.password, client=client)
+        user = accounts.authenticate(
+            session=session, settings=settings, email=form.username, password=form.password, client=client
+        )
     except accounts.LoginRefused as exc:
         headers = {"Retry-After": str(exc.retry_after_s)} if exc.status_code == 429 else {"WWW-Authenticate": "Bearer"}
         raise HTTPException(exc.status_code, str(exc), headers=headers) from None

@@ -7,10 +7,11 @@ import uuid
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Form, HTTPException, Query, UploadFile
+from fastapi import APIRouter, Form, UploadFile
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep, Trainer, Viewer
+from app.api.deps import Page, SessionDep, SettingsDep, StorageDep, Trainer, Viewer, get_owned_or_404
 from app.api.errors import PayloadTooLarge
+from app.api.idempotency import idempotent
 from app.datasets.readers import sniff_kind
 from app.models import (
     Dataset,
@@ -27,6 +28,7 @@ CHUNK = 1 << 20
 
 
 @router.post("/upload", response_model=DatasetPublic, status_code=201)
+@idempotent
 def upload_dataset(
     session: SessionDep,
     storage: StorageDep,
@@ -51,36 +53,47 @@ def upload_dataset(
         with path.open("rb") as f:
             kind = sniff_kind(file.filename, f.read(8))
         dataset = service.create_from_file(
-            session=session, storage=storage, actor=principal,
+            session=session,
+            storage=storage,
+            actor=principal,
             name=name or Path(file.filename or "dataset").stem[:200] or "dataset",
-            path=path, kind=kind, fmt=format, eval_fraction=eval_fraction,
-        )  # fmt: skip
+            path=path,
+            kind=kind,
+            fmt=format,
+            eval_fraction=eval_fraction,
+        )
     return DatasetPublic.model_validate(dataset)
 
 
 @router.post("/", response_model=DatasetPublic, status_code=201)
+@idempotent
 def create_dataset(
-    session: SessionDep, storage: StorageDep, settings: SettingsDep, principal: Trainer,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    principal: Trainer,
     body: DatasetCreate,
-) -> DatasetPublic:  # fmt: skip
+) -> DatasetPublic:
     """Create a dataset from rows in the request body."""
     if len(body.rows) > settings.api.max_inline_rows:
         raise PayloadTooLarge(f"rows: more than {settings.api.max_inline_rows} rows; upload a file")
     dataset = service.create_from_rows(
-        session=session, storage=storage, actor=principal, name=body.name, rows=body.rows,
-        fmt=body.format, eval_fraction=body.eval_fraction,
-    )  # fmt: skip
+        session=session,
+        storage=storage,
+        actor=principal,
+        name=body.name,
+        rows=body.rows,
+        fmt=body.format,
+        eval_fraction=body.eval_fraction,
+    )
     return DatasetPublic.model_validate(dataset)
 
 
 @router.get("/", response_model=DatasetsPublic)
-def list_datasets(
-    session: SessionDep, principal: Viewer,
-    skip: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100,
-) -> DatasetsPublic:  # fmt: skip
+def list_datasets(session: SessionDep, principal: Viewer, page: Page) -> DatasetsPublic:
     """List the team's datasets, newest first."""
-    page, count = service.list_datasets(session=session, team_id=principal.team_id, skip=skip, limit=limit)
-    return DatasetsPublic(data=[DatasetPublic.model_validate(d) for d in page], count=count)
+    rows, count = service.list_datasets(session=session, team_id=principal.team_id, skip=page.skip, limit=page.limit)
+    return DatasetsPublic(data=[DatasetPublic.model_validate(d) for d in rows], count=count)
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
@@ -99,12 +112,10 @@ def preview_dataset(session: SessionDep, principal: Viewer, dataset_id: uuid.UUI
 @router.delete("/{dataset_id}", status_code=204)
 def delete_dataset(session: SessionDep, storage: StorageDep, principal: Trainer, dataset_id: uuid.UUID) -> None:
     """Delete a dataset and its files (409 while experiments use it)."""
-    service.delete_dataset(session=session, storage=storage, actor=principal,
-                           dataset=_get(session, principal.team_id, dataset_id))  # fmt: skip
+    service.delete_dataset(
+        session=session, storage=storage, actor=principal, dataset=_get(session, principal.team_id, dataset_id)
+    )
 
 
 def _get(session: SessionDep, team_id: uuid.UUID, dataset_id: uuid.UUID) -> Dataset:
-    dataset = service.get_dataset(session=session, team_id=team_id, dataset_id=dataset_id)
-    if dataset is None:
-        raise HTTPException(404, f"dataset {dataset_id} not found")
-    return dataset
+    return get_owned_or_404(session=session, model=Dataset, team_id=team_id, id=dataset_id, what="dataset")

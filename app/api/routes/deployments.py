@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep, Trainer, Viewer
+from app.api.deps import Page, SessionDep, SettingsDep, StorageDep, Trainer, Viewer, get_owned_or_404
+from app.api.idempotency import idempotent
 from app.models import Deployment, DeploymentCreate, DeploymentPublic, DeploymentsPublic, DeploymentStatus
 from app.models import DeploymentStatusPublic as StatusPublic
 from app.services import deployments as service
@@ -17,21 +17,28 @@ router = APIRouter(prefix="/deployments", tags=["deployments"])
 
 
 @router.post("/", response_model=DeploymentPublic, status_code=201)
+@idempotent
 def create_deployment(
     session: SessionDep, settings: SettingsDep, storage: StorageDep, principal: Trainer, body: DeploymentCreate
 ) -> DeploymentPublic:
     """Deploy a succeeded experiment's adapter (`experiment_id`) or a `base_model`. The answer's `model`
     is the name to pass to the OpenAI client; workers load the weights on the first request."""
-    return service.public(service.create_deployment(session, settings, storage, principal, body))
+    return service.public(
+        service.create_deployment(session=session, settings=settings, storage=storage, actor=principal, body=body)
+    )
 
 
 @router.get("/", response_model=DeploymentsPublic)
 def list_deployments(
-    session: SessionDep, principal: Viewer, status: DeploymentStatus | None = None,
-    skip: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100,
-) -> DeploymentsPublic:  # fmt: skip
+    session: SessionDep,
+    principal: Viewer,
+    page: Page,
+    status: DeploymentStatus | None = None,
+) -> DeploymentsPublic:
     """The team's deployments, newest first."""
-    rows, count = service.list_deployments(session, principal.team_id, status, skip, limit)
+    rows, count = service.list_deployments(
+        session=session, team_id=principal.team_id, status=status, skip=page.skip, limit=page.limit
+    )
     return DeploymentsPublic(data=[service.public(d) for d in rows], count=count)
 
 
@@ -46,27 +53,29 @@ def deployment_status(
 ) -> StatusPublic:
     """Whether it is served, and which live inference workers hold its weights now."""
     deployment = _get(session, principal.team_id, deployment_id)
-    workers = live_workers(settings.inference.worker_stale_after_s)
+    workers = live_workers(stale_after_s=settings.inference.worker_stale_after_s)
     adapter = str(deployment.id) if deployment.adapter_prefix else None
     loaded_on = [
-        w.name for w in workers
+        w.name
+        for w in workers
         if (model := w.stats.get("models", {}).get(deployment.base_model)) is not None
         and (adapter is None or adapter in model.get("loaded_adapters", []))
-    ]  # fmt: skip
-    return StatusPublic(id=deployment.id, model=deployment.name, status=deployment.status,
-                        workers_alive=len(workers), loaded_on=loaded_on)  # fmt: skip
+    ]
+    return StatusPublic(
+        id=deployment.id,
+        model=deployment.name,
+        status=deployment.status,
+        workers_alive=len(workers),
+        loaded_on=loaded_on,
+    )
 
 
 @router.delete("/{deployment_id}", response_model=DeploymentPublic)
 def retire_deployment(session: SessionDep, principal: Trainer, deployment_id: uuid.UUID) -> DeploymentPublic:
     """Retire: the model name stops answering and workers unload its weights."""
-    return service.public(
-        service.retire_deployment(session, principal, _get(session, principal.team_id, deployment_id))
-    )
+    deployment = _get(session, principal.team_id, deployment_id)
+    return service.public(service.retire_deployment(session=session, actor=principal, deployment=deployment))
 
 
 def _get(session: SessionDep, team_id: uuid.UUID, deployment_id: uuid.UUID) -> Deployment:
-    deployment = service.get_deployment(session, team_id, deployment_id)
-    if deployment is None:
-        raise HTTPException(404, f"deployment {deployment_id} not found")
-    return deployment
+    return get_owned_or_404(session=session, model=Deployment, team_id=team_id, id=deployment_id, what="deployment")

@@ -12,10 +12,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep, Trainer, Viewer
+from app.api.deps import Page, SessionDep, SettingsDep, StorageDep, Trainer, Viewer, get_owned_or_404
+from app.api.idempotency import idempotent
 from app.core import notify
 from app.core.db import session_scope
-from app.core.relay import wake_relay
+from app.core.event_log import events_after
+from app.core.layout import artifact_prefix
 from app.models import (
     ArtifactPublic,
     ArtifactsPublic,
@@ -28,12 +30,13 @@ from app.models import (
     MetricsPublic,
 )
 from app.services import experiments as service
-from app.services.events import events_after
+from app.services.relay import wake_relay
 
 router = APIRouter(prefix="/experiments", tags=["experiments"])
 
 
 @router.post("/", response_model=ExperimentPublic, status_code=201)
+@idempotent
 def create_experiment(
     session: SessionDep, settings: SettingsDep, principal: Trainer, body: ExperimentCreate
 ) -> ExperimentPublic:
@@ -45,15 +48,16 @@ def create_experiment(
 
 @router.get("/", response_model=ExperimentsPublic)
 def list_experiments(
-    session: SessionDep, principal: Viewer,
+    session: SessionDep,
+    principal: Viewer,
+    page: Page,
     status: ExperimentStatus | None = None,
-    skip: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100,
-) -> ExperimentsPublic:  # fmt: skip
+) -> ExperimentsPublic:
     """List the team's experiments, newest first, optionally by status."""
-    page, count = service.list_experiments(
-        session=session, team_id=principal.team_id, status=status, skip=skip, limit=limit
+    rows, count = service.list_experiments(
+        session=session, team_id=principal.team_id, status=status, skip=page.skip, limit=page.limit
     )
-    return ExperimentsPublic(data=[ExperimentPublic.model_validate(e) for e in page], count=count)
+    return ExperimentsPublic(data=[ExperimentPublic.model_validate(e) for e in rows], count=count)
 
 
 @router.get("/{experiment_id}", response_model=ExperimentPublic)
@@ -67,8 +71,9 @@ def start_experiment(
     session: SessionDep, settings: SettingsDep, principal: Trainer, experiment_id: uuid.UUID
 ) -> ExperimentPublic:
     """Queue a created, failed or cancelled experiment; it resumes from its last checkpoint."""
-    experiment = service.start_experiment(session=session, settings=settings, actor=principal,
-                                          experiment=_get(session, principal.team_id, experiment_id))  # fmt: skip
+    experiment = service.start_experiment(
+        session=session, settings=settings, actor=principal, experiment=_get(session, principal.team_id, experiment_id)
+    )
     _after_commit(experiment)
     return ExperimentPublic.model_validate(experiment)
 
@@ -76,30 +81,35 @@ def start_experiment(
 @router.post("/{experiment_id}/stop", response_model=ExperimentPublic)
 def stop_experiment(session: SessionDep, principal: Trainer, experiment_id: uuid.UUID) -> ExperimentPublic:
     """Cancel: a queued job at once, a running one as soon as its worker sees the flag."""
-    experiment = service.stop_experiment(session=session, actor=principal,
-                                         experiment=_get(session, principal.team_id, experiment_id))  # fmt: skip
+    experiment = service.stop_experiment(
+        session=session, actor=principal, experiment=_get(session, principal.team_id, experiment_id)
+    )
     _after_commit(experiment)
     return ExperimentPublic.model_validate(experiment)
 
 
 @router.get("/{experiment_id}/metrics", response_model=MetricsPublic)
 def read_metrics(
-    session: SessionDep, principal: Viewer, experiment_id: uuid.UUID,
+    session: SessionDep,
+    principal: Viewer,
+    experiment_id: uuid.UUID,
     after: Annotated[int, Query(ge=0, description="Only events with seq > after")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-) -> MetricsPublic:  # fmt: skip
+) -> MetricsPublic:
     """Logged training and eval metrics in order (loss, learning rate, grad norm, tokens/s, ...)."""
     _get(session, principal.team_id, experiment_id)
-    rows = events_after(session, experiment_id, after, type_="metrics", limit=limit)
+    rows = events_after(session=session, experiment_id=experiment_id, after_seq=after, type_="metrics", limit=limit)
     return MetricsPublic(data=[EventPublic.model_validate(r) for r in rows], count=len(rows))
 
 
 @router.get("/{experiment_id}/events")
 async def stream_events(
-    session: SessionDep, principal: Viewer, experiment_id: uuid.UUID,
+    session: SessionDep,
+    principal: Viewer,
+    experiment_id: uuid.UUID,
     last_event_id: Annotated[int | None, Header(ge=0)] = None,
     after: Annotated[int, Query(ge=0)] = 0,
-) -> EventSourceResponse:  # fmt: skip
+) -> EventSourceResponse:
     """Server-sent events: every status change and metric, resumable with Last-Event-ID."""
     await run_in_threadpool(_get, session, principal.team_id, experiment_id)
     await run_in_threadpool(session.close)  # the stream may last hours; it reads with short sessions of its own
@@ -108,6 +118,7 @@ async def stream_events(
 
 
 async def _event_stream(experiment_id: uuid.UUID, after_seq: int) -> AsyncIterator[ServerSentEvent]:
+    yield ServerSentEvent(retry=notify.retry_ms())  # after a cut, the client reconnects (with Last-Event-ID) soon
     async with notify.ChangeWaiter(notify.experiment_channel(experiment_id)) as waiter:
         while True:
             events, status = await run_in_threadpool(_read_new, experiment_id, after_seq)
@@ -125,7 +136,7 @@ def _read_new(experiment_id: uuid.UUID, after_seq: int) -> tuple[list[EventPubli
     with session_scope() as session:
         experiment = session.get(Experiment, experiment_id)
         assert experiment is not None
-        rows = events_after(session, experiment_id, after_seq, limit=500)
+        rows = events_after(session=session, experiment_id=experiment_id, after_seq=after_seq, limit=500)
         return [EventPublic.model_validate(r) for r in rows], experiment.status
 
 
@@ -135,9 +146,8 @@ def list_artifacts(
 ) -> ArtifactsPublic:
     """Files of a finished run: adapter, tokenizer, config, metrics, model card, log."""
     _get(session, principal.team_id, experiment_id)
-    prefix = service.artifact_prefix(experiment_id)
-    files = [ArtifactPublic(path=o.key[len(prefix) + 1 :], size_bytes=o.size_bytes)
-             for o in storage.list(prefix)]  # fmt: skip
+    prefix = artifact_prefix(experiment_id)
+    files = [ArtifactPublic(path=o.key[len(prefix) + 1 :], size_bytes=o.size_bytes) for o in storage.list(prefix)]
     return ArtifactsPublic(data=files, count=len(files))
 
 
@@ -147,7 +157,7 @@ def download_artifact(
 ) -> StreamingResponse:
     """Download one artifact file."""
     _get(session, principal.team_id, experiment_id)
-    prefix = service.artifact_prefix(experiment_id)
+    prefix = artifact_prefix(experiment_id)
     known = {o.key[len(prefix) + 1 :] for o in storage.list(prefix)}
     if path not in known:  # only names we listed, so a crafted path cannot reach other keys
         raise HTTPException(404, f"no artifact {path!r}")
@@ -159,8 +169,11 @@ def download_artifact(
                 yield chunk
 
     filename = path.rsplit("/", 1)[-1]
-    return StreamingResponse(chunks(), media_type="application/octet-stream",
-                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})  # fmt: skip
+    return StreamingResponse(
+        chunks(),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
 
 
 @router.delete("/{experiment_id}", status_code=204)
@@ -172,10 +185,7 @@ def delete_experiment(session: SessionDep, storage: StorageDep, principal: Train
 
 
 def _get(session: SessionDep, team_id: uuid.UUID, experiment_id: uuid.UUID) -> Experiment:
-    experiment = service.get_experiment(session=session, team_id=team_id, experiment_id=experiment_id)
-    if experiment is None:
-        raise HTTPException(404, f"experiment {experiment_id} not found")
-    return experiment
+    return get_owned_or_404(session=session, model=Experiment, team_id=team_id, id=experiment_id, what="experiment")
 
 
 def _after_commit(experiment: Experiment) -> None:

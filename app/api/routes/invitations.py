@@ -7,6 +7,7 @@ import uuid
 from fastapi import APIRouter
 
 from app.api.deps import Admin, LoggedIn, SessionDep, SettingsDep
+from app.api.idempotency import idempotent
 from app.models import (
     InvitationAccept,
     InvitationCreate,
@@ -21,6 +22,7 @@ router = APIRouter(tags=["invitations"])
 
 
 @router.post("/teams/{team_id}/invitations", response_model=InvitationCreated, status_code=201)
+@idempotent
 def invite(
     session: SessionDep,
     settings: SettingsDep,
@@ -30,26 +32,31 @@ def invite(
     body: InvitationCreate,
 ) -> InvitationCreated:
     """Invite someone; the answer carries the token (shown once) to send them. Needs a login token."""
-    invitation, token = service.invite(session, settings, principal, body)
+    invitation, token = service.invite(session=session, settings=settings, actor=principal, body=body)
     return InvitationCreated(**InvitationPublic.model_validate(invitation).model_dump(), token=token)
 
 
 @router.get("/teams/{team_id}/invitations", response_model=InvitationsPublic)
 def list_invitations(session: SessionDep, principal: Admin, team_id: uuid.UUID) -> InvitationsPublic:
     """Pending and accepted invitations."""
-    rows = service.list_invitations(session, principal.team_id)
+    rows = service.list_invitations(session=session, team_id=principal.team_id)
     return InvitationsPublic(data=[InvitationPublic.model_validate(r) for r in rows], count=len(rows))
 
 
 @router.delete("/teams/{team_id}/invitations/{invitation_id}", status_code=204)
 def revoke_invitation(session: SessionDep, principal: Admin, team_id: uuid.UUID, invitation_id: uuid.UUID) -> None:
     """Withdraw an invitation."""
-    service.revoke_invitation(session, principal, invitation_id)
+    service.revoke_invitation(session=session, actor=principal, invitation_id=invitation_id)
 
 
 @router.post("/invitations/accept", response_model=MemberPublic)
 def accept(session: SessionDep, body: InvitationAccept) -> MemberPublic:
     """Join a team with an invitation token (the token is the credential; new users set a password)."""
-    user, membership = service.accept_invitation(session, body)
-    return MemberPublic(user_id=user.id, email=user.email, full_name=user.full_name, role=membership.role,
-                        created_at=membership.created_at)  # fmt: skip
+    user, membership = service.accept_invitation(session=session, body=body)
+    return MemberPublic(
+        user_id=user.id,
+        email=user.email,
+        full_name=user.full_name,
+        role=membership.role,
+        created_at=membership.created_at,
+    )

@@ -8,7 +8,7 @@ import yaml
 from fastapi import APIRouter
 
 from app.api.deps import Viewer
-from app.training.hyperparameters import RECIPES_DIR, available_recipes, load_recipe
+from app.services.recipes import RECIPES_DIR, available_recipes, load_recipe
 
 router = APIRouter(prefix="/recipes", tags=["recipes"])
 
@@ -19,6 +19,5 @@ def list_recipes(_: Viewer) -> dict[str, Any]:
     data = []
     for name in available_recipes():
         header = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text()) or {}
-        data.append({"name": name, "description": header.get("description", ""),
-                     "hyperparameters": load_recipe(name)})  # fmt: skip
+        data.append({"name": name, "description": header.get("description", ""), "hyperparameters": load_recipe(name)})
     return {"data": data, "count": len(data)}

@@ -1,9 +1,10 @@
 """The team's live channel (SSE): every experiment state change of the team, as it happens.
 
-The database is the truth (status events); Redis pub/sub only wakes the stream. Event ids are the
-global event row ids, so a client resumes with Last-Event-ID. Ids are allocated before commit, so a
-slow transaction can commit an id below one already sent; the stream re-reads a short window behind
-its cursor and skips what it has sent, so such an event is still delivered.
+The database is the truth (status events); Redis pub/sub only wakes the stream (without it, or while it
+is down, the stream re-reads every ``events.poll_interval_s``). Event ids are the global event row ids,
+so a client resumes with Last-Event-ID. Ids are allocated before commit, so a slow transaction can
+commit an id below one already sent; the stream re-reads a short window behind its cursor and skips
+what it has sent, so such an event is still delivered.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from app.api.deps import SessionDep, Viewer
 from app.core import notify
 from app.core.db import session_scope
+from app.core.event_log import latest_event_id, team_status_events
 from app.models import ApiKey, Membership
-from app.services.events import latest_event_id, team_status_events
 from app.services.principal import Principal
 
 router = APIRouter(tags=["events"])
@@ -32,9 +33,11 @@ RECHECK_S = 10.0
 
 @router.get("/teams/{team_id}/events")
 async def stream_team_events(
-    session: SessionDep, principal: Viewer, team_id: uuid.UUID,
+    session: SessionDep,
+    principal: Viewer,
+    team_id: uuid.UUID,
     last_event_id: Annotated[int | None, Header(ge=0)] = None,
-) -> EventSourceResponse:  # fmt: skip
+) -> EventSourceResponse:
     """Server-sent `experiment` events: {experiment_id, name, status, attempt} on every state change.
     Without Last-Event-ID the stream starts from now."""
     await run_in_threadpool(session.close)  # the stream may last hours; it reads with short sessions of its own
@@ -45,6 +48,7 @@ async def stream_team_events(
 async def _stream(principal: Principal, start: int) -> AsyncIterator[ServerSentEvent]:
     team_id, cursor, sent = principal.team_id, start, set[int]()
     recheck_at = time.monotonic() + RECHECK_S
+    yield ServerSentEvent(retry=notify.retry_ms())  # after a cut, the client reconnects (with Last-Event-ID) soon
     async with notify.ChangeWaiter(notify.team_channel(team_id)) as waiter:
         while True:
             if time.monotonic() >= recheck_at:  # removed from the team, or key revoked: the stream ends
@@ -64,12 +68,16 @@ async def _stream(principal: Principal, start: int) -> AsyncIterator[ServerSentE
 
 def _read(team_id: uuid.UUID, after_id: int) -> list[tuple[int, dict[str, object]]]:
     with session_scope() as session:
-        rows = team_status_events(session, team_id, after_id)
+        rows = team_status_events(session=session, team_id=team_id, after_id=after_id)
         out: list[tuple[int, dict[str, object]]] = []
         for event, name in rows:
             assert event.id is not None
-            payload = {"experiment_id": str(event.experiment_id), "name": name, **event.data,
-                       "created_at": event.created_at.isoformat()}  # fmt: skip
+            payload = {
+                "experiment_id": str(event.experiment_id),
+                "name": name,
+                **event.data,
+                "created_at": event.created_at.isoformat(),
+            }
             out.append((event.id, payload))
         return out
 
@@ -84,4 +92,4 @@ def _still_allowed(principal: Principal) -> bool:
 
 def _latest_id(team_id: uuid.UUID) -> int:
     with session_scope() as session:
-        return latest_event_id(session)
+        return latest_event_id(session=session)

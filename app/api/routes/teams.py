@@ -7,6 +7,7 @@ import uuid
 from fastapi import APIRouter, HTTPException
 
 from app.api.deps import Admin, CurrentUser, SessionDep, SettingsDep, Superuser, Viewer
+from app.api.idempotency import idempotent
 from app.models import (
     MemberPublic,
     MembersPublic,
@@ -27,21 +28,22 @@ router = APIRouter(prefix="/teams", tags=["teams"])
 @router.get("/", response_model=TeamsPublic)
 def list_my_teams(session: SessionDep, settings: SettingsDep, user: CurrentUser) -> TeamsPublic:
     """The teams you belong to, with your role."""
-    data = service.user_teams(session, settings, user.id)
+    data = service.user_teams(session=session, settings=settings, user_id=user.id)
     return TeamsPublic(data=data, count=len(data))
 
 
 @router.post("/", response_model=TeamPublic, status_code=201)
+@idempotent
 def create_team(session: SessionDep, settings: SettingsDep, user: Superuser, body: TeamCreate) -> TeamPublic:
     """Create a team (platform admins); you become its admin."""
-    team = service.create_team(session, user.id, body.name)
-    return service.team_public(team, settings, Role.admin)
+    team = service.create_team(session=session, user_id=user.id, name=body.name)
+    return service.team_public(team=team, settings=settings, role=Role.admin)
 
 
 @router.get("/{team_id}", response_model=TeamPublic)
 def read_team(session: SessionDep, settings: SettingsDep, principal: Viewer, team_id: uuid.UUID) -> TeamPublic:
     """A team you belong to, with its effective quotas."""
-    return service.team_public(_team(session, principal), settings, principal.role)
+    return service.team_public(team=_team(session, principal), settings=settings, role=principal.role)
 
 
 @router.put("/{team_id}/quota", response_model=TeamPublic)
@@ -49,14 +51,14 @@ def set_quota(
     session: SessionDep, settings: SettingsDep, principal: Admin, team_id: uuid.UUID, body: QuotaUpdate
 ) -> TeamPublic:
     """Set the team's job quotas (null = platform default). Above the default needs a platform admin."""
-    team = service.set_quota(session, settings, principal, body)
-    return service.team_public(team, settings, principal.role)
+    team = service.set_quota(session=session, settings=settings, actor=principal, body=body)
+    return service.team_public(team=team, settings=settings, role=principal.role)
 
 
 @router.get("/{team_id}/members", response_model=MembersPublic)
 def list_members(session: SessionDep, principal: Viewer, team_id: uuid.UUID) -> MembersPublic:
     """Members and their roles."""
-    members = service.list_members(session, principal.team_id)
+    members = service.list_members(session=session, team_id=principal.team_id)
     return MembersPublic(data=members, count=len(members))
 
 
@@ -65,14 +67,14 @@ def change_role(
     session: SessionDep, principal: Admin, team_id: uuid.UUID, user_id: uuid.UUID, body: MemberUpdate
 ) -> MemberPublic:
     """Change a member's role (the last admin cannot be demoted)."""
-    service.set_role(session, principal, user_id, body.role)
-    return next(m for m in service.list_members(session, principal.team_id) if m.user_id == user_id)
+    service.set_role(session=session, actor=principal, user_id=user_id, role=body.role)
+    return next(m for m in service.list_members(session=session, team_id=principal.team_id) if m.user_id == user_id)
 
 
 @router.delete("/{team_id}/members/{user_id}", status_code=204)
 def remove_member(session: SessionDep, principal: Admin, team_id: uuid.UUID, user_id: uuid.UUID) -> None:
     """Remove a member; their API keys for this team stop working at once."""
-    service.remove_member(session, principal, user_id)
+    service.remove_member(session=session, actor=principal, user_id=user_id)
 
 
 def _team(session: SessionDep, principal: Principal) -> Team:

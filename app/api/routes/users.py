@@ -21,9 +21,9 @@ def read_me(session: SessionDep, settings: SettingsDep, user: CurrentUser) -> Us
 @router.patch("/me", response_model=UserMe)
 def update_me(session: SessionDep, settings: SettingsDep, user: CurrentUser, body: UserUpdateMe) -> UserMe:
     """Change your name, or your password (send `current_password` with `new_password`)."""
-    return _me(session, settings, accounts.update_me(session, user, body))
+    return _me(session, settings, accounts.update_me(session=session, user=user, body=body))
 
 
 def _me(session: SessionDep, settings: SettingsDep, user: CurrentUser) -> UserMe:
-    teams = user_teams(session, settings, user.id)
+    teams = user_teams(session=session, settings=settings, user_id=user.id)
     return UserMe(**user.model_dump(exclude={"hashed_password"}), teams=teams)

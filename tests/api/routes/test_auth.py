@@ -53,8 +53,9 @@ def test_login_issues_a_token_that_authenticates(anonymous: TestClient, member: 
     assert header["alg"] == "HS256" and header["kid"]
 
 
-def test_wrong_password_and_unknown_email_are_the_same_401(anonymous: TestClient, member: Member,
-                                                          clean_throttle: None) -> None:  # fmt: skip
+def test_wrong_password_and_unknown_email_are_the_same_401(
+    anonymous: TestClient, member: Member, clean_throttle: None
+) -> None:
     wrong = anonymous.post("/api/auth/login", data={"username": member.email, "password": "nope-nope"})
     unknown = anonymous.post("/api/auth/login", data={"username": "ghost@example.com", "password": "nope-nope"})
     assert wrong.status_code == unknown.status_code == 401
@@ -78,15 +79,26 @@ def test_twenty_bad_logins_in_a_row_answer_429(anonymous: TestClient, member: Me
     assert int(r.headers["Retry-After"]) > 0 and "too many failed logins" in r.json()["detail"]
 
 
-def _forge(claims_override: dict[str, object], key: bytes | str | None = None, alg: str = JWT_ALGORITHM,
-           kid: str | None = None) -> str:  # fmt: skip
+def _forge(
+    claims_override: dict[str, object], key: bytes | str | None = None, alg: str = JWT_ALGORITHM, kid: str | None = None
+) -> str:
     settings = get_settings()
     keys = signing_keys(settings)
     now = utcnow()
-    claims = {"sub": "", "iss": settings.auth.issuer, "aud": settings.auth.audience, "iat": now,
-              "exp": now + timedelta(minutes=5), **claims_override}  # fmt: skip
-    return jwt.encode(claims, key if key is not None else keys.keys[keys.active_kid], algorithm=alg,
-                      headers={"kid": kid or keys.active_kid})  # fmt: skip
+    claims = {
+        "sub": "",
+        "iss": settings.auth.issuer,
+        "aud": settings.auth.audience,
+        "iat": now,
+        "exp": now + timedelta(minutes=5),
+        **claims_override,
+    }
+    return jwt.encode(
+        claims,
+        key if key is not None else keys.keys[keys.active_kid],
+        algorithm=alg,
+        headers={"kid": kid or keys.active_kid},
+    )
 
 
 @pytest.mark.parametrize(
@@ -153,8 +165,9 @@ def test_api_key_is_shown_once_stored_hashed_and_revocable(anonymous: TestClient
 
 
 def test_api_key_role_cannot_exceed_its_creator(anonymous: TestClient, member: Member) -> None:
-    r = anonymous.post(f"/api/teams/{member.team_id}/api-keys/", json={"name": "x", "role": "admin"},
-                       headers=member.login_headers)  # fmt: skip
+    r = anonymous.post(
+        f"/api/teams/{member.team_id}/api-keys/", json={"name": "x", "role": "admin"}, headers=member.login_headers
+    )
     assert r.status_code == 403 and r.json()["field"] == "role"
 
 
@@ -176,13 +189,15 @@ def _database_dump() -> str:
 
 
 def test_users_me_update_password(anonymous: TestClient, member: Member, clean_throttle: None) -> None:
-    r = anonymous.patch("/api/users/me", json={"current_password": "wrong-one", "new_password": "n3w-password"},
-                        headers=member.headers)  # fmt: skip
+    r = anonymous.patch(
+        "/api/users/me", json={"current_password": "wrong-one", "new_password": "n3w-password"}, headers=member.headers
+    )
     assert r.status_code == 400 and r.json()["field"] == "current_password"
     old_token = login(anonymous, member.email, PASSWORD)[1]["access_token"]
     time.sleep(1.1)  # tokens carry whole seconds
-    r = anonymous.patch("/api/users/me", json={"current_password": PASSWORD, "new_password": "n3w-password"},
-                        headers=member.headers)  # fmt: skip
+    r = anonymous.patch(
+        "/api/users/me", json={"current_password": PASSWORD, "new_password": "n3w-password"}, headers=member.headers
+    )
     assert r.status_code == 200
     status, fresh = login(anonymous, member.email, "n3w-password")
     assert status == 200

@@ -27,8 +27,9 @@ def _counts() -> tuple[int, int]:
 
 
 def test_upload_jsonl_detects_format_and_splits(client: TestClient) -> None:
-    r = client.post("/api/datasets/upload", files={"file": ("alpaca.jsonl", jsonl(ALPACA))},
-                    data={"eval_fraction": "0.25"})  # fmt: skip
+    r = client.post(
+        "/api/datasets/upload", files={"file": ("alpaca.jsonl", jsonl(ALPACA))}, data={"eval_fraction": "0.25"}
+    )
     assert r.status_code == 201, r.text
     body = r.json()
     assert (body["format"], body["row_count"], body["train_rows"], body["eval_rows"]) == ("alpaca", 20, 15, 5)
@@ -51,10 +52,13 @@ def test_upload_csv_json_and_parquet(client: TestClient) -> None:
     pq.write_table(pa.Table.from_pylist([{"text": f"line {i}"} for i in range(4)]), buf)
     cases = [
         ("d.csv", b"prompt,completion\nhi,there\nup,down\n", "prompt_completion"),
-        ("d.json", json.dumps([{"conversations": [{"from": "human", "value": "a"},
-                                                   {"from": "gpt", "value": "b"}]}]).encode(), "sharegpt"),
+        (
+            "d.json",
+            json.dumps([{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}]).encode(),
+            "sharegpt",
+        ),
         ("d.parquet", buf.getvalue(), "text"),
-    ]  # fmt: skip
+    ]
     for name, content, fmt in cases:
         r = client.post("/api/datasets/upload", files={"file": (name, content)})
         assert r.status_code == 201, r.text

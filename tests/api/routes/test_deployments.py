@@ -22,8 +22,12 @@ def test_deploy_a_base_model_and_retire_it(anonymous: TestClient, trainer: Membe
     assert r.status_code == 201, r.text
     deployment = r.json()
     assert deployment["model"] == "base-1" and deployment["status"] == "active" and deployment["experiment_id"] is None
-    assert anonymous.post("/api/deployments/", json={"base_model": str(tiny_model), "name": "base-1"},
-                          headers=h).status_code == 409  # fmt: skip
+    assert (
+        anonymous.post(
+            "/api/deployments/", json={"base_model": str(tiny_model), "name": "base-1"}, headers=h
+        ).status_code
+        == 409
+    )
     models = anonymous.get("/v1/models", headers=h).json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["base-1"]
 
@@ -33,8 +37,9 @@ def test_deploy_a_base_model_and_retire_it(anonymous: TestClient, trainer: Membe
     assert anonymous.delete(f"/api/deployments/{deployment['id']}", headers=h).json()["status"] == "retired"
     assert anonymous.delete(f"/api/deployments/{deployment['id']}", headers=h).status_code == 409
     assert anonymous.get("/v1/models", headers=h).json()["data"] == []
-    r = anonymous.post("/v1/chat/completions", json={"model": "base-1", "messages": [{"role": "user", "content": "x"}]},
-                       headers=h)  # fmt: skip
+    r = anonymous.post(
+        "/v1/chat/completions", json={"model": "base-1", "messages": [{"role": "user", "content": "x"}]}, headers=h
+    )
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
@@ -47,8 +52,9 @@ def test_deploy_a_base_model_and_retire_it(anonymous: TestClient, trainer: Membe
         ({"base_model": "x", "name": "bad name!"}, 422, "name"),
     ],
 )
-def test_bad_deployments_name_the_field(anonymous: TestClient, trainer: Member, body: dict[str, str], status: int,
-                                        field: str) -> None:  # fmt: skip
+def test_bad_deployments_name_the_field(
+    anonymous: TestClient, trainer: Member, body: dict[str, str], status: int, field: str
+) -> None:
     r = anonymous.post("/api/deployments/", json=body, headers=trainer.headers)
     assert r.status_code == status, r.text
     detail = r.json()
@@ -77,8 +83,11 @@ def test_openai_errors_have_openai_shape(anonymous: TestClient, trainer: Member,
         assert r.status_code == status, (body, r.text)
         error = r.json()["error"]
         assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
-    r = anonymous.post("/v1/chat/completions", json={"model": "base-2", "messages": [{"role": "user", "content": "x"}]},
-                       headers={"Authorization": "Bearer fts_wrong"})  # fmt: skip
+    r = anonymous.post(
+        "/v1/chat/completions",
+        json={"model": "base-2", "messages": [{"role": "user", "content": "x"}]},
+        headers={"Authorization": "Bearer fts_wrong"},
+    )
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 

@@ -22,14 +22,22 @@ def dataset_id(client: TestClient) -> str:
 
 
 def body(dataset: str, model: Path, **overrides: Any) -> dict[str, Any]:
-    return {"name": "exp", "base_model": str(model), "dataset_id": dataset,
-            "recipe": "tiny_lora_cpu", "hyperparameters": {}, **overrides}  # fmt: skip
+    return {
+        "name": "exp",
+        "base_model": str(model),
+        "dataset_id": dataset,
+        "recipe": "tiny_lora_cpu",
+        "hyperparameters": {},
+        **overrides,
+    }
 
 
 def _counts() -> tuple[int, int, int]:
     with session_scope() as s:
-        return tuple(s.exec(select(func.count()).select_from(t)).one()  # type: ignore[return-value]
-                     for t in (Experiment, ExperimentEvent, OutboxMessage))  # fmt: skip
+        return tuple(
+            s.exec(select(func.count()).select_from(t)).one()  # type: ignore[return-value]
+            for t in (Experiment, ExperimentEvent, OutboxMessage)
+        )
 
 
 def test_create_queues_and_resolves_recipe(client: TestClient, dataset_id: str, tiny_model: Path) -> None:
@@ -106,8 +114,15 @@ def test_events_stream_replays_from_last_event_id(client: TestClient, dataset_id
 
 def test_unknown_experiment_is_404(client: TestClient) -> None:
     missing = uuid.uuid4()
-    for method, path in [("GET", ""), ("POST", "/stop"), ("POST", "/start"), ("GET", "/metrics"),
-                         ("GET", "/events"), ("GET", "/artifacts"), ("GET", "/artifacts/README.md")]:  # fmt: skip
+    for method, path in [
+        ("GET", ""),
+        ("POST", "/stop"),
+        ("POST", "/start"),
+        ("GET", "/metrics"),
+        ("GET", "/events"),
+        ("GET", "/artifacts"),
+        ("GET", "/artifacts/README.md"),
+    ]:
         assert client.request(method, f"/api/experiments/{missing}{path}").status_code == 404
 
 
@@ -127,8 +142,11 @@ def test_relay_delivers_to_the_broker(client: TestClient, dataset_id: str, tiny_
 
 def _events(experiment_id: str) -> list[dict[str, Any]]:
     with session_scope() as s:
-        rows = s.exec(select(ExperimentEvent).where(ExperimentEvent.experiment_id == uuid.UUID(experiment_id))
-                      .order_by(ExperimentEvent.seq)).all()  # type: ignore[arg-type]  # fmt: skip
+        rows = s.exec(
+            select(ExperimentEvent)
+            .where(ExperimentEvent.experiment_id == uuid.UUID(experiment_id))
+            .order_by(ExperimentEvent.seq)
+        ).all()  # type: ignore[arg-type]
         return [{"type": e.type, "data": e.data, "seq": e.seq} for e in rows]
 
 

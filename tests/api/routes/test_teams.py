@@ -28,14 +28,20 @@ def _dataset(client: TestClient, who: Member) -> str:
 
 
 def _submit(client: TestClient, who: Member, dataset: str, model: Path) -> Any:
-    return client.post("/api/experiments/", headers=who.headers, json={
-        "name": "e", "base_model": str(model), "dataset_id": dataset, "recipe": "tiny_lora_cpu"})  # fmt: skip
+    return client.post(
+        "/api/experiments/",
+        headers=who.headers,
+        json={"name": "e", "base_model": str(model), "dataset_id": dataset, "recipe": "tiny_lora_cpu"},
+    )
 
 
 def test_invitation_creates_an_account_that_can_log_in(anonymous: TestClient, team: dict[Role, Member]) -> None:
     admin = team[Role.admin]
-    r = anonymous.post(f"/api/teams/{admin.team_id}/invitations", json={"email": "New@Example.com", "role": "viewer"},
-                       headers=admin.login_headers)  # fmt: skip
+    r = anonymous.post(
+        f"/api/teams/{admin.team_id}/invitations",
+        json={"email": "New@Example.com", "role": "viewer"},
+        headers=admin.login_headers,
+    )
     assert r.status_code == 201, r.text
     token = r.json()["token"]
     assert anonymous.post("/api/invitations/accept", json={"token": token}).json()["detail"] == (
@@ -67,11 +73,17 @@ def test_a_user_in_two_teams_picks_one_with_x_team_id(anonymous: TestClient, tea
     jwt_headers = {"Authorization": f"Bearer {login.json()['access_token']}"}
     teams = {t["id"]: t["role"] for t in anonymous.get("/api/teams/", headers=jwt_headers).json()["data"]}
     assert teams == {str(team[Role.viewer].team_id): "viewer", str(other.team_id): "trainer"}
-    in_other = anonymous.post("/api/datasets/", json={"name": "d", "rows": [{"text": "hello"}]},
-                              headers=jwt_headers | {"X-Team-Id": str(other.team_id)})  # fmt: skip
+    in_other = anonymous.post(
+        "/api/datasets/",
+        json={"name": "d", "rows": [{"text": "hello"}]},
+        headers=jwt_headers | {"X-Team-Id": str(other.team_id)},
+    )
     assert in_other.status_code == 201 and in_other.json()["team_id"] == str(other.team_id)
-    in_first = anonymous.post("/api/datasets/", json={"name": "d", "rows": [{"text": "hello"}]},
-                              headers=jwt_headers | {"X-Team-Id": str(team[Role.viewer].team_id)})  # fmt: skip
+    in_first = anonymous.post(
+        "/api/datasets/",
+        json={"name": "d", "rows": [{"text": "hello"}]},
+        headers=jwt_headers | {"X-Team-Id": str(team[Role.viewer].team_id)},
+    )
     assert in_first.status_code == 403  # a viewer there
     stranger = anonymous.get("/api/datasets/", headers=jwt_headers | {"X-Team-Id": str(make_team())})
     assert stranger.status_code == 404
@@ -83,33 +95,45 @@ def test_viewer_reads_but_cannot_submit(anonymous: TestClient, team: dict[Role, 
     assert anonymous.get(f"/api/datasets/{dataset}", headers=viewer.headers).status_code == 200
     r = _submit(anonymous, viewer, dataset, tiny_model)
     assert r.status_code == 403 and "needs the trainer role" in r.json()["detail"]
-    assert anonymous.post("/api/datasets/", json={"name": "d", "rows": [{"text": "x"}]},
-                          headers=viewer.headers).status_code == 403  # fmt: skip
+    assert (
+        anonymous.post(
+            "/api/datasets/", json={"name": "d", "rows": [{"text": "x"}]}, headers=viewer.headers
+        ).status_code
+        == 403
+    )
     assert _submit(anonymous, team[Role.trainer], dataset, tiny_model).status_code == 201
 
 
 def test_trainer_cannot_manage_members(anonymous: TestClient, team: dict[Role, Member]) -> None:
     trainer, viewer = team[Role.trainer], team[Role.viewer]
     base = f"/api/teams/{trainer.team_id}"
-    assert anonymous.patch(f"{base}/members/{viewer.user_id}", json={"role": "admin"},
-                           headers=trainer.headers).status_code == 403  # fmt: skip
+    assert (
+        anonymous.patch(f"{base}/members/{viewer.user_id}", json={"role": "admin"}, headers=trainer.headers).status_code
+        == 403
+    )
     assert anonymous.delete(f"{base}/members/{viewer.user_id}", headers=trainer.headers).status_code == 403
-    assert anonymous.post(f"{base}/invitations", json={"email": "x@example.com"},
-                          headers=trainer.headers).status_code == 403  # fmt: skip
+    assert (
+        anonymous.post(f"{base}/invitations", json={"email": "x@example.com"}, headers=trainer.headers).status_code
+        == 403
+    )
     assert anonymous.put(f"{base}/quota", json={"max_queued_jobs": 1}, headers=trainer.headers).status_code == 403
     assert anonymous.get(f"{base}/audit/", headers=trainer.headers).status_code == 403
-    promoted = anonymous.patch(f"{base}/members/{viewer.user_id}", json={"role": "trainer"},
-                               headers=team[Role.admin].headers)  # fmt: skip
+    promoted = anonymous.patch(
+        f"{base}/members/{viewer.user_id}", json={"role": "trainer"}, headers=team[Role.admin].headers
+    )
     assert promoted.status_code == 200 and promoted.json()["role"] == "trainer"
 
 
 def test_the_last_admin_cannot_leave(anonymous: TestClient, team: dict[Role, Member]) -> None:
     admin = team[Role.admin]
-    r = anonymous.patch(f"/api/teams/{admin.team_id}/members/{admin.user_id}", json={"role": "viewer"},
-                        headers=admin.headers)  # fmt: skip
+    r = anonymous.patch(
+        f"/api/teams/{admin.team_id}/members/{admin.user_id}", json={"role": "viewer"}, headers=admin.headers
+    )
     assert r.status_code == 409 and "last admin" in r.json()["detail"]
-    assert anonymous.delete(f"/api/teams/{admin.team_id}/members/{admin.user_id}",
-                            headers=admin.headers).status_code == 409  # fmt: skip
+    assert (
+        anonymous.delete(f"/api/teams/{admin.team_id}/members/{admin.user_id}", headers=admin.headers).status_code
+        == 409
+    )
 
 
 def test_quota_answers_429_and_queues_nothing(
@@ -149,9 +173,13 @@ def test_audit_log_records_who_did_what(anonymous: TestClient, team: dict[Role, 
     assert anonymous.delete(f"/api/datasets/{dataset}", headers=trainer.headers).status_code == 204
     events = anonymous.get(f"/api/teams/{admin.team_id}/audit/", headers=admin.headers).json()["data"]
     mine = [(e["action"], e["target_id"]) for e in reversed(events) if e["actor_user_id"] == str(trainer.user_id)]
-    assert mine[-5:] == [("dataset.create", dataset), ("experiment.create", experiment),
-                         ("experiment.stop", experiment), ("experiment.delete", experiment),
-                         ("dataset.delete", dataset)]  # fmt: skip
+    assert mine[-5:] == [
+        ("dataset.create", dataset),
+        ("experiment.create", experiment),
+        ("experiment.stop", experiment),
+        ("experiment.delete", experiment),
+        ("dataset.delete", dataset),
+    ]
     by_key = [e for e in events if e["actor_user_id"] == str(trainer.user_id) and e["action"] != "api_key.create"]
     assert all(e["actor_api_key_id"] for e in by_key)  # done with the trainer's API key, and it says so
     assert anonymous.get(f"/api/experiments/{experiment}", headers=trainer.headers).status_code == 404

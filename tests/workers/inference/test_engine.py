@@ -621,7 +621,7 @@ def test_score_runs_between_steps_without_disturbing_generation(tiny_model: Path
             with ThreadPoolExecutor(1) as pool:
                 future = pool.submit(engine.score, items, "A", adapters["A"], WAIT_S)
                 deadline = time.monotonic() + WAIT_S
-                while not engine._score_queue and time.monotonic() < deadline:
+                while not engine._scorer.queue and time.monotonic() < deadline:
                     time.sleep(0.001)
                 resume.set()
                 busy_scores = future.result(WAIT_S)
@@ -687,7 +687,7 @@ def test_close_fails_queued_score_calls(tiny_model: Path) -> None:
     assert paused.wait(WAIT_S)
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(engine.score, score_items(engine, 2), None, None, WAIT_S)
-        while not engine._score_queue:
+        while not engine._scorer.queue:
             time.sleep(0.001)
         closer = threading.Thread(target=engine.close)
         closer.start()

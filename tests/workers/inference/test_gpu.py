@@ -19,8 +19,10 @@ def test_batched_bf16_generation_on_cuda(tiny_model: Path, tmp_path: Path) -> No
     with InferenceEngine(tiny_model, max_batch_size=64) as engine:
         assert engine.info()["device"].startswith("cuda") and engine.dtype == torch.bfloat16
         engine.load_adapter("a", adapter)
-        requests = [greedy(chat_prompt(engine, i), max_tokens=32, adapter="a" if i % 2 else None, ignore_eos=True)
-                    for i in range(64)]  # fmt: skip
+        requests = [
+            greedy(chat_prompt(engine, i), max_tokens=32, adapter="a" if i % 2 else None, ignore_eos=True)
+            for i in range(64)
+        ]
         together = run_concurrently(engine, requests)
         alone = [engine.generate(r) for r in requests[:8]]
         stats = engine.stats()

@@ -17,14 +17,26 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_adapter_methods_train_on_cuda(method: str, tiny_model: Path, tmp_path: Path) -> None:
     config = {
-        "base_model": str(tiny_model), "train_file": str(write_jsonl(tmp_path / "train.jsonl", chat_rows(8))),
-        "output_dir": str(tmp_path / "out"), "method": method, "max_steps": 20, "learning_rate": 5e-3,
-        "per_device_train_batch_size": 8, "max_seq_length": 128, "packing": True, "save_steps": 10,
-    }  # fmt: skip
+        "base_model": str(tiny_model),
+        "train_file": str(write_jsonl(tmp_path / "train.jsonl", chat_rows(8))),
+        "output_dir": str(tmp_path / "out"),
+        "method": method,
+        "max_steps": 20,
+        "learning_rate": 5e-3,
+        "batch_size": 8,
+        "max_seq_length": 128,
+        "packing": True,
+        "save_steps": 10,
+    }
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(config))
-    done = subprocess.run([sys.executable, "-m", "workers.training.run", str(cfg_path)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.training.run", str(cfg_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     events = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]
     started = next(e for e in events if e["type"] == "started")

@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from workers.training.config import RunConfig
+from app.core.contracts.events import Failed
+from app.core.contracts.training import Hyperparameters, RunConfig
 from workers.training.tiny_model import _ANSWERS, _QUESTIONS, build_tiny_model, tiny_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -222,9 +224,9 @@ def test_lora_adapter_changes_logits_and_merge_matches(lora_run: tuple[RunConfig
 def test_resume_from_checkpoint(lora_run: tuple[RunConfig, Any], tmp_path: Path) -> None:
     cfg, proc = lora_run
     assert_ok(proc)
-    resumed = RunConfig.from_dict(
+    resumed = RunConfig.model_validate(
         {
-            **cfg.to_dict(),
+            **cfg.model_dump(),
             "output_dir": str(tmp_path / "resumed"),
             "events_file": None,
             "stop_file": None,
@@ -252,7 +254,7 @@ def test_full_finetune_with_packing_on_text_rows(tiny_model_dir: Path, tmp_path:
         method="full",
         packing=True,
         max_seq_length=128,
-        per_device_train_batch_size=2,
+        batch_size=2,
         learning_rate=1e-3,
         max_steps=8,
         logging_steps=2,
@@ -289,7 +291,7 @@ def test_prompt_completion_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
         output_dir=str(tmp_path / "run"),
         learning_rate=5e-3,
         max_steps=4,
-        per_device_train_batch_size=4,
+        batch_size=4,
     )
     proc = run_child(cfg, tmp_path)
     assert_ok(proc)
@@ -364,7 +366,10 @@ def test_sigterm_stops_gracefully(tiny_model_dir: Path, tmp_path: Path) -> None:
     events = read_events(cfg)
     stopped = of_type(events, "stopped")
     assert len(stopped) == 1 and stopped[0]["reason"] == "sigterm" and stopped[0]["step"] < 5000
-    assert events[-1]["type"] == "completed" and events[-1]["stopped"] is True
+    # An interruption is not a result: no final model, no "completed" event (a supervisor that saw one would
+    # report success), but a checkpoint at the stop step for the next attempt to resume from.
+    assert not of_type(events, "completed") and not cfg.final_dir.exists()
+    assert [c["step"] for c in of_type(events, "checkpoint")] == [stopped[0]["step"]]
 
 
 def test_failure_exits_nonzero_with_traceback_and_event(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -378,7 +383,12 @@ def test_failure_exits_nonzero_with_traceback_and_event(tiny_model_dir: Path, tm
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "train_file" in proc.stderr
     failed = of_type(read_events(cfg), "failed")
-    assert len(failed) == 1 and "train_file" in failed[0]["error"]
+    assert len(failed) == 1
+    event = Failed.model_validate({k: v for k, v in failed[0].items() if k != "type"})
+    assert event.error_type == "ValueError" and "train_file" in event.message
+    assert event.last_frame is not None and "components.py" in event.last_frame
+    assert "Traceback" in event.traceback
+    assert event.summary().startswith("ValueError: train_file")
 
 
 def test_qlora_without_cuda_fails_clearly(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -437,28 +447,31 @@ BASE: dict[str, Any] = {"base_model": "m", "train_file": "t.jsonl", "output_dir"
         ("lora_r", 0),
         ("lora_dropout", 1.0),
         ("lora_target_modules", []),
-        ("max_steps", 0),
-        ("num_train_epochs", 0),
-        ("per_device_train_batch_size", 0),
-        ("gradient_accumulation_steps", True),
+        ("lora_target_modules", "q_proj"),
+        ("epochs", 0),
+        ("batch_size", 0),
+        ("gradient_accumulation_steps", "two"),
         ("max_seq_length", -5),
         ("warmup_ratio", 1.0),
-        ("lr_scheduler_type", "exponential"),
+        ("lr_scheduler", "exponential"),
         ("bf16", "yes"),
         ("save_total_limit", 0),
         ("base_model", ""),
     ],
 )
 def test_run_config_validation_names_the_field(field: str, value: Any) -> None:
-    with pytest.raises(ValueError, match=f"^{field}:"):
+    with pytest.raises(ValidationError) as info:
         RunConfig(**{**BASE, field: value})
+    assert {error["loc"][0] for error in info.value.errors()} == {field}
 
 
 def test_run_config_cross_field_rules() -> None:
-    with pytest.raises(ValueError, match="^merge_adapter:"):
+    with pytest.raises(ValidationError, match="merge_adapter only applies"):
         RunConfig(**BASE, method="full", merge_adapter=True)
-    with pytest.raises(ValueError, match="^eval_steps:"):
+    with pytest.raises(ValidationError, match="eval_steps is set but eval_file is not"):
         RunConfig(**BASE, eval_steps=10)
+    with pytest.raises(ValidationError, match="max_steps must be -1"):
+        RunConfig(**BASE, max_steps=0)
 
 
 def test_run_config_json_round_trip_and_defaults(tmp_path: Path) -> None:
@@ -468,14 +481,20 @@ def test_run_config_json_round_trip_and_defaults(tmp_path: Path) -> None:
     assert RunConfig.from_json(cfg.to_json(tmp_path / "c.json")) == cfg
 
     (tmp_path / "typo.json").write_text(json.dumps({**BASE, "learning_rat": 1e-4}))
-    with pytest.raises(ValueError, match="learning_rat"):
+    with pytest.raises(ValidationError, match="learning_rat"):
         RunConfig.from_json(tmp_path / "typo.json")
     (tmp_path / "missing.json").write_text(json.dumps({"base_model": "m"}))
-    with pytest.raises(ValueError, match="train_file"):
+    with pytest.raises(ValidationError, match="train_file"):
         RunConfig.from_json(tmp_path / "missing.json")
 
 
-def test_run_config_fields_document_themselves() -> None:
-    import dataclasses
+def test_run_config_is_the_api_vocabulary_plus_the_attempt() -> None:
+    """One vocabulary: every hyperparameter a request may set is a RunConfig field of the same name and
+    default, so the supervisor hands the API's validated values to the child unrenamed."""
+    run_fields = RunConfig.model_fields
+    for name, field in Hyperparameters.model_fields.items():
+        assert name in run_fields and run_fields[name].default == field.default, name
 
-    assert all(f.metadata.get("help") for f in dataclasses.fields(RunConfig))
+
+def test_run_config_fields_document_themselves() -> None:
+    assert all(field.description for field in RunConfig.model_fields.values())

@@ -1,4 +1,5 @@
-"""The API's background loop: send outbox rows to the broker, and requeue runs whose worker died.
+"""The API's background loop: send outbox rows to the broker, requeue runs whose worker died (within
+their attempt budget), and re-send the wake-up of jobs queued too long without a claim.
 
 Runs as a daemon thread in every API process (Postgres row locks let replicas share the work).
 Routes call ``wake()`` after a commit so a new job is sent at once instead of on the next tick.
@@ -14,15 +15,16 @@ from typing import Any
 from app.core import notify
 from app.core.config import Settings
 from app.core.db import session_scope
-from app.services.experiments import requeue_stale
-from app.services.outbox import relay_once
+from app.core.outbox import relay_once
+from app.services.experiments import requeue_stale, resend_unclaimed
 
 log = logging.getLogger(__name__)
 REAP_EVERY_S = 5.0
 
 
 def celery_send(task_name: str, queue: str, kwargs: dict[str, Any], **options: Any) -> None:
-    from workers.celery_app import celery_app  # torch-free; the API sends tasks by name
+    """Send a task by name (the API never imports task code); the Celery app is built on first use."""
+    from app.core.celery_app import celery_app
 
     celery_app.send_task(task_name, kwargs=kwargs, queue=queue, **options)
 
@@ -30,7 +32,7 @@ def celery_send(task_name: str, queue: str, kwargs: dict[str, Any], **options: A
 class OutboxRelay:
     def __init__(self, settings: Settings) -> None:
         self.interval = settings.api.relay_interval_s
-        self.stale_after = settings.training.stale_after_s
+        self.training = settings.training
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="outbox-relay", daemon=True)
@@ -51,17 +53,30 @@ class OutboxRelay:
         while not self._stop.is_set():
             try:
                 with session_scope() as session:
-                    relay_once(session, celery_send)
+                    relay_once(session=session, send=celery_send)
                 if time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + REAP_EVERY_S
-                    with session_scope() as session:
-                        for experiment_id, team_id in requeue_stale(session=session, stale_after_s=self.stale_after):
-                            log.warning("requeued experiment %s: its worker stopped heartbeating", experiment_id)
-                            notify.publish(experiment_id, team_id)
+                    self._reap()
             except Exception:  # the loop must survive a database or broker outage
                 log.exception("outbox relay pass failed")
             self._wake.wait(self.interval)
             self._wake.clear()
+
+    def _reap(self) -> None:
+        limits = self.training
+        with session_scope() as session:
+            lost = requeue_stale(
+                session=session,
+                stale_after_s=limits.stale_after_s,
+                max_attempts=limits.max_attempts,
+                backoff_s=limits.requeue_backoff_s,
+            )
+        for experiment_id, team_id in lost:
+            log.warning("experiment %s: its worker stopped heartbeating", experiment_id)
+            notify.publish(experiment_id, team_id)
+        with session_scope() as session:
+            for experiment_id in resend_unclaimed(session=session, resend_after_s=limits.resend_after_s):
+                log.warning("experiment %s: queued too long without a claim; its message was sent again", experiment_id)
 
 
 _relay: OutboxRelay | None = None

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlmodel import Session, col, func, select, update
 
+from app.core.contracts.events import StatusEvent
 from app.models import Experiment, ExperimentEvent, ExperimentStatus
 
 
@@ -40,9 +41,15 @@ def record_event(
     return event
 
 
-def status_event(session: Session, experiment: Experiment, **extra: Any) -> ExperimentEvent:
-    data = {"status": experiment.status.value, "attempt": experiment.attempt, **extra}
-    return record_event(session, experiment.id, "status", data)
+def record_status(session: Session, experiment_id: uuid.UUID, event: StatusEvent, *, fenced: bool) -> ExperimentEvent:
+    """Append a status change; ``fenced``: only if ``event.attempt`` still owns the running job."""
+    return record_event(session, experiment_id, "status", event.data(), attempt=event.attempt if fenced else None)
+
+
+def status_event(session: Session, experiment: Experiment, *, reason: str | None = None) -> ExperimentEvent:
+    """The row's current status, as the API changed it."""
+    event = StatusEvent(status=experiment.status.value, attempt=experiment.attempt, reason=reason)
+    return record_status(session, experiment.id, event, fenced=False)
 
 
 def events_after(
@@ -69,8 +76,9 @@ def team_status_events(
         select(ExperimentEvent, Experiment.name)
         .join(Experiment, col(Experiment.id) == col(ExperimentEvent.experiment_id))
         .where(Experiment.team_id == team_id, ExperimentEvent.type == "status", col(ExperimentEvent.id) > after_id)
-        .order_by(col(ExperimentEvent.id)).limit(limit)
-    ).all()  # fmt: skip
+        .order_by(col(ExperimentEvent.id))
+        .limit(limit)
+    ).all()
     return [(event, name) for event, name in rows]
 
 

@@ -10,6 +10,7 @@ from celery import Celery
 from kombu import Queue
 
 from app.core.config import Settings, get_settings
+from app.core.queues import DEFAULT_QUEUE, INFERENCE_QUEUE, TRAIN_TASK
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -17,10 +18,10 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("studio", broker=settings.broker.url, include=["workers.tasks"])
     train_queues = [Queue(q.name) for q in settings.training.queues]
     app.conf.update(
-        task_queues=[*train_queues, Queue("inference"), Queue("default")],
-        task_default_queue="default",
+        task_queues=[*train_queues, Queue(INFERENCE_QUEUE), Queue(DEFAULT_QUEUE)],
+        task_default_queue=DEFAULT_QUEUE,
         task_create_missing_queues=False,
-        task_routes={"studio.train": {"queue": settings.training.default_queue}},
+        task_routes={TRAIN_TASK: {"queue": settings.training.default_queue}},
         # JSON only: a message that asks for pickle is refused before it is decoded.
         task_serializer="json",
         result_serializer="json",

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, or_, select
 
 from app.core.db import is_postgres
 from app.models import OutboxMessage, utcnow
@@ -21,18 +22,23 @@ log = logging.getLogger(__name__)
 
 Sender = Callable[[str, str, dict[str, Any]], None]  # (task_name, queue, kwargs)
 
-TRAIN_TASK = "studio.train"
+
+def enqueue(
+    *, session: Session, task_name: str, queue: str, payload: dict[str, Any], not_before: datetime | None = None
+) -> None:
+    """Add a send to the caller's transaction; it leaves only if the transaction commits, and not
+    before ``not_before`` (a backoff) when one is given."""
+    session.add(OutboxMessage(task_name=task_name, queue=queue, payload=payload, not_before=not_before))
 
 
-def enqueue(session: Session, task_name: str, queue: str, payload: dict[str, Any]) -> None:
-    """Add a send to the caller's transaction; it leaves only if the transaction commits."""
-    session.add(OutboxMessage(task_name=task_name, queue=queue, payload=payload))
-
-
-def relay_once(session: Session, send: Sender, limit: int = 100) -> int:
-    """Send pending messages in id order; returns how many were sent."""
+def relay_once(*, session: Session, send: Sender, limit: int = 100) -> int:
+    """Send pending messages that are due, in id order; returns how many were sent."""
+    due = or_(col(OutboxMessage.not_before).is_(None), col(OutboxMessage.not_before) <= utcnow())
     query = (
-        select(OutboxMessage).where(col(OutboxMessage.sent_at).is_(None)).order_by(col(OutboxMessage.id)).limit(limit)
+        select(OutboxMessage)
+        .where(col(OutboxMessage.sent_at).is_(None), due)
+        .order_by(col(OutboxMessage.id))
+        .limit(limit)
     )
     if is_postgres(session):
         # Several API replicas may relay at once; each takes different rows.
@@ -54,5 +60,5 @@ def relay_once(session: Session, send: Sender, limit: int = 100) -> int:
     return sent
 
 
-def pending_count(session: Session) -> int:
+def pending_count(*, session: Session) -> int:
     return len(session.exec(select(OutboxMessage.id).where(col(OutboxMessage.sent_at).is_(None))).all())

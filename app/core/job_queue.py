@@ -1,0 +1,49 @@
+"""Queue the next attempt of a training job: the one way a job (re)enters the queue, used by the API
+(create, start, requeue of a lost worker, resend of a lost message) and by workers (handoff).
+
+Status, status event and the Celery wake-up (an outbox row holding a `TrainMessage`) are written in
+the caller's transaction, so the message leaves only if the change commits.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlmodel import Session
+
+from app.core.contracts.training import TrainMessage
+from app.core.event_log import status_event
+from app.core.outbox import enqueue
+from app.core.queues import TRAIN_TASK
+from app.models import Experiment, ExperimentStatus, utcnow
+
+
+def queue_next_attempt(
+    session: Session, experiment: Experiment, *, reason: str | None = None, delay_s: float = 0.0
+) -> None:
+    """Mark the job queued and send "run attempt N+1", not before ``delay_s`` from now."""
+    now = utcnow()
+    experiment.status = ExperimentStatus.queued
+    experiment.stop_requested = False
+    experiment.handoff_requested = False
+    experiment.worker = None
+    experiment.pid = None
+    experiment.queued_at = now
+    experiment.queue_resends = 0
+    session.add(experiment)
+    session.flush()
+    status_event(session, experiment, reason=reason)
+    send_attempt_message(session, experiment, not_before=now + timedelta(seconds=delay_s) if delay_s else None)
+
+
+def send_attempt_message(session: Session, experiment: Experiment, *, not_before: datetime | None = None) -> None:
+    """The wake-up for the queued attempt (sent again as is when a message was lost: claims make
+    duplicates harmless)."""
+    message = TrainMessage(experiment_id=experiment.id, attempt=experiment.attempt + 1)
+    enqueue(
+        session=session,
+        task_name=TRAIN_TASK,
+        queue=experiment.queue,
+        payload=message.kwargs(),
+        not_before=not_before,
+    )

@@ -1,0 +1,15 @@
+"""Queue and task names: the only strings the API and the workers must agree on to reach each other.
+
+The API sends tasks by these names (it never imports task code); ``workers/tasks.py`` registers them.
+"""
+
+from __future__ import annotations
+
+TRAIN_TASK = "studio.train"
+GENERATE_TASK = "studio.generate"
+SCORE_TASK = "studio.score"
+PING_TASK = "studio.ping"
+
+INFERENCE_QUEUE = "inference"
+DEFAULT_QUEUE = "default"
+# Training queues are ``train.<gpu-class>``, one per entry of ``training.queues`` in settings.

@@ -1,0 +1,71 @@
+"""Datasets: uploaded rows in one of the supported formats, split into train and eval."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column
+from sqlmodel import Field, SQLModel
+
+from app.models.common import utcnow
+
+
+class DatasetFormat(StrEnum):
+    text = "text"
+    messages = "messages"
+    sharegpt = "sharegpt"
+    alpaca = "alpaca"
+    prompt_completion = "prompt_completion"
+    preference = "preference"
+
+
+class DatasetBase(SQLModel):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class Dataset(DatasetBase, table=True):
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    team_id: uuid.UUID = Field(foreign_key="team.id", index=True)
+    format: DatasetFormat
+    row_count: int
+    train_rows: int
+    eval_rows: int
+    eval_fraction: float
+    content_hash: str = Field(max_length=64, index=True)
+    size_bytes: int = Field(sa_type=BigInteger)
+    storage_prefix: str = Field(max_length=300)
+    preview: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class DatasetCreate(DatasetBase):
+    rows: list[dict[str, Any]] = Field(description="Rows in one of the supported formats")
+    format: DatasetFormat | None = Field(None, description="Detected when omitted")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class DatasetPublic(DatasetBase):
+    id: uuid.UUID
+    team_id: uuid.UUID
+    format: DatasetFormat
+    row_count: int
+    train_rows: int
+    eval_rows: int
+    eval_fraction: float
+    content_hash: str
+    size_bytes: int
+    created_at: datetime
+
+
+class DatasetsPublic(SQLModel):
+    data: list[DatasetPublic]
+    count: int
+
+
+class DatasetPreview(SQLModel):
+    id: uuid.UUID
+    format: DatasetFormat
+    rows: list[dict[str, Any]]

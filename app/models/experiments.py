@@ -1,0 +1,134 @@
+"""Experiments (fine-tuning runs), their ordered events, and their artifacts."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Column, Index, Integer, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from app.models.common import utcnow
+
+
+class ExperimentStatus(StrEnum):
+    created = "created"  # submitted with start=false; /start queues it
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (self.succeeded, self.failed, self.cancelled)
+
+
+class ExperimentBase(SQLModel):
+    name: str = Field(min_length=1, max_length=200)
+    base_model: str = Field(min_length=1, max_length=500, description="Hub id or local path")
+    dataset_id: uuid.UUID = Field(foreign_key="dataset.id")
+    recipe: str | None = Field(None, max_length=100, description="Preset in config/recipes")
+
+
+class Experiment(ExperimentBase, table=True):
+    __table_args__ = (Index("ix_experiment_team_status", "team_id", "status"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    team_id: uuid.UUID = Field(foreign_key="team.id", index=True)
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    queue: str = Field(max_length=100)
+    status: ExperimentStatus = Field(default=ExperimentStatus.queued, index=True)
+    # Attempt number of the run that owns the job; every worker write is fenced on it.
+    attempt: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    stop_requested: bool = False
+    # Set when the worker running the job is shutting down: its supervisor checkpoints and hands the job back.
+    handoff_requested: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default="0"))
+    # Attempts lost to a dead or silent worker since the user last (re)started the job; capped by
+    # training.max_attempts, so a job that takes its worker down fails instead of looping.
+    worker_losses: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    queued_at: datetime | None = None  # last queued; a job queued too long without a claim is re-sent
+    queue_resends: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    event_seq: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    worker: str | None = Field(default=None, max_length=200)
+    pid: int | None = None
+    heartbeat_at: datetime | None = None
+    error: str | None = None
+    log_tail: str | None = None
+    final_metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ExperimentCreate(SQLModel):
+    name: str = Field(min_length=1, max_length=200)
+    base_model: str = Field(min_length=1, max_length=500)
+    dataset_id: uuid.UUID
+    recipe: str | None = Field(None, max_length=100)
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    queue: str | None = Field(None, description="Training queue (GPU class); default from settings")
+    start: bool = Field(True, description="Queue the run now; false leaves it for /start")
+
+
+class ExperimentPublic(ExperimentBase):
+    id: uuid.UUID
+    team_id: uuid.UUID
+    hyperparameters: dict[str, Any]
+    queue: str
+    status: ExperimentStatus
+    attempt: int
+    stop_requested: bool
+    worker: str | None
+    error: str | None
+    log_tail: str | None
+    final_metrics: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class ExperimentsPublic(SQLModel):
+    data: list[ExperimentPublic]
+    count: int
+
+
+class ExperimentEvent(SQLModel, table=True):
+    """Everything a watcher sees, in order: status changes, metrics, checkpoints, logs.
+
+    ``seq`` is per experiment and gap-free, so SSE clients resume from Last-Event-ID.
+    """
+
+    __tablename__ = "experiment_event"
+    __table_args__ = (UniqueConstraint("experiment_id", "seq", name="uq_event_experiment_seq"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    experiment_id: uuid.UUID = Field(foreign_key="experiment.id", index=True)
+    seq: int
+    type: str = Field(max_length=32)
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class EventPublic(SQLModel):
+    seq: int
+    type: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class MetricsPublic(SQLModel):
+    data: list[EventPublic]
+    count: int
+
+
+class ArtifactPublic(SQLModel):
+    path: str
+    size_bytes: int
+
+
+class ArtifactsPublic(SQLModel):
+    data: list[ArtifactPublic]
+    count: int

@@ -1,0 +1,153 @@
+"""Serving: deployments, the inference worker fleet and its commands and replies, A/B tests."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import StringConstraints
+from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from app.models.common import utcnow
+
+# sqlmodel's Field(regex=...) is not enforced on plain (non-table) models under pydantic 2; these are.
+ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")]
+
+
+class DeploymentStatus(StrEnum):
+    active = "active"
+    retired = "retired"
+
+
+class Deployment(SQLModel, table=True):
+    """A model served on the inference queue: a base model, plus an experiment's adapter or not.
+    ``name`` is what OpenAI clients pass as ``model`` (unique within the team)."""
+
+    __table_args__ = (UniqueConstraint("team_id", "name", name="uq_deployment_team_name"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    team_id: uuid.UUID = Field(foreign_key="team.id", index=True)
+    name: str = Field(max_length=100)
+    experiment_id: uuid.UUID | None = Field(default=None, foreign_key="experiment.id")
+    base_model: str = Field(max_length=500)
+    adapter_prefix: str | None = Field(default=None, max_length=300, description="Storage prefix of the adapter")
+    status: DeploymentStatus = DeploymentStatus.active
+    created_by: uuid.UUID | None = Field(default=None, foreign_key="app_user.id")
+    created_at: datetime = Field(default_factory=utcnow)
+    retired_at: datetime | None = None
+
+
+class DeploymentCreate(SQLModel):
+    name: ModelName | None = Field(None, description="The OpenAI `model` name; default from the run")
+    experiment_id: uuid.UUID | None = Field(None, description="Serve this succeeded experiment's adapter")
+    base_model: str | None = Field(None, min_length=1, max_length=500, description="Or serve a base model as is")
+
+
+class DeploymentPublic(SQLModel):
+    id: uuid.UUID
+    team_id: uuid.UUID
+    name: str
+    model: str = Field(description="Pass this as `model` to the OpenAI client")
+    experiment_id: uuid.UUID | None
+    base_model: str
+    status: DeploymentStatus
+    created_at: datetime
+    retired_at: datetime | None
+
+
+class DeploymentsPublic(SQLModel):
+    data: list[DeploymentPublic]
+    count: int
+
+
+class DeploymentStatusPublic(SQLModel):
+    id: uuid.UUID
+    model: str
+    status: DeploymentStatus
+    workers_alive: int = Field(description="Inference workers heartbeating now")
+    loaded_on: list[str] = Field(description="Workers that hold this deployment's weights in memory")
+
+
+class InferenceWorker(SQLModel, table=True):
+    """One inference worker process, as it last reported itself (every heartbeat)."""
+
+    __tablename__ = "inference_worker"
+
+    name: str = Field(primary_key=True, max_length=200)
+    hostname: str = Field(max_length=200)
+    pid: int
+    started_at: datetime = Field(default_factory=utcnow)
+    heartbeat_at: datetime = Field(default_factory=utcnow, index=True)
+    stats: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+
+
+class InferenceCommand(SQLModel, table=True):
+    """An instruction for every inference worker (e.g. unload a model); workers apply each id once."""
+
+    __tablename__ = "inference_command"
+
+    id: int | None = Field(default=None, primary_key=True)
+    action: str = Field(max_length=32)
+    target: str = Field(max_length=500, description="Adapter name (deployment id) or base model")
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class InferenceReply(SQLModel, table=True):
+    """Replies from workers to the API when there is no Redis (the embedded default)."""
+
+    __tablename__ = "inference_reply"
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str = Field(max_length=64, index=True)
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class AbTest(SQLModel, table=True):
+    __tablename__ = "ab_test"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    team_id: uuid.UUID = Field(foreign_key="team.id", index=True)
+    name: str = Field(max_length=200)
+    deployment_a: uuid.UUID = Field(foreign_key="deployment.id")
+    deployment_b: uuid.UUID = Field(foreign_key="deployment.id")
+    judge_deployment: uuid.UUID | None = Field(default=None, foreign_key="deployment.id")
+    prompts: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    dataset_id: uuid.UUID | None = Field(default=None, foreign_key="dataset.id")
+    max_tokens: int = 64
+    results: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    created_at: datetime = Field(default_factory=utcnow)
+    compared_at: datetime | None = None
+
+
+class AbTestCreate(SQLModel):
+    name: str = Field(min_length=1, max_length=200)
+    deployment_a: uuid.UUID
+    deployment_b: uuid.UUID
+    judge_deployment: uuid.UUID | None = Field(None, description="A third deployment that picks the better answer")
+    prompts: list[str] = Field(default_factory=list, max_length=500, description="Prompts to run through both")
+    dataset_id: uuid.UUID | None = Field(None, description="Or: prompts and eval loss from this dataset's eval split")
+    max_tokens: int = Field(64, ge=1, le=4096)
+
+
+class AbTestPublic(SQLModel):
+    id: uuid.UUID
+    team_id: uuid.UUID
+    name: str
+    deployment_a: uuid.UUID
+    deployment_b: uuid.UUID
+    judge_deployment: uuid.UUID | None
+    prompts: list[str]
+    dataset_id: uuid.UUID | None
+    max_tokens: int
+    results: dict[str, Any] | None
+    created_at: datetime
+    compared_at: datetime | None
+
+
+class AbTestsPublic(SQLModel):
+    data: list[AbTestPublic]
+    count: int

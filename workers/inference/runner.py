@@ -1,0 +1,122 @@
+"""The model runner: turns token ids into forwards of the (possibly peft-wrapped) model, for the loop thread.
+
+It holds no batch state: the scheduler owns the running rows and their `PaddedKV`, and hands them in. Every
+forward gets left-padded rows (`left_pad`), explicit position ids and one adapter name per row, which
+`AdapterCache.forward` routes to the LoRA layers ("__base__" for the base model).
+
+Not done yet: the GPU lever
+---------------------------
+Every decode step here re-launches the whole model eagerly and `DynamicCache` re-concatenates each layer's
+keys and values (O(batch x length) copies per step). On an H100 with a 7B model at batch 64, that per-step
+overhead (kernel launches, Python, allocation) dominates the step, not the FLOPs. The fix is a static KV
+cache (`transformers.StaticCache`-style: preallocated (max_batch, heads, max_len, head_dim) slots, a row
+keeps its slot while it runs, writes at per-row positions instead of concatenating) plus capturing the
+decode step in CUDA graphs (`torch.compile(mode="reduce-overhead")` or manual `torch.cuda.CUDAGraph`) for a
+few padded batch sizes (1, 2, 4, ..., 64). Mixed adapters would then need the per-row LoRA as graph-friendly
+ops (a gathered per-row A/B bmm, as in punica/S-LoRA) instead of peft's Python loop over sub-batches. On CPU
+the dynamic approach is fine: the step is compute-bound.
+
+Per-step Python already trimmed: adapter names reach the LoRA layers through hooks registered once per adapter
+change (`adapters.py`), not by peft walking the model every forward, and streaming detokenization calls the
+Rust decoder directly. What remains with adapters is peft's `_mixed_batch_forward` (per LoRA layer: Python
+index lists per adapter, advanced indexing, index_put); replacing it with per-step device index tensors and
+`index_select`/`index_add_` (or a punica-style kernel) is the next step (`benchmarks/inference_engine.py
+--adapters 3` measures it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from workers.inference.adapters import AdapterCache
+from workers.inference.kv import PaddedKV, check_supported, new_cache
+from workers.inference.request import BASE_ADAPTER
+from workers.inference.sampling import RowSampling, next_tokens
+
+
+class ModelRunner:
+    """Prefill, decode and scoring forwards of one engine's model (through its `AdapterCache`)."""
+
+    def __init__(self, adapters: AdapterCache, *, device: torch.device, pad_id: int, logits_to_keep: bool) -> None:
+        self.adapters = adapters
+        self.device = device
+        self.pad_id = pad_id
+        self._logits_to_keep = logits_to_keep  # the model's forward accepts `logits_to_keep`
+
+    def left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(ids, mask, positions)` of `rows` right-aligned in one (batch, longest) block, on the device.
+
+        Rows are right-aligned so every row's last token is in the last column (where prefill reads its
+        logits, and where decode steps append); position ids count real tokens only, so padding never shifts
+        a row's positions and a row computes what it would alone.
+        """
+        length = max(len(row) for row in rows)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for index, row in enumerate(rows):
+            ids[index, length - len(row) :] = torch.tensor(row)
+            mask[index, length - len(row) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(dim=-1) - 1).clamp_(min=0)
+        return ids, mask, positions
+
+    def logits(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        adapters: list[str],
+        *,
+        cache: DynamicCache | None = None,
+        keep: int = 1,
+    ) -> torch.Tensor:
+        """The model's logits at the last `keep` positions of each row, (batch, keep, vocab), in its dtype.
+
+        With a `cache` the forward extends it (generation); without one it runs without any (scoring).
+        """
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        if cache is not None:
+            kwargs.update(past_key_values=cache, use_cache=True)
+        else:
+            kwargs["use_cache"] = False
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = keep
+        output = self.adapters.forward(adapters, **kwargs)
+        logits: torch.Tensor = output.logits
+        return logits[:, -keep:, :]
+
+    def prefill(
+        self, prompts: list[list[int]], adapters: list[str], sampling: list[RowSampling]
+    ) -> tuple[list[int], PaddedKV]:
+        """Run `prompts` together into a fresh cache; returns their first tokens and that cache with its mask."""
+        ids, mask, positions = self.left_pad(prompts)
+        cache = new_cache()
+        logits = self.logits(ids, mask, positions, adapters, cache=cache)[:, -1, :].float()
+        check_supported(cache, ids.shape[1])
+        return next_tokens(logits, sampling), PaddedKV(cache, mask)
+
+    def decode(
+        self,
+        kv: PaddedKV,
+        last_tokens: list[int],
+        positions: list[int],
+        adapters: list[str],
+        sampling: list[RowSampling],
+    ) -> list[int]:
+        """One step for every row of `kv`: feed each row's last token at its own position, return the next."""
+        ids = torch.tensor([[t] for t in last_tokens], dtype=torch.long, device=self.device)
+        position_ids = torch.tensor([[p] for p in positions], dtype=torch.long, device=self.device)
+        mask = kv.grow()
+        logits = self.logits(ids, mask, position_ids, adapters, cache=kv.cache)[:, -1, :].float()
+        return next_tokens(logits, sampling)
+
+    def probe(self) -> None:
+        """Fail at start-up, not on the first request, if the model's cache cannot be batched this way."""
+        ids, mask, positions = self.left_pad([[self.pad_id], [self.pad_id, self.pad_id]])
+        cache = new_cache()
+        self.logits(ids, mask, positions, [BASE_ADAPTER, BASE_ADAPTER], cache=cache)
+        check_supported(cache, 2)
