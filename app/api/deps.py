@@ -8,17 +8,22 @@ as one that does not exist, so ids of other teams reveal nothing.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
+from weakref import WeakKeyDictionary
 
+import anyio.to_thread
+import sqlalchemy.exc
 from fastapi import Depends, Header, HTTPException, Query, Request
 from fastapi.security import OAuth2PasswordBearer
 from sqlmodel import Session
 
 from app.core.config import Settings, get_settings
-from app.core.db import get_engine
+from app.core.db import get_engine, pool_capacity
 from app.core.security import API_KEY_PREFIX, InvalidToken, decode_access_token
 from app.core.storage import Storage, get_storage
 from app.models import Membership, Role, User
@@ -29,12 +34,81 @@ from app.services.principal import Principal
 OwnedT = TypeVar("OwnedT", bound=TeamOwned)
 
 
-def get_session() -> Iterator[Session]:
-    with Session(get_engine()) as session:
+class RequestSession(Session):
+    """A route's session. Lazy: it checks a connection out at its first query, in the thread running the
+    route. It holds one of the request slots (below) until it is closed: by the route before a long
+    await (SSE, generation), else when the route function returns."""
+
+    def __init__(self, release_slot: Callable[[], None]) -> None:
+        super().__init__(get_engine())
+        self._release_slot: Callable[[], None] | None = release_slot
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            release, self._release_slot = self._release_slot, None
+            if release is not None:
+                release()
+
+
+class RequestSlots:
+    """Admits a few fewer route sessions at once than the pool has connections, and makes the rest wait
+    here, on the event loop, before any of their threads start. Otherwise threads wait in the pool for
+    connections held by requests that wait for a thread (FastAPI serialises a sync route's answer in
+    another threadpool call), which stalled the API under load. The connections left over serve the
+    short sessions that take no slot (authentication, SSE reads, the outbox relay), which always finish."""
+
+    def __init__(self) -> None:
+        self._semaphores: WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = WeakKeyDictionary()
+
+    async def take(self) -> Callable[[], None]:
+        """Wait for a slot (up to ``database.pool_timeout_s``, then 503); returns its release, callable
+        from any thread."""
+        loop = asyncio.get_running_loop()
+        semaphore = self._semaphores.get(loop)
+        if semaphore is None:
+            capacity = pool_capacity(get_engine())
+            if capacity is None:  # an unbounded pool: nothing to protect
+                return lambda: None
+            semaphore = self._semaphores[loop] = asyncio.Semaphore(max(1, capacity - max(2, capacity // 5)))
+        timeout_s = get_settings().database.pool_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await semaphore.acquire()
+        except TimeoutError:
+            raise sqlalchemy.exc.TimeoutError(f"no database session free within {timeout_s} s") from None
+
+        def release() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing waits on it any more
+                loop.call_soon_threadsafe(semaphore.release)
+
+        return release
+
+
+request_slots = RequestSlots()
+
+
+async def get_session() -> AsyncIterator[Session]:
+    """The route's session, closed when the route function returns (``scope="function"``): before the
+    response is sent, and before an SSE stream starts, so no connection waits on a slow client."""
+    session = RequestSession(await request_slots.take())
+    try:
         yield session
+    finally:
+        await close_session(session)
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+async def close_session(session: Session) -> None:
+    """Close on the event loop when no connection is held; else in a thread of its own (returning the
+    connection rolls back: I/O), not one of the request threads, which may all be busy."""
+    if session.in_transaction():
+        await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
+    else:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
@@ -71,19 +145,30 @@ def _authenticate(session: Session, settings: Settings, token: str | None) -> tu
     return found, None
 
 
-def get_current_user(session: SessionDep, settings: SettingsDep, token: TokenDep) -> User:
-    return _authenticate(session, settings, token)[0]
+def _auth_session() -> Session:
+    """Who is calling is resolved in a short session of its own, inside one threadpool call: its
+    connection is back in the pool before the route runs. Loaded rows stay readable after it closes."""
+    return Session(get_engine(), expire_on_commit=False)
+
+
+def get_current_user(settings: SettingsDep, token: TokenDep) -> User:
+    with _auth_session() as session:
+        return _authenticate(session, settings, token)[0]
 
 
 def get_principal(
     request: Request,
-    session: SessionDep,
     settings: SettingsDep,
     token: TokenDep,
     x_team_id: Annotated[str | None, Header(description="Team to act in; default your first team")] = None,
 ) -> Principal:
-    user, key_principal = _authenticate(session, settings, token)
     wanted = request.path_params.get("team_id") or x_team_id
+    with _auth_session() as session:
+        return _principal(session, settings, token, wanted)
+
+
+def _principal(session: Session, settings: Settings, token: str | None, wanted: str | None) -> Principal:
+    user, key_principal = _authenticate(session, settings, token)
     team_id = _parse_team(wanted) if wanted else None
     if key_principal is not None:
         if team_id is not None and team_id != key_principal.team_id:
@@ -108,8 +193,8 @@ def _parse_team(value: str) -> uuid.UUID:
         raise HTTPException(404, f"team {value} not found") from None
 
 
-def require(role: Role) -> Callable[[Principal], Principal]:
-    def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+def require(role: Role) -> Callable[[Principal], Awaitable[Principal]]:
+    async def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:  # no I/O: no thread
         if not principal.role.includes(role):
             raise HTTPException(403, f"needs the {role.value} role in this team; you are {principal.role.value}")
         return principal
@@ -117,15 +202,16 @@ def require(role: Role) -> Callable[[Principal], Principal]:
     return check
 
 
-def require_login(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+async def require_login(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
     """For minting credentials (API keys, invitations): a leaked API key must not be able to create more."""
     if principal.api_key_id is not None:
         raise HTTPException(403, "needs a logged-in user (POST /api/auth/login), not an API key")
     return principal
 
 
-def require_superuser(session: SessionDep, settings: SettingsDep, token: TokenDep) -> User:
-    user, key_principal = _authenticate(session, settings, token)
+def require_superuser(settings: SettingsDep, token: TokenDep) -> User:
+    with _auth_session() as session:
+        user, key_principal = _authenticate(session, settings, token)
     if key_principal is not None or not user.is_superuser:  # API keys never carry platform admin
         raise HTTPException(403, "needs a platform admin, logged in (not an API key)")
     return user
@@ -139,11 +225,13 @@ class PageParams:
     limit: int
 
 
-def page_params(skip: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100) -> PageParams:
+async def page_params(
+    skip: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100
+) -> PageParams:
     return PageParams(skip=skip, limit=limit)
 
 
-def long_page_params(
+async def long_page_params(
     skip: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> PageParams:
     return PageParams(skip=skip, limit=limit)

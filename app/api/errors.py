@@ -1,11 +1,15 @@
 """Error responses: every 4xx names the field (or the dataset row and field) at fault. Under /v1 the
 same errors take OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, which the OpenAI
-SDK turns into its typed exceptions."""
+SDK turns into its typed exceptions. A database that is overloaded (no pooled connection within
+`database.pool_timeout_s`) or unreachable answers 503 with `Retry-After`, never 500."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import psycopg
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +29,18 @@ OPENAI_TYPES = {
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
+
+
+log = logging.getLogger(__name__)
+POOL_RETRY_AFTER_S = 2  # overload passes quickly: come back soon
+OUTAGE_RETRY_AFTER_S = 5
+# Raised when the database cannot be reached or drops the connection (not for a bad query, which is a bug).
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
 
 
 class PayloadTooLarge(Exception):
@@ -75,6 +91,18 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return openai_error(400, message, param, "invalid_value")
 
+    @app.exception_handler(sqlalchemy.exc.TimeoutError)
+    async def pool_exhausted(request: Request, exc: sqlalchemy.exc.TimeoutError) -> JSONResponse:
+        log.warning("503 %s %s: no database connection free: %s", request.method, request.url.path, exc)
+        return _unavailable(request, "the server is busy (no database connection free); retry", POOL_RETRY_AFTER_S)
+
+    for kind in DATABASE_UNAVAILABLE:
+
+        @app.exception_handler(kind)
+        async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+            log.warning("503 %s %s: database unavailable: %s", request.method, request.url.path, exc)
+            return _unavailable(request, "the database is unavailable; retry", OUTAGE_RETRY_AFTER_S)
+
     @app.exception_handler(DatasetInvalid)
     async def invalid_dataset(_: Request, exc: DatasetInvalid) -> JSONResponse:
         errors = [{"row": e.row, "field": e.field, "message": e.message} for e in exc.errors]
@@ -83,3 +111,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PayloadTooLarge)
     async def too_large(_: Request, exc: PayloadTooLarge) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=413)
+
+
+def _unavailable(request: Request, message: str, retry_after_s: int) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after_s)}
+    if _is_openai(request):
+        return openai_error(503, message, code="service_unavailable", headers=headers)
+    return JSONResponse({"detail": message}, status_code=503, headers=headers)

@@ -26,9 +26,9 @@ printable ASCII characters>``:
 - **Expiry**: rows live ``api.idempotency_ttl_s`` (default 24 h). An expired row met on insert is deleted
   and the request runs anew; a "started" row older than ``STARTED_LEASE_S`` is taken to belong to a dead
   process and is taken over; every ``PURGE_EVERY_S`` a process deletes all expired rows.
-- **At rest**: the table holds a SHA-256 of (scope, key), and the answer XORed with a SHAKE-256 keystream
-  derived from (scope, key) and a random nonce, so an API key or invitation token in a stored answer is
-  not readable from the table alone. Clients should send random keys (a UUID4).
+- **At rest**: the table holds a SHA-256 of (scope, key), and the answer encrypted with AES-256-GCM under a
+  key derived from (scope, key), so an API key or invitation token in a stored answer is not readable from
+  the table alone. Clients should send random keys (a UUID4).
 
 Not covered: the window between the route's commit and the answer being recorded. A process that dies
 there leaves a "started" row; retries get 409 until the lease passes, then run again.
@@ -51,6 +51,7 @@ from enum import Enum
 from typing import Annotated, Any, TypeVar, cast
 
 import anyio
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fastapi import Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
@@ -73,7 +74,7 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 WAIT_S = 10.0  # how long a concurrent duplicate waits for the first request's answer
 STARTED_LEASE_S = 600.0  # a "started" row this old belongs to a process that died mid-request
 PURGE_EVERY_S = 300.0
-_NONCE_BYTES = 16
+_NONCE_BYTES = 12  # the size AES-GCM is built for
 _CHUNK = 1 << 20
 
 KeyHeader = Annotated[
@@ -387,14 +388,11 @@ def _replay(stored: _Stored) -> Response:
 
 
 def _seal(identity: _Identity, body: bytes) -> bytes:
+    """AES-256-GCM under a key only the client's Idempotency-Key derives: a replayed answer may hold a
+    secret (a new API key, an invitation token), and the database must not hold it readable."""
     nonce = secrets.token_bytes(_NONCE_BYTES)
-    return nonce + _xor(body, identity.seal_key, nonce)
+    return nonce + AESGCM(identity.seal_key).encrypt(nonce, body, identity.key_hash.encode())
 
 
 def _unseal(identity: _Identity, sealed: bytes) -> bytes:
-    return _xor(sealed[_NONCE_BYTES:], identity.seal_key, sealed[:_NONCE_BYTES])
-
-
-def _xor(data: bytes, key: bytes, nonce: bytes) -> bytes:
-    stream = hashlib.shake_256(key + nonce).digest(len(data))
-    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(len(data), "big")
+    return AESGCM(identity.seal_key).decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], identity.key_hash.encode())

@@ -19,6 +19,19 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class DatabaseSettings(BaseModel):
     url: str = Field("", description="SQLAlchemy URL; default sqlite:///$STUDIO_DATA_DIR/studio.db")
     echo: bool = Field(False, description="Log every SQL statement")
+    # Postgres only (SQLite keeps SQLAlchemy's own pool). A process holds a connection only while it runs
+    # a query or transaction (docs/architecture.md, "Database connections"); pool_size + max_overflow
+    # matches the API's 40 worker threads, so each thread can hold one. Size Postgres' max_connections
+    # for (API processes + workers) x (pool_size + max_overflow).
+    pool_size: int = Field(20, ge=1, description="Postgres: connections kept open per process")
+    max_overflow: int = Field(20, ge=0, description="Postgres: extra connections opened under load, closed after")
+    pool_timeout_s: float = Field(
+        5.0, gt=0, description="Postgres: seconds to wait for a free connection before answering 503 (overload)"
+    )
+    pool_recycle_s: int = Field(
+        1800, description="Postgres: replace connections older than this (outlive proxies' idle cuts); -1 = never"
+    )
+    connect_timeout_s: int = Field(5, ge=2, description="Postgres: seconds to open a connection before giving up")
 
 
 class BrokerSettings(BaseModel):

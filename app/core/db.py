@@ -8,11 +8,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.pool import NullPool, QueuePool
 from sqlmodel import Session, create_engine
 
-from app.core.config import get_settings
+from app.core.config import DatabaseSettings, get_settings
 
 
 def normalize_url(url: str) -> str:
@@ -22,7 +23,8 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, echo: bool = False) -> Engine:
+def make_engine(url: str, echo: bool = False, pool: DatabaseSettings | None = None) -> Engine:
+    """An engine for ``url``; on Postgres its pool is sized and bounded by ``pool`` (defaults when None)."""
     url = normalize_url(url)
     kwargs: dict[str, Any] = {"echo": echo}
     if url.startswith("sqlite"):
@@ -32,7 +34,15 @@ def make_engine(url: str, echo: bool = False) -> Engine:
         # Several processes (API, workers) share the file: wait for locks instead of failing.
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     else:
-        kwargs["pool_pre_ping"] = True
+        pool = pool or DatabaseSettings()
+        kwargs.update(
+            pool_pre_ping=True,  # a connection cut while idle (database restart) is replaced, not handed out
+            pool_size=pool.pool_size,
+            max_overflow=pool.max_overflow,
+            pool_timeout=pool.pool_timeout_s,  # exhausted: fail fast (503) instead of queueing threads
+            pool_recycle=pool.pool_recycle_s,
+            connect_args={"connect_timeout": pool.connect_timeout_s},
+        )
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -51,7 +61,15 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 @lru_cache
 def get_engine() -> Engine:
     settings = get_settings()
-    return make_engine(settings.database.url, settings.database.echo)
+    return make_engine(settings.database.url, settings.database.echo, settings.database)
+
+
+def pool_capacity(engine: Engine) -> int | None:
+    """The most connections the engine's pool hands out at once; None when it has no bound."""
+    pool = engine.pool
+    if not isinstance(pool, QueuePool) or pool._max_overflow < 0:  # SQLAlchemy has no public accessor
+        return None
+    return pool.size() + pool._max_overflow
 
 
 @contextmanager
@@ -64,3 +82,21 @@ def session_scope() -> Iterator[Session]:
 def is_postgres(session: Session) -> bool:
     """Row locks (FOR UPDATE, SKIP LOCKED) exist only there; SQLite serialises writers itself."""
     return session.get_bind().dialect.name == "postgresql"
+
+
+def ping_database(timeout_s: int = 2) -> None:
+    """``SELECT 1`` on a connection of its own (not the pool's: a probe must neither wait behind busy
+    requests nor take their connection); raises when the database is unreachable or slow."""
+    settings = get_settings().database
+    url = normalize_url(settings.url)
+    if url.startswith("sqlite"):
+        with get_engine().connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return
+    connect_args = {"connect_timeout": max(2, timeout_s), "options": f"-c statement_timeout={timeout_s * 1000}"}
+    engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    finally:
+        engine.dispose()

@@ -1,8 +1,9 @@
 """The API's side of a generation: send it to the inference queue, then follow the worker's replies.
 
 A request never hangs: no worker takes it within ``inference.queue_timeout_s`` → 503 (and the
-message expires, so no worker runs it later for nobody); the worker that took it stops heartbeating
-→ 502; it runs past ``inference.request_timeout_s`` → 504.
+message expires, so no worker runs it later for nobody); while it waits to be taken, no live worker is
+left (all heartbeats older than ``inference.worker_stale_after_s``, re-checked every ``CHECK_S``) → 503 at
+once; the worker that took it stops heartbeating → 502; it runs past ``inference.request_timeout_s`` → 504.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from app.models import Deployment, InferenceWorker, utcnow
 from app.services.relay import celery_send
 
 READ_WAIT_S = 1.0
+CHECK_S = 1.0  # how often a waiting request re-checks the heartbeats (one short query)
 CLEANUP_S = 5.0
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ async def replies(
     rid = message.request_id
     task = GENERATE_TASK if isinstance(message, GenerateMessage) else SCORE_TASK
     channel = reply_channel()
-    if not await run_in_threadpool(live_workers, limits.worker_stale_after_s):
+    if not await run_in_threadpool(any_live_worker, limits.worker_stale_after_s):
         raise InferenceFailed(
             503, "no_worker", "no inference worker is running; start one with `studio worker --queue inference`"
         )
@@ -118,9 +120,12 @@ async def replies(
                 )
             if now - start > limits.request_timeout_s:
                 raise InferenceFailed(504, "timeout", f"generation took longer than {limits.request_timeout_s:.0f} s")
-            if worker is not None and not got and now - last_check >= READ_WAIT_S:
+            if not got and now - last_check >= CHECK_S:
                 last_check = now
-                if not await run_in_threadpool(worker_alive, worker, limits.worker_stale_after_s):
+                if worker is None:  # not taken yet: is anyone left to take it? (the message expires anyway)
+                    if not await run_in_threadpool(any_live_worker, limits.worker_stale_after_s):
+                        raise InferenceFailed(503, "no_worker", "no live inference worker is left to take the request")
+                elif not await run_in_threadpool(worker_alive, worker, limits.worker_stale_after_s):
                     raise InferenceFailed(502, "worker_lost", f"inference worker {worker} was lost during the request")
     finally:
         if not finished:  # the client left, or we gave up: the worker stops generating for nobody
@@ -162,6 +167,13 @@ def worker_alive(name: str, stale_after_s: float) -> bool:
     with session_scope() as session:
         row = session.get(InferenceWorker, name)
         return row is not None and row.heartbeat_at > utcnow() - timedelta(seconds=stale_after_s)
+
+
+def any_live_worker(stale_after_s: float) -> bool:
+    """Whether any inference worker has heartbeated within ``stale_after_s`` (one short query)."""
+    with session_scope() as session:
+        fresh = col(InferenceWorker.heartbeat_at) > utcnow() - timedelta(seconds=stale_after_s)
+        return session.exec(select(InferenceWorker.name).where(fresh).limit(1)).first() is not None
 
 
 def live_workers(stale_after_s: float) -> list[InferenceWorker]:

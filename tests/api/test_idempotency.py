@@ -369,3 +369,38 @@ def test_twenty_concurrent_duplicates_make_one_experiment(
     assert len({a.content for a in answers}) == 1
     assert sum(1 for a in answers if a.headers.get(REPLAYED) == "true") == 19
     assert _experiments_named(api, name) == 1
+
+
+def test_a_duplicate_that_outwaits_the_first_is_a_409(
+    api: TestClient,
+    admin: Member,
+    dataset_id: str,
+    tiny_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from app.api import idempotency
+
+    name, key = f"slow-{secrets.token_hex(3)}", new_key()
+    body = experiment_body(dataset_id, tiny_model, name)
+    create, running = experiment_service.create_experiment, threading.Event()
+
+    def slow(**kwargs: Any) -> Any:
+        running.set()
+        threading.Event().wait(1.5)
+        return create(**kwargs)
+
+    monkeypatch.setattr(idempotency, "WAIT_S", 0.3)
+    monkeypatch.setattr(experiment_service, "create_experiment", slow)
+    answers: list[httpx.Response] = []
+    first = threading.Thread(
+        target=lambda: answers.append(api.post("/api/experiments/", json=body, headers={KEY: key}))
+    )
+    first.start()
+    assert running.wait(10)
+    duplicate = api.post("/api/experiments/", json=body, headers={KEY: key})
+    first.join(30)
+    assert duplicate.status_code == 409 and KEY in duplicate.text, duplicate.text
+    assert answers[0].status_code == 201, answers[0].text
+    again = api.post("/api/experiments/", json=body, headers={KEY: key})
+    assert again.headers[REPLAYED] == "true" and again.content == answers[0].content
+    assert _experiments_named(api, name) == 1

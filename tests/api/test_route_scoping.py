@@ -20,7 +20,13 @@ from app.services import teams as team_service
 from app.services.principal import Principal
 from tests.accounts import Member, make_member, make_team
 
-PUBLIC = {("GET", "/health"), ("POST", "/api/auth/login"), ("POST", "/api/invitations/accept"), ("GET", "/")}
+PUBLIC = {
+    ("GET", "/health"),
+    ("GET", "/ready"),
+    ("POST", "/api/auth/login"),
+    ("POST", "/api/invitations/accept"),
+    ("GET", "/"),
+}
 # Routes without ids in the path that act only on the caller's own account or team (checked below
 # to return nothing of team B's).
 OWN_SCOPE_WRITES = {
@@ -169,4 +175,5 @@ def test_every_non_public_route_needs_credentials(anonymous: TestClient) -> None
 
 def test_public_routes_are_only_these(anonymous: TestClient) -> None:
     assert anonymous.get("/health").status_code == 200
+    assert anonymous.get("/ready").status_code == 200
     assert {(m, p) for m, p, _ in _routes()} >= PUBLIC

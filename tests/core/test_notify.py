@@ -42,9 +42,7 @@ def test_unreachable_redis_falls_back_to_polling(monkeypatch: pytest.MonkeyPatch
     assert notify.retry_ms() == 500  # streams tell clients to reconnect soon (at least half a second)
 
 
-def test_killed_redis_falls_back_then_live_wakeups_come_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_killed_redis_falls_back_then_live_wakeups_come_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     server = RedisServer(tmp_path / "redis").start()
     poll_s = 1.0  # a subscribed wait without a message lasts 5 s: much longer than a wake-up
     use_events(monkeypatch, server.url, poll_s)
@@ -57,10 +55,10 @@ def test_killed_redis_falls_back_then_live_wakeups_come_back(
 
         def publish() -> None:
             time.sleep(0.2)
+            published.set()  # before: the waiter may wake before publish() returns
             client = redis.Redis.from_url(server.url)
             client.publish(CHANNEL, "changed")
             client.close()
-            published.set()
 
         threading.Thread(target=publish, daemon=True).start()
         started = time.monotonic()

@@ -60,6 +60,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "STUDIO_BROKER__URL": E2E_REDIS,
         "STUDIO_EVENTS__REDIS_URL": E2E_REDIS,
         "STUDIO_TRAINING__STALE_AFTER_S": "8",
+        "STUDIO_TRAINING__REQUEUE_BACKOFF_S": "1",
+        "STUDIO_TRAINING__RESEND_AFTER_S": "6",
         "STUDIO_INFERENCE__HEARTBEAT_INTERVAL_S": "0.5",
         "STUDIO_INFERENCE__WORKER_STALE_AFTER_S": "4",
         "STUDIO_INFERENCE__QUEUE_TIMEOUT_S": "15",
