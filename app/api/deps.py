@@ -63,7 +63,7 @@ class RequestSlots:
         self._semaphores: WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = WeakKeyDictionary()
 
     async def take(self) -> Callable[[], None]:
-        """Wait for a slot (up to ``database.pool_timeout_s``, then 503); returns its release, callable
+        """Wait for a slot (up to ``database.queue_timeout_s``, then 503); returns its release, callable
         from any thread."""
         loop = asyncio.get_running_loop()
         semaphore = self._semaphores.get(loop)
@@ -72,7 +72,7 @@ class RequestSlots:
             if capacity is None:  # an unbounded pool: nothing to protect
                 return lambda: None
             semaphore = self._semaphores[loop] = asyncio.Semaphore(max(1, capacity - max(2, capacity // 5)))
-        timeout_s = get_settings().database.pool_timeout_s
+        timeout_s = get_settings().database.queue_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 await semaphore.acquire()
@@ -225,14 +225,17 @@ class PageParams:
     limit: int
 
 
+MAX_SKIP = 10_000_000  # past any real list; keeps OFFSET inside what the database accepts
+
+
 async def page_params(
-    skip: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100
+    skip: Annotated[int, Query(ge=0, le=MAX_SKIP)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100
 ) -> PageParams:
     return PageParams(skip=skip, limit=limit)
 
 
 async def long_page_params(
-    skip: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    skip: Annotated[int, Query(ge=0, le=MAX_SKIP)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> PageParams:
     return PageParams(skip=skip, limit=limit)
 

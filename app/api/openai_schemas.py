@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP = 4
+MAX_STOP_CHARS = 1000  # each stop string is matched against the text after every token
 
 
 class _Common(BaseModel):
@@ -29,8 +30,8 @@ class _Common(BaseModel):
     @classmethod
     def _stop(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP or any(not s for s in stops):
-            raise ValueError(f"at most {MAX_STOP} non-empty stop strings")
+        if len(stops) > MAX_STOP or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {MAX_STOP} non-empty stop strings of at most {MAX_STOP_CHARS} characters")
         return stops
 
     @property
@@ -64,6 +65,12 @@ class ChatCompletionRequest(_Common):
         if not value:
             raise ValueError("must contain at least one message")
         return value
+
+    @property
+    def prompt_chars(self) -> int:
+        """Characters of all messages' text together: what `inference.max_prompt_chars` caps (the route
+        checks it, and `inference.max_messages`, before the request goes anywhere)."""
+        return sum(len(m.text()) for m in self.messages)
 
 
 class CompletionRequest(_Common):

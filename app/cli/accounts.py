@@ -36,10 +36,16 @@ def logout() -> None:
 @users_app.command("create-admin")
 def create_admin(
     email: Annotated[str, typer.Option(help="The admin's email")],
-    password: Annotated[str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True)],
+    password: Annotated[
+        str,
+        typer.Option(
+            prompt=True, hide_input=True, confirmation_prompt=True, help="At least 10 characters, not easy to guess"
+        ),
+    ],
     full_name: Annotated[str, typer.Option(help="Display name")] = "",
 ) -> None:
-    """Create a platform admin (also admin of the default team), straight in the database."""
+    """Create a platform admin (also admin of the default team), straight in the database. The password
+    policy applies: at least 10 characters, and a zxcvbn strength of 3 of 4."""
     from app.core.db import session_scope
     from app.core.migrate import upgrade
     from app.services.accounts import create_admin as create

@@ -53,10 +53,9 @@ def up(
 def first_admin(settings: Settings, url: str) -> None:
     """No users yet: create the admin from STUDIO_ADMIN_EMAIL/PASSWORD, or in development a local admin
     with a random password (printed once), and log this machine's CLI in with an API key for it."""
-    import secrets
-
     from app.cli.credentials import save_token
     from app.core.db import session_scope
+    from app.core.passwords import generate_password
     from app.models import DEFAULT_TEAM_ID, ApiKeyCreate, Role
     from app.services import accounts, api_keys
     from app.services.principal import Principal
@@ -69,7 +68,7 @@ def first_admin(settings: Settings, url: str) -> None:
             return
         if settings.environment != "development":
             fail("no users yet: set STUDIO_ADMIN_EMAIL and STUDIO_ADMIN_PASSWORD, or run `studio users create-admin`")
-        password = secrets.token_urlsafe(12)
+        password = generate_password()  # random, and checked against the password policy
         admin = accounts.create_admin(session=session, email=LOCAL_ADMIN, password=password)
         actor = Principal(admin.id, DEFAULT_TEAM_ID, Role.admin)
         _, key = api_keys.create_key(session=session, actor=actor, body=ApiKeyCreate(name="local CLI", role=Role.admin))

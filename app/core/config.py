@@ -19,14 +19,19 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class DatabaseSettings(BaseModel):
     url: str = Field("", description="SQLAlchemy URL; default sqlite:///$STUDIO_DATA_DIR/studio.db")
     echo: bool = Field(False, description="Log every SQL statement")
-    # Postgres only (SQLite keeps SQLAlchemy's own pool). A process holds a connection only while it runs
-    # a query or transaction (docs/architecture.md, "Database connections"); pool_size + max_overflow
-    # matches the API's 40 worker threads, so each thread can hold one. Size Postgres' max_connections
-    # for (API processes + workers) x (pool_size + max_overflow).
+    # Pool settings are for Postgres (SQLite keeps SQLAlchemy's own pool). See docs/architecture.md,
+    # "Database connections": pool_size + max_overflow matches the API's 40 worker threads. Size
+    # Postgres' max_connections for (API processes + workers) x (pool_size + max_overflow).
     pool_size: int = Field(20, ge=1, description="Postgres: connections kept open per process")
     max_overflow: int = Field(20, ge=0, description="Postgres: extra connections opened under load, closed after")
     pool_timeout_s: float = Field(
-        5.0, gt=0, description="Postgres: seconds to wait for a free connection before answering 503 (overload)"
+        5.0, gt=0, description="Postgres: seconds a thread waits for a free connection before 503 (overload)"
+    )
+    queue_timeout_s: float = Field(
+        15.0,
+        gt=0,
+        description="API: seconds a request waits for its turn at the pool (on the event loop, holding no "
+        "thread or connection) before 503",
     )
     pool_recycle_s: int = Field(
         1800, description="Postgres: replace connections older than this (outlive proxies' idle cuts); -1 = never"
@@ -102,9 +107,31 @@ class TrainingSettings(BaseModel):
 class ApiSettings(BaseModel):
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest dataset upload (413)")
     max_inline_rows: int = Field(50_000, description="Most rows in an inline dataset body")
+    # Uploads are parsed as streams, so the API's memory does not grow with these (docs/reliability.md,
+    # "Bounded uploads"); they bound the work, the disk, and what training later reads back into memory.
+    max_dataset_rows: int = Field(
+        500_000, ge=1, description="Most rows in one dataset (422); a Parquet file's footer is checked before its data"
+    )
+    max_row_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest row: a JSONL line, a JSON array element, a CSV record (422)"
+    )
+    max_cell_bytes: int = Field(
+        256 * 1024, ge=1024, description="Largest string value in a row (UTF-8 bytes), CSV fields included (422)"
+    )
+    max_json_depth: int = Field(32, ge=2, le=256, description="Deepest nesting of a row's JSON, {} being 1 (422)")
+    max_dataset_bytes: int = Field(
+        1024 * 1024 * 1024,
+        ge=1024,
+        description="Largest dataset once stored as JSON lines (422): Parquet and CSV may grow when converted",
+    )
     max_request_bytes: int = Field(64 * 1024 * 1024, description="Largest request body except uploads (413)")
     relay_interval_s: float = Field(0.5, description="Outbox relay poll interval")
     models_dir: str = Field("", description="Extra directory where base_model names resolve to local models")
+    allowed_base_models: list[str] = Field(
+        default_factory=list,
+        description="Hub ids (or glob patterns, e.g. meta-llama/*) a base_model may name; empty = any Hub id. "
+        "Local models are allowed only under models_dir (and, in development, outside the studio's own dirs)",
+    )
     idempotency_ttl_s: int = Field(
         24 * 3600,
         ge=1,
@@ -126,6 +153,13 @@ class InferenceSettings(BaseModel):
     request_timeout_s: float = Field(600.0, description="504 when a generation takes longer than this")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that give none")
+    max_prompt_chars: int = Field(
+        1_000_000,
+        ge=1,
+        description="Most characters in a /v1 request's prompt (all messages' contents together); longer is a "
+        "400 from the API, before any worker tokenizes it",
+    )
+    max_messages: int = Field(1000, ge=1, description="Most messages in one /v1 chat request (400 beyond)")
 
 
 class AuthSettings(BaseModel):

@@ -106,10 +106,23 @@ def _problems(row: dict[str, Any], fmt: DatasetFormat) -> list[tuple[str, str]]:
 
 
 def validate_rows(rows: Iterable[tuple[int, dict[str, Any]]], fmt: DatasetFormat | None = None) -> DatasetFormat:
-    """Validate numbered rows; return the (detected) format or raise DatasetInvalid."""
+    """Validate numbered rows; return the (detected) format or raise DatasetInvalid.
+
+    ``rows`` may be a reader that raises DatasetInvalid itself (a row it cannot parse, a limit): its errors
+    are reported after those found in the rows before it.
+    """
     errors: list[RowError] = []
     seen = 0
-    for number, row in rows:
+    numbered = iter(rows)
+    while True:
+        try:
+            number, row = next(numbered)
+        except StopIteration:
+            break
+        except DatasetInvalid as exc:
+            errors += exc.errors
+            seen += 1
+            break
         seen += 1
         if not isinstance(row, dict):
             errors.append(RowError(number, "*", "must be a JSON object"))

@@ -19,6 +19,16 @@ def eval_count(n_rows: int, eval_fraction: float) -> int:
     return min(n_rows - 1, max(1, round(n_rows * eval_fraction)))
 
 
+def split_sizes(n_rows: int, eval_fraction: float) -> tuple[int, int]:
+    """(train, eval) row counts of ``split_indices`` over ``n_rows`` rows.
+
+    They depend only on how many rows there are, so an upload's counts are known while its rows stream
+    past, without keeping them; which rows are held out is decided where the rows are read back.
+    """
+    k = eval_count(n_rows, eval_fraction)
+    return n_rows - k, k
+
+
 def split_indices(rows: list[dict[str, Any]], eval_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """Rank rows by a content hash and hold out the first ones: stable under reordering."""
     order = sorted(range(len(rows)), key=lambda i: (row_key(rows[i], seed), i))

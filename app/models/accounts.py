@@ -57,10 +57,19 @@ class TeamsPublic(SQLModel):
     count: int
 
 
+# The most any team may be given, even by a platform admin: far above any real fleet, far below what the
+# quota columns (32-bit INTEGER) store, so a huge value is a 422 naming the field, never a database error.
+MAX_QUOTA = 100_000
+
+
 class QuotaUpdate(SQLModel):
-    max_active_jobs: int | None = Field(None, ge=0, description="Queued + running experiments; null = default")
-    max_queued_jobs: int | None = Field(None, ge=0, description="Queued experiments; null = default")
-    max_inflight_requests: int | None = Field(None, ge=0, description="Concurrent /v1 requests; null = default")
+    max_active_jobs: int | None = Field(
+        None, ge=0, le=MAX_QUOTA, description="Queued + running experiments; null = default"
+    )
+    max_queued_jobs: int | None = Field(None, ge=0, le=MAX_QUOTA, description="Queued experiments; null = default")
+    max_inflight_requests: int | None = Field(
+        None, ge=0, le=MAX_QUOTA, description="Concurrent /v1 requests; null = default"
+    )
 
 
 class User(SQLModel, table=True):
@@ -89,10 +98,15 @@ class UserMe(UserPublic):
     teams: list[TeamPublic]
 
 
+# The password policy (length and strength, app/core/passwords.py) is checked by the services, so its
+# 422 says why a password is refused; the schemas only bound the size.
+STRENGTH_RULES = "At least 10 characters and not easy to guess (zxcvbn strength 3 of 4)"
+
+
 class UserUpdateMe(SQLModel):
     full_name: str | None = Field(None, max_length=200)
     current_password: str | None = Field(None, max_length=200)
-    new_password: str | None = Field(None, min_length=8, max_length=200)
+    new_password: str | None = Field(None, max_length=200, description=STRENGTH_RULES)
 
 
 class Membership(SQLModel, table=True):
@@ -157,7 +171,7 @@ class InvitationsPublic(SQLModel):
 
 class InvitationAccept(SQLModel):
     token: str = Field(min_length=10, max_length=200)
-    password: str | None = Field(None, min_length=8, max_length=200, description="Sets up a new account")
+    password: str | None = Field(None, max_length=200, description=f"Sets up a new account. {STRENGTH_RULES}")
     full_name: str = Field("", max_length=200)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from sqlalchemy import JSON, BigInteger, Column
 from sqlmodel import Field, SQLModel
@@ -41,8 +41,16 @@ class Dataset(DatasetBase, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+# Bounds on an inline dataset's shape (its size is bounded by api.max_request_bytes, its row count by
+# api.max_inline_rows): no row format has more than a handful of keys.
+MAX_INLINE_ROWS = 1_000_000
+MAX_ROW_KEYS = 100
+
+
 class DatasetCreate(DatasetBase):
-    rows: list[dict[str, Any]] = Field(description="Rows in one of the supported formats")
+    rows: list[Annotated[dict[str, Any], Field(max_length=MAX_ROW_KEYS)]] = Field(
+        max_length=MAX_INLINE_ROWS, description="Rows in one of the supported formats"
+    )
     format: DatasetFormat | None = Field(None, description="Detected when omitted")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
 

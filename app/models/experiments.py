@@ -68,8 +68,9 @@ class ExperimentCreate(SQLModel):
     base_model: str = Field(min_length=1, max_length=500)
     dataset_id: uuid.UUID
     recipe: str | None = Field(None, max_length=100)
-    hyperparameters: dict[str, Any] = Field(default_factory=dict)
-    queue: str | None = Field(None, description="Training queue (GPU class); default from settings")
+    # Validated into the typed Hyperparameters by the service; here only the number of keys is bounded.
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, max_length=100)
+    queue: str | None = Field(None, max_length=100, description="Training queue (GPU class); default from settings")
     start: bool = Field(True, description="Queue the run now; false leaves it for /start")
 
 

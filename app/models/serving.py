@@ -14,7 +14,9 @@ from sqlmodel import Field, SQLModel
 from app.models.common import utcnow
 
 # sqlmodel's Field(regex=...) is not enforced on plain (non-table) models under pydantic 2; these are.
-ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")]
+ModelName = Annotated[str, StringConstraints(max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")]
+MAX_PROMPT_CHARS = 20_000
+Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
 
 
 class DeploymentStatus(StrEnum):
@@ -128,7 +130,7 @@ class AbTestCreate(SQLModel):
     deployment_a: uuid.UUID
     deployment_b: uuid.UUID
     judge_deployment: uuid.UUID | None = Field(None, description="A third deployment that picks the better answer")
-    prompts: list[str] = Field(default_factory=list, max_length=500, description="Prompts to run through both")
+    prompts: list[Prompt] = Field(default_factory=list, max_length=500, description="Prompts to run through both")
     dataset_id: uuid.UUID | None = Field(None, description="Or: prompts and eval loss from this dataset's eval split")
     max_tokens: int = Field(64, ge=1, le=4096)
 

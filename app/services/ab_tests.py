@@ -14,18 +14,20 @@ from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session, col, select
 
 from app.core.config import Settings
-from app.core.contracts.inference import ChatMessage, ScoreItem, ScoreMessage
+from app.core.contracts.inference import ChatMessage, ScoreItem, ScoreMessage, new_request_id
 from app.core.db import session_scope
+from app.core.inflight import inflight_limiter
 from app.core.layout import read_dataset_rows
 from app.core.storage import Storage
 from app.datasets.formats import to_training_record
 from app.datasets.split import split_indices
-from app.models import AbTest, AbTestCreate, Dataset, DatasetFormat, Deployment, DeploymentStatus, utcnow
+from app.models import AbTest, AbTestCreate, Dataset, DatasetFormat, Deployment, DeploymentStatus, Team, utcnow
 from app.services import audit
 from app.services.crud import get_owned, paginate
 from app.services.errors import Conflict, InvalidRequest, NotFound
-from app.services.inference import InferenceFailed, complete, generation, greedy, score, target
+from app.services.inference import InferenceFailed, cleanup, complete, generation, greedy, score, target
 from app.services.principal import Principal
+from app.services.teams import quota_limits
 
 MAX_PROMPTS = 50  # generated side by side per compare
 MAX_EVAL_ITEMS = 200  # scored for eval loss per side
@@ -78,60 +80,81 @@ async def compare(*, session: Session, settings: Settings, storage: Storage, act
             _active_deployment, session, test.team_id, test.judge_deployment, "judge_deployment"
         )
     eval_items = await run_in_threadpool(_eval_items, session, storage, test.dataset_id)
+    limit = await run_in_threadpool(_inflight_limit, session, settings, test.team_id)
     await run_in_threadpool(session.close)  # generation takes a while: hold no connection meanwhile
     prompts = [ScoreItem(messages=[ChatMessage(role="user", content=p)], completion="") for p in test.prompts]
     prompts = (prompts or eval_items)[:MAX_PROMPTS]
 
-    gate = asyncio.Semaphore(MAX_CONCURRENT)  # a compare is one user's job: it must not take the whole fleet
+    # A compare's generations count against the team's in-flight quota like /v1 requests: it takes, up
+    # front, one slot per generation it runs at once (at most MAX_CONCURRENT, never more than the quota),
+    # or answers 429 when the team has fewer free; everything it sends runs through a gate of that size.
+    slots = max(1, min(MAX_CONCURRENT, 2 * len(prompts), limit))
+    hold, limiter = new_request_id(), inflight_limiter()
+    if not await limiter.acquire(test.team_id, hold, limit, slots=slots):
+        raise InferenceFailed(
+            429,
+            "rate_limit_exceeded",
+            f"the comparison runs {slots} generations at once, and your team has fewer of its {limit} in-flight "
+            "requests (its max_inflight_requests quota) free; retry when some finish",
+        )
+    try:
+        gate = asyncio.Semaphore(slots)  # a compare is one user's job: it must not take the whole fleet
 
-    async def answer(deployment: Deployment, item: ScoreItem) -> dict[str, Any]:
-        """One side's answer, or its error: one bad prompt must not sink the whole comparison."""
-        async with gate:
-            return await _answer(deployment, item)
-
-    async def _answer(deployment: Deployment, item: ScoreItem) -> dict[str, Any]:
-        start = time.monotonic()
-        message = generation(deployment, greedy(test.max_tokens), messages=item.messages, prompt=item.prompt)
-        try:
-            done = await complete(settings, message)
-        except InferenceFailed as exc:
-            return {"text": None, "error": exc.message, "latency_s": None}
-        latency = round(time.monotonic() - start, 4)
-        return {"text": done.text, "latency_s": latency, "completion_tokens": done.completion_tokens}
-
-    # All of both sides at once: they meet in the workers' batches.
-    answers = await asyncio.gather(*(answer(d, p) for d in (a, b) for p in prompts))
-    side_a, side_b = answers[: len(prompts)], answers[len(prompts) :]
-    rows: list[dict[str, Any]] = [
-        {"prompt": _display(p), "a": x, "b": y} for p, x, y in zip(prompts, side_a, side_b, strict=True)
-    ]
-    results: dict[str, Any] = {"rows": rows, "a": _side(a, side_a), "b": _side(b, side_b)}
-    if eval_items:
-        scored = await asyncio.gather(*(_eval_loss(settings, d, eval_items) for d in (a, b)), return_exceptions=True)
-        for key, loss in zip(("a", "b"), scored, strict=True):
-            if isinstance(loss, InferenceFailed):
-                results[key]["eval_error"] = loss.message
-            elif isinstance(loss, BaseException):
-                raise loss
-            else:
-                results[key] |= {"eval_loss": loss, "perplexity": math.exp(loss), "eval_items": len(eval_items)}
-    if judge is not None:
-
-        async def judged(row: dict[str, Any]) -> str | None:
+        async def answer(deployment: Deployment, item: ScoreItem) -> dict[str, Any]:
+            """One side's answer, or its error: one bad prompt must not sink the whole comparison."""
             async with gate:
-                return await _judge(settings, judge, row)
+                return await _answer(deployment, item)
 
-        verdicts = await asyncio.gather(*(judged(row) for row in rows))
-        for row, verdict in zip(rows, verdicts, strict=True):
-            row["judge"] = verdict
-        decided = [v for v in verdicts if v]
-        results["judge"] = {
-            "deployment": str(judge.id),
-            "model": judge.name,
-            "undecided": len(verdicts) - len(decided),
-            "win_rate_a": _rate(decided, "a"),
-            "win_rate_b": _rate(decided, "b"),
-        }
+        async def _answer(deployment: Deployment, item: ScoreItem) -> dict[str, Any]:
+            start = time.monotonic()
+            message = generation(deployment, greedy(test.max_tokens), messages=item.messages, prompt=item.prompt)
+            try:
+                done = await complete(settings, message)
+            except InferenceFailed as exc:
+                return {"text": None, "error": exc.message, "latency_s": None}
+            latency = round(time.monotonic() - start, 4)
+            return {"text": done.text, "latency_s": latency, "completion_tokens": done.completion_tokens}
+
+        # All of both sides at once: they meet in the workers' batches.
+        answers = await asyncio.gather(*(answer(d, p) for d in (a, b) for p in prompts))
+        side_a, side_b = answers[: len(prompts)], answers[len(prompts) :]
+        rows: list[dict[str, Any]] = [
+            {"prompt": _display(p), "a": x, "b": y} for p, x, y in zip(prompts, side_a, side_b, strict=True)
+        ]
+        results: dict[str, Any] = {"rows": rows, "a": _side(a, side_a), "b": _side(b, side_b)}
+        if eval_items:
+
+            async def eval_loss(deployment: Deployment) -> float:
+                async with gate:
+                    return await _eval_loss(settings, deployment, eval_items)
+
+            scored = await asyncio.gather(*(eval_loss(d) for d in (a, b)), return_exceptions=True)
+            for key, loss in zip(("a", "b"), scored, strict=True):
+                if isinstance(loss, InferenceFailed):
+                    results[key]["eval_error"] = loss.message
+                elif isinstance(loss, BaseException):
+                    raise loss
+                else:
+                    results[key] |= {"eval_loss": loss, "perplexity": math.exp(loss), "eval_items": len(eval_items)}
+        if judge is not None:
+
+            async def judged(row: dict[str, Any]) -> str | None:
+                async with gate:
+                    return await _judge(settings, judge, row)
+
+            verdicts = await asyncio.gather(*(judged(row) for row in rows))
+            for row, verdict in zip(rows, verdicts, strict=True):
+                row["judge"] = verdict
+            decided = [v for v in verdicts if v]
+            results["judge"] = {
+                "deployment": str(judge.id),
+                "model": judge.name,
+                "undecided": len(verdicts) - len(decided),
+                "win_rate_a": _rate(decided, "a"),
+                "win_rate_b": _rate(decided, "b"),
+            }
+    finally:
+        await cleanup(limiter.release(test.team_id, hold), f"releasing the in-flight slots of compare {test.id}")
 
     def save() -> AbTest:
         with session_scope() as fresh:
@@ -144,6 +167,11 @@ async def compare(*, session: Session, settings: Settings, storage: Storage, act
             return row
 
     return await run_in_threadpool(save)
+
+
+def _inflight_limit(session: Session, settings: Settings, team_id: uuid.UUID) -> int:
+    team = session.get(Team, team_id)
+    return quota_limits(team=team, settings=settings)["max_inflight_requests"] if team else 0
 
 
 def _active_deployment(session: Session, team_id: uuid.UUID, deployment_id: uuid.UUID, field: str) -> Deployment:

@@ -7,12 +7,11 @@ import uuid
 from sqlmodel import Session, col, func, select
 
 from app.core.config import Settings
+from app.core.passwords import password_problem
 from app.core.security import hash_password, needs_rehash, verify_password
 from app.models import DEFAULT_TEAM_ID, Membership, Role, User, UserUpdateMe, utcnow
 from app.services import login_throttle
 from app.services.errors import InvalidRequest
-
-MIN_PASSWORD = 8
 
 
 class LoginRefused(Exception):
@@ -30,9 +29,10 @@ def normalize_email(email: str) -> str:
     return email
 
 
-def check_password(*, password: str, field: str = "password") -> None:
-    if len(password) < MIN_PASSWORD:
-        raise InvalidRequest(field, f"must be at least {MIN_PASSWORD} characters")
+def check_password(*, password: str, field: str = "password", user_inputs: tuple[str, ...] = ()) -> None:
+    """The password policy (app/core/passwords.py): a 422 on ``field`` saying why, with zxcvbn's advice."""
+    if (problem := password_problem(password, user_inputs)) is not None:
+        raise InvalidRequest(field, problem)
 
 
 def get_by_email(*, session: Session, email: str) -> User | None:
@@ -44,7 +44,7 @@ def create_user(
 ) -> User:
     """Add a user in the caller's transaction (not committed)."""
     email = normalize_email(email)
-    check_password(password=password)
+    check_password(password=password, user_inputs=(email, full_name))
     if get_by_email(session=session, email=email) is not None:
         raise InvalidRequest("email", f"a user with email {email} already exists", status_code=409)
     user = User(email=email, full_name=full_name, hashed_password=hash_password(password), is_superuser=is_superuser)
@@ -71,7 +71,11 @@ def bootstrap_admin(*, session: Session, settings: Settings) -> User | None:
     password = settings.admin_password.get_secret_value()
     if not settings.admin_email or not password or user_count(session=session):
         return None
-    return create_admin(session=session, email=settings.admin_email, password=password)
+    try:
+        return create_admin(session=session, email=settings.admin_email, password=password)
+    except InvalidRequest as exc:  # name the setting at fault: nobody typed this one into a form
+        field = {"password": "STUDIO_ADMIN_PASSWORD", "email": "STUDIO_ADMIN_EMAIL"}.get(exc.field, exc.field)
+        raise InvalidRequest(field, exc.message, exc.status_code) from None
 
 
 def authenticate(*, session: Session, settings: Settings, email: str, password: str, client: str | None) -> User:
@@ -99,6 +103,7 @@ def update_me(*, session: Session, user: User, body: UserUpdateMe) -> User:
     if body.new_password is not None:
         if not body.current_password or not verify_password(body.current_password, user.hashed_password):
             raise InvalidRequest("current_password", "does not match", status_code=400)
+        check_password(password=body.new_password, field="new_password", user_inputs=(user.email, user.full_name))
         user.hashed_password = hash_password(body.new_password)
         user.password_changed_at = utcnow()  # every login token issued before now stops working
     session.add(user)

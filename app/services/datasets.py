@@ -1,21 +1,29 @@
-"""Create datasets: validate every row first, then write storage, then the row. Bad input stores nothing."""
+"""Create datasets: validate every row first, then write storage, then the row. Bad input stores nothing.
+
+Rows stream through: a reader (``app.datasets.readers``) yields them one at a time within ``Limits``,
+each is validated and written to a local spool file as JSON lines, and only the first few (the preview)
+are kept. Once every row is valid the spool goes to storage as ``rows.jsonl``. Memory does not grow with
+the number of rows; see docs/reliability.md, "Bounded uploads".
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlmodel import Session, col, func, select
 
+from app.core.config import ApiSettings
 from app.core.layout import dataset_prefix, dataset_rows_key, dataset_source_key
 from app.core.storage import Storage
-from app.datasets.formats import validate_rows
-from app.datasets.readers import FileKind, NumberedRow, read_rows
-from app.datasets.split import split_indices
+from app.datasets.formats import DatasetInvalid, RowError, validate_rows
+from app.datasets.readers import FileKind, Limits, NumberedRow, check_rows, read_rows
+from app.datasets.split import split_sizes
 from app.models import AbTest, Dataset, DatasetFormat, Experiment
 from app.services import audit
 from app.services.crud import paginate
@@ -23,6 +31,65 @@ from app.services.errors import Conflict
 from app.services.principal import Principal
 
 PREVIEW_ROWS = 5
+
+
+def upload_limits(api: ApiSettings) -> Limits:
+    return Limits(
+        max_rows=api.max_dataset_rows,
+        max_row_bytes=api.max_row_bytes,
+        max_cell_bytes=api.max_cell_bytes,
+        max_json_depth=api.max_json_depth,
+        max_dataset_bytes=api.max_dataset_bytes,
+    )
+
+
+class _Spool:
+    """Validated rows on their way to storage: written to a local file as they pass, never kept."""
+
+    def __init__(self, out: BinaryIO, limits: Limits) -> None:
+        self.out, self.limits = out, limits
+        self.count = 0
+        self.bytes = 0
+        self.preview: list[dict[str, Any]] = []
+
+    def through(self, numbered: Iterable[NumberedRow]) -> Iterator[NumberedRow]:
+        for number, row in numbered:
+            line = _json_line(number, row)
+            if len(line) > self.limits.max_row_bytes + 1:
+                raise self.limits.row_too_large(number, str(len(line) - 1))
+            self.bytes += len(line)
+            if self.bytes > self.limits.max_dataset_bytes:
+                message = (
+                    f"the rows come to more than the {self.limits.max_dataset_bytes}-byte limit as JSON lines "
+                    "(api.max_dataset_bytes)"
+                )
+                raise DatasetInvalid([RowError(number, "*", message)])
+            self.out.write(line)
+            self.count += 1
+            if len(self.preview) < PREVIEW_ROWS:
+                self.preview.append(row)
+            yield number, row
+
+
+def _json_line(number: int, row: Any) -> bytes:
+    """One stored line, as ``read_dataset_rows`` reads it back; a value with no JSON form is a row error."""
+    try:
+        text = json.dumps(row, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        field = next((k for k, v in row.items() if not _dumps_ok(v)), "*") if isinstance(row, dict) else "*"
+        raise DatasetInvalid([RowError(number, str(field), f"has no JSON form: {exc}")]) from None
+    try:
+        return (text + "\n").encode()
+    except UnicodeEncodeError:  # a lone surrogate (a JSON "\\ud800" escape): keep it escaped
+        return (json.dumps(row) + "\n").encode()
+
+
+def _dumps_ok(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _build(
@@ -34,53 +101,51 @@ def _build(
     numbered: Iterable[NumberedRow],
     fmt: DatasetFormat | None,
     eval_fraction: float,
-    content_hash: str,
-    size_bytes: int,
+    content: Callable[[], tuple[str, int]],
     source: tuple[Path, str] | None,
+    limits: Limits,
 ) -> Dataset:
-    rows: list[dict[str, Any]] = []
-
-    def collect() -> Iterable[NumberedRow]:
-        for number, row in numbered:
-            rows.append(row)
-            yield number, row
-
-    detected = validate_rows(collect(), fmt)
-    train, held_out = split_indices(rows, eval_fraction)
-    dataset = Dataset(
-        team_id=actor.team_id,
-        name=name,
-        format=detected,
-        row_count=len(rows),
-        train_rows=len(train),
-        eval_rows=len(held_out),
-        eval_fraction=eval_fraction,
-        content_hash=content_hash,
-        size_bytes=size_bytes,
-        storage_prefix="",
-        preview=rows[:PREVIEW_ROWS],
-    )
-    dataset.storage_prefix = dataset_prefix(dataset.id)
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-    try:
-        storage.put_bytes(dataset_rows_key(dataset.id), body)
-        if source:
-            storage.put_file(dataset_source_key(dataset.id, source[1]), source[0])
-        session.add(dataset)
-        audit.record(
-            session=session,
-            actor=actor,
-            action="dataset.create",
-            target_type="dataset",
-            target_id=dataset.id,
+    """``content`` gives (content_hash, size_bytes) once every row has gone through."""
+    with tempfile.TemporaryDirectory(prefix="studio-dataset-") as tmp:
+        rows_path = Path(tmp) / "rows.jsonl"
+        with rows_path.open("wb") as out:
+            spool = _Spool(out, limits)
+            detected = validate_rows(spool.through(numbered), fmt)
+        train_rows, eval_rows = split_sizes(spool.count, eval_fraction)
+        content_hash, size_bytes = content()
+        dataset = Dataset(
+            team_id=actor.team_id,
             name=name,
-            rows=len(rows),
+            format=detected,
+            row_count=spool.count,
+            train_rows=train_rows,
+            eval_rows=eval_rows,
+            eval_fraction=eval_fraction,
+            content_hash=content_hash,
+            size_bytes=size_bytes,
+            storage_prefix="",
+            preview=spool.preview,
         )
-        session.commit()
-    except BaseException:
-        session.rollback()
-        storage.delete_prefix(dataset.storage_prefix)
-        raise
+        dataset.storage_prefix = dataset_prefix(dataset.id)
+        try:
+            storage.put_file(dataset_rows_key(dataset.id), rows_path)
+            if source:
+                storage.put_file(dataset_source_key(dataset.id, source[1]), source[0])
+            session.add(dataset)
+            audit.record(
+                session=session,
+                actor=actor,
+                action="dataset.create",
+                target_type="dataset",
+                target_id=dataset.id,
+                name=name,
+                rows=spool.count,
+            )
+            session.commit()
+        except BaseException:
+            session.rollback()
+            storage.delete_prefix(dataset.storage_prefix)
+            raise
     session.refresh(dataset)
     return dataset
 
@@ -95,18 +160,20 @@ def create_from_file(
     kind: FileKind,
     fmt: DatasetFormat | None,
     eval_fraction: float,
+    limits: Limits | None = None,
 ) -> Dataset:
+    limits = limits or Limits()
     return _build(
         session=session,
         storage=storage,
         actor=actor,
         name=name,
-        numbered=read_rows(path, kind),
+        numbered=read_rows(path, kind, limits),
         fmt=fmt,
         eval_fraction=eval_fraction,
-        content_hash=_file_sha256(path),
-        size_bytes=path.stat().st_size,
+        content=lambda: (_file_sha256(path), path.stat().st_size),
         source=(path, kind),
+        limits=limits,
     )
 
 
@@ -119,19 +186,31 @@ def create_from_rows(
     rows: list[dict[str, Any]],
     fmt: DatasetFormat | None,
     eval_fraction: float,
+    limits: Limits | None = None,
 ) -> Dataset:
-    body = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows)
+    limits = limits or Limits()
+    digest = hashlib.sha256()
+    size = 0
+
+    def hashed() -> Iterator[NumberedRow]:
+        nonlocal size
+        for number, row in check_rows(rows, limits):
+            line = json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n"
+            digest.update(line.encode("utf-8", "surrogatepass"))
+            size += len(line)
+            yield number, row
+
     return _build(
         session=session,
         storage=storage,
         actor=actor,
         name=name,
-        numbered=enumerate(rows, start=1),
+        numbered=hashed(),
         fmt=fmt,
         eval_fraction=eval_fraction,
-        content_hash=hashlib.sha256(body.encode()).hexdigest(),
-        size_bytes=len(body),
+        content=lambda: (digest.hexdigest(), size),
         source=None,
+        limits=limits,
     )
 
 

@@ -51,7 +51,8 @@ def create_deployment(
         adapter_prefix = artifact_prefix(experiment.id)
         if not storage.exists(f"{adapter_prefix}/{ADAPTER_WEIGHTS}"):
             raise InvalidRequest("experiment_id", "the run has no LoRA adapter (full fine-tunes are not servable yet)")
-        base_model, default_name = experiment.base_model, experiment.name
+        # Checked again: the run may predate the fence (or a narrower allowlist).
+        base_model, default_name = check_base_model(experiment.base_model, settings), experiment.name
     else:
         assert body.base_model is not None
         base_model = check_base_model(body.base_model, settings)

@@ -6,6 +6,7 @@ one transaction. The Celery message carries only ``experiment_id`` and the attem
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import uuid
 from datetime import timedelta
@@ -43,32 +44,67 @@ MAX_BACKOFF_S = 600.0
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
 
 
+NOT_AN_ALLOWED_MODEL = (
+    "not an allowed model: use a Hub id, a name under the models directory, "
+    "or (development) a local model directory outside the studio's data"
+)
+
+
 def check_base_model(name: str, settings: Settings) -> str:
-    """Accept a local model directory or a Hub id; refuse a path that holds no model."""
-    candidates = [Path(name).expanduser()]
-    if settings.api.models_dir:
-        candidates.append(Path(settings.api.models_dir) / name)
-    for path in candidates:
-        if path.exists():
-            if not (path / "config.json").is_file():
-                raise InvalidRequest("base_model", f"{name!r} has no config.json: not a model directory")
-            return _allowed_local_model(path.resolve(), name, settings)
-    if name.startswith(("/", ".", "~")) or not HUB_ID.match(name):
-        raise InvalidRequest("base_model", f"no model directory at {name!r}, and it is not a Hub id")
+    """The base model to record: a local model directory (resolved) or a Hub id; else InvalidRequest.
+
+    Allowed: a Hub id (one matching ``api.allowed_base_models`` when that is set); a model directory
+    under a models directory (``api.models_dir``; in development also ``$STUDIO_DATA_DIR/models``, where
+    the README builds the tiny model); and, in development only, a local model directory outside every
+    directory the studio writes (other teams' storage, training runs and adapters live there). Every
+    refusal is the same message, whether the path does not exist, holds no model or is fenced, so the
+    answer never tells whether a path exists on the server."""
+    try:
+        local = _allowed_local_model(name, settings)
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop: no model either way
+        raise InvalidRequest("base_model", NOT_AN_ALLOWED_MODEL) from None
+    if local is not None:
+        return local
+    if name.startswith(("/", ".", "~")) or not HUB_ID.match(name) or (Path(name) / "config.json").is_file():
+        # The last case: a Hub-id-shaped relative path to a model we did not allow. Loading it by name
+        # would find that local directory first, so it is not passed on as a Hub id either.
+        raise InvalidRequest("base_model", NOT_AN_ALLOWED_MODEL)
+    allowlist = settings.api.allowed_base_models
+    if allowlist and not any(fnmatch.fnmatchcase(name, pattern) for pattern in allowlist):
+        raise InvalidRequest("base_model", NOT_AN_ALLOWED_MODEL)
     return name  # a Hub id: the worker resolves it (its local cache, or the Hub where reachable)
 
 
-def _allowed_local_model(path: Path, name: str, settings: Settings) -> str:
-    """Local paths may not reach into the studio's own storage (other teams' artifacts), and must lie
-    inside ``api.models_dir`` when one is set (production requires it for local models)."""
-    if settings.storage.backend == "local" and path.is_relative_to(Path(settings.storage.root).resolve()):
-        raise InvalidRequest("base_model", f"{name!r} is inside the studio's storage; deploy runs by experiment_id")
-    if settings.api.models_dir:
-        if not path.is_relative_to(Path(settings.api.models_dir).resolve()):
-            raise InvalidRequest("base_model", f"local models must be inside {settings.api.models_dir}")
-    elif settings.environment == "production":
-        raise InvalidRequest("base_model", "local models need api.models_dir in production; use a Hub id or name")
-    return str(path)
+def _allowed_local_model(name: str, settings: Settings) -> str | None:
+    """The allowed model directory ``name`` names, resolved; None when it names none. Symlinks are
+    resolved before any check, so a link cannot lead into a fenced directory."""
+    production = settings.environment == "production"
+    models_dirs = [Path(settings.api.models_dir)] if settings.api.models_dir else []
+    if not production:
+        models_dirs.append(settings.data_dir / "models")
+    models_dirs = [d.expanduser().resolve() for d in models_dirs]
+    candidates = [(d / name).resolve() for d in models_dirs]  # a name (or path) under a models directory
+    if not production:
+        candidates.append(Path(name).expanduser().resolve())  # an explicit local path
+    studio = _studio_dirs(settings)
+    data_dir = settings.data_dir.expanduser().resolve()
+    for path in candidates:
+        if not (path / "config.json").is_file() or any(path.is_relative_to(d) for d in studio):
+            continue
+        if any(path.is_relative_to(d) for d in models_dirs):
+            return str(path)
+        if not production and not path.is_relative_to(data_dir):
+            return str(path)
+    return None
+
+
+def _studio_dirs(settings: Settings) -> list[Path]:
+    """Directories the studio writes, holding every team's data: never a base model, even by symlink.
+    (The data dir as a whole is fenced above, except its models directory.)"""
+    dirs = [Path(settings.training.work_dir), Path(settings.inference.cache_dir)]
+    if settings.storage.backend == "local":
+        dirs.append(Path(settings.storage.root))
+    return [d.expanduser().resolve() for d in dirs]
 
 
 def resolve_hyperparameters(body: ExperimentCreate, settings: Settings) -> Hyperparameters:

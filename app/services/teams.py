@@ -48,6 +48,17 @@ def user_teams(*, session: Session, settings: Settings, user_id: uuid.UUID) -> l
     return teams
 
 
+def visible_teams(
+    *, session: Session, settings: Settings, user_id: uuid.UUID, key: Principal | None
+) -> list[TeamPublic]:
+    """The teams a caller sees: all of the user's for a login; for an API key, the key's team only, with
+    the key's effective role (an API key is bound to its team, also on routes outside any team)."""
+    if key is None:
+        return user_teams(session=session, settings=settings, user_id=user_id)
+    team = session.get(Team, key.team_id)
+    return [] if team is None else [team_public(team=team, settings=settings, role=key.role)]
+
+
 def create_team(*, session: Session, user_id: uuid.UUID, name: str) -> Team:
     if session.exec(select(Team).where(Team.name == name)).first():
         raise Conflict(f"a team named {name!r} already exists", field="name")

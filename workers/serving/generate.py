@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
 from app.core.config import get_settings
 from app.core.contracts.inference import (
     Accepted,
@@ -37,7 +39,7 @@ def run_generate(request: GenerateMessage, worker: str) -> None:
     with _serving(request, worker) as (manager, send), manager.using(request.base_model) as engine:
         handle = engine.submit(
             GenerationRequest(
-                prompt_ids=_prompt_ids(engine, request.messages, request.prompt),
+                prompt_ids=_prompt_ids(engine, request.messages, request.prompt, request.max_tokens),
                 max_tokens=request.max_tokens,
                 temperature=request.temperature,
                 top_p=request.top_p,
@@ -122,10 +124,14 @@ def _serving(
         manager.end()
 
 
-def _prompt_ids(engine: InferenceEngine, messages: list[ChatMessage] | None, prompt: str | None) -> list[int]:
+def _prompt_ids(
+    engine: InferenceEngine, messages: list[ChatMessage] | None, prompt: str | None, max_tokens: int | None = None
+) -> list[int]:
+    """The prompt's token ids. With `max_tokens` (a generation), a prompt that cannot fit beside it raises
+    `PromptTooLong` having tokenized only a bounded prefix (scoring passes none: it cuts prompts to fit)."""
     if messages is not None:
-        return engine.encode_chat([m.model_dump() for m in messages])
-    return engine.encode_prompt(prompt or "")
+        return engine.encode_chat([m.model_dump() for m in messages], max_tokens=max_tokens)
+    return engine.encode_prompt(prompt or "", max_tokens=max_tokens)
 
 
 def _score_prompt_ids(engine: InferenceEngine, messages: list[ChatMessage] | None, prompt: str | None) -> list[int]:
@@ -154,6 +160,12 @@ def _as_error(exc: Exception, request: GenerateMessage | ScoreMessage) -> Error:
     if isinstance(exc, PromptTooLong):
         where = "messages" if chat else "prompt"
         return Error(status=400, code="context_length_exceeded", message=str(exc), param=where)
+    if isinstance(exc, TemplateError) and not isinstance(exc, TemplateSyntaxError):
+        # The model's chat template refused these messages: its sandbox (SecurityError, e.g. a hostile
+        # template reaching for `__class__`) or its own `raise_exception` (roles must alternate, ...).
+        # A broken template (syntax) stays a server error: no request could fix it.
+        message = f"the model's chat template refused the messages: {exc}"
+        return Error(status=400, code="invalid_request_error", message=message, param="messages")
     if isinstance(exc, WorkerBusy):
         return Error(status=503, code="worker_busy", message=str(exc))
     if isinstance(exc, ValueError):

@@ -60,6 +60,22 @@ class EventWriter:
         return event
 
 
+class LossTokenCounter:
+    """Wraps the training loader's collate function to count the tokens the loss sees (labels != -100) in every
+    batch drawn, so throughput is reported for trained tokens as well as for all tokens."""
+
+    def __init__(self, collate: Any) -> None:
+        self.collate = collate
+        self.count = 0
+
+    def __call__(self, examples: list[dict[str, Any]]) -> Any:
+        batch = self.collate(examples)
+        labels = batch.get("labels") if isinstance(batch, dict) else None
+        if labels is not None:
+            self.count += int((labels != -100).sum())
+        return batch
+
+
 class EventsCallback(TrainerCallback):
     """Writes started/metrics/checkpoint/stopped events and stops training when the stop file appears.
 
@@ -81,6 +97,8 @@ class EventsCallback(TrainerCallback):
         self.last_checkpoint: str | None = None
         self._last_log_time: float | None = None
         self._last_log_tokens = 0
+        self.loss_tokens: LossTokenCounter | None = None
+        self._last_loss_tokens = 0
 
     # ----------------------------------------------------------------------------------------------- stop control
 
@@ -114,6 +132,11 @@ class EventsCallback(TrainerCallback):
         # checkpoint's value, so the baseline is taken from the state rather than zero.
         self._last_log_time = time.time()
         self._last_log_tokens = state.num_input_tokens_seen
+        # Count the loss's tokens on the training loader only (evaluation batches must not inflate them).
+        loader = kwargs.get("train_dataloader")
+        if loader is not None and self.loss_tokens is None:
+            self.loss_tokens = LossTokenCounter(loader.collate_fn)
+            loader.collate_fn = self.loss_tokens
         self.writer.emit(
             "started",
             **self.started_fields,
@@ -168,11 +191,17 @@ class EventsCallback(TrainerCallback):
         tokens = state.num_input_tokens_seen
         fields: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch}
         fields.update({key: logs[key] for key in _TRAIN_KEYS if key in logs})
+        elapsed = now - (self._last_log_time or now)
         if tokens:
             fields["num_tokens"] = tokens
-            elapsed = now - (self._last_log_time or now)
             if elapsed > 0:
                 fields["tokens_per_second"] = (tokens - self._last_log_tokens) / elapsed
+        if self.loss_tokens is not None:  # tokens the loss saw: answers only, unless train_on_prompt
+            trained = self.loss_tokens.count
+            fields["num_loss_tokens"] = trained
+            if elapsed > 0:
+                fields["loss_tokens_per_second"] = (trained - self._last_loss_tokens) / elapsed
+            self._last_loss_tokens = trained
         self._last_log_time, self._last_log_tokens = now, tokens
         self.writer.emit("metrics", **fields)
 

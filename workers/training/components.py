@@ -79,6 +79,22 @@ def load_rows(path: str | None, field_name: str) -> tuple[Dataset, str]:
     return dataset, data_format
 
 
+def tokenize_rows(
+    dataset: Dataset, data_format: str, tokenizer: PreTrainedTokenizerBase, *, train_on_prompt: bool, field_name: str
+) -> Dataset:
+    """Rows → `input_ids` + `labels` (what the loss sees: `masks.py`); trl trains on them as they are."""
+    from app.core.chat_spans import SpansNotFound
+    from workers.training.masks import tokenize_row
+
+    def tokenize(row: dict[str, Any], index: int) -> dict[str, Any]:
+        try:
+            return tokenize_row(row, data_format, tokenizer, train_on_prompt=train_on_prompt)
+        except SpansNotFound as exc:
+            raise ValueError(f"{field_name} row {index + 1}: {exc}") from None
+
+    return dataset.map(tokenize, with_indices=True, remove_columns=dataset.column_names)
+
+
 def load_tokenizer(base_model: str, *, conversational: bool) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
@@ -178,7 +194,6 @@ def build_sft_config(cfg: RunConfig, *, bf16: bool, has_eval: bool) -> SFTConfig
         # Data
         max_length=cfg.max_seq_length,
         packing=cfg.packing,
-        assistant_only_loss=cfg.assistant_only_loss,
         # Logging: the events callback is the only reporter. Counting non-padding tokens gives the
         # tokens/s figure; with padding-free packing there is no attention mask and the pad id is used.
         report_to="none",

@@ -71,9 +71,17 @@ class SFTRecipe:
         set_seed(cfg.seed)
         log.info("run %s: %s fine-tune of %s on %s", cfg.experiment_name, cfg.method, cfg.base_model, device)
 
-        train_dataset, data_format = components.load_rows(cfg.train_file, "train_file")
-        eval_dataset = components.load_rows(cfg.eval_file, "eval_file")[0] if cfg.eval_file else None
+        train_rows, data_format = components.load_rows(cfg.train_file, "train_file")
+        eval_rows = components.load_rows(cfg.eval_file, "eval_file")[0] if cfg.eval_file else None
         tokenizer = self.tokenizer = components.load_tokenizer(cfg.base_model, conversational=data_format == "messages")
+        train_dataset = components.tokenize_rows(
+            train_rows, data_format, tokenizer, train_on_prompt=cfg.train_on_prompt, field_name="train_file"
+        )
+        eval_dataset = None
+        if eval_rows is not None:
+            eval_dataset = components.tokenize_rows(
+                eval_rows, data_format, tokenizer, train_on_prompt=cfg.train_on_prompt, field_name="eval_file"
+            )
         # SFTConfig must exist before the model is loaded: with DeepSpeed ZeRO-3 it installs the hook that
         # partitions weights while they are created.
         args = components.build_sft_config(cfg, bf16=bf16, has_eval=eval_dataset is not None)
@@ -86,7 +94,8 @@ class SFTRecipe:
         from trl import SFTTrainer
 
         from workers.training.callbacks import EventsCallback
-        from workers.training.token_stats import summarize, token_lengths
+        from workers.training.masks import trained_share
+        from workers.training.token_stats import summarize
 
         self.callback = EventsCallback(self.writer, cfg.stop_file)
         self.trainer = SFTTrainer(
@@ -112,7 +121,10 @@ class SFTRecipe:
             "trainable_params": trainable,
             "total_params": total,
             "resume_from_checkpoint": cfg.resume_from_checkpoint,
-            "train_tokens": summarize(token_lengths(train_dataset, data_format, tokenizer), cfg.max_seq_length),
+            "train_tokens": summarize([len(ids) for ids in train_dataset["input_ids"]], cfg.max_seq_length),
+            # What the loss sees: answers only unless train_on_prompt (the share is of all tokens, before packing).
+            "train_on_prompt": cfg.train_on_prompt,
+            "loss_tokens": trained_share(train_dataset["labels"]),
         }
         if over := self.info["train_tokens"]["rows_over_max_seq_length"]:
             log.warning(

@@ -6,6 +6,7 @@ import uuid
 
 from fastapi import APIRouter
 
+from app.api.auth_guards import no_store
 from app.api.deps import LoggedIn, SessionDep, Viewer
 from app.api.idempotency import idempotent
 from app.models import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic, ApiKeysPublic
@@ -15,6 +16,7 @@ router = APIRouter(prefix="/teams/{team_id}/api-keys", tags=["api keys"])
 
 
 @router.post("/", response_model=ApiKeyCreated, status_code=201)
+@no_store
 @idempotent
 def create_key(
     session: SessionDep, principal: Viewer, _: LoggedIn, team_id: uuid.UUID, body: ApiKeyCreate

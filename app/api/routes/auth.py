@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.security import OAuth2PasswordRequestForm
+from fastapi import APIRouter, Form, HTTPException, Request
 
+from app.api.auth_guards import no_store
 from app.api.deps import SessionDep, SettingsDep
 from app.core.security import create_access_token
 from app.models import Token
@@ -16,17 +16,21 @@ router = APIRouter(prefix="/auth", tags=["auth"])
 
 
 @router.post("/login", response_model=Token)
+@no_store
 def login(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
-    form: Annotated[OAuth2PasswordRequestForm, Depends()],
+    # OAuth2's password form, bounded like the fields that set them (grant_type, scope and client
+    # credentials, which the docs' Authorize button may send, are ignored).
+    username: Annotated[str, Form(max_length=320, description="Your email")],
+    password: Annotated[str, Form(max_length=200, json_schema_extra={"format": "password"})],
 ) -> Token:
     """Exchange email (`username`) and password for a bearer token. Repeated failures answer 429."""
     client = request.client.host if request.client else None
     try:
         user = accounts.authenticate(
-            session=session, settings=settings, email=form.username, password=form.password, client=client
+            session=session, settings=settings, email=username, password=password, client=client
         )
     except accounts.LoginRefused as exc:
         headers = {"Retry-After": str(exc.retry_after_s)} if exc.status_code == 429 else {"WWW-Authenticate": "Bearer"}

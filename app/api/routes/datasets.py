@@ -39,7 +39,12 @@ def upload_dataset(
     format: Annotated[DatasetFormat | None, Form(description="Detected when omitted")] = None,
     eval_fraction: Annotated[float, Form(ge=0, lt=1)] = 0.1,
 ) -> DatasetPublic:
-    """Upload JSONL, JSON, CSV or Parquet (multipart field `file`)."""
+    """Upload JSONL, JSON, CSV or Parquet (multipart field `file`).
+
+    The file is read as a stream within `api.max_dataset_rows`, `api.max_row_bytes`, `api.max_cell_bytes`,
+    `api.max_json_depth` and `api.max_dataset_bytes`; a file beyond one is a 422 naming the row (and the
+    field), and stores nothing.
+    """
     limit = settings.api.max_upload_bytes
     with tempfile.TemporaryDirectory(prefix="studio-upload-") as tmp:
         path = Path(tmp) / "upload"  # the client's filename never reaches the filesystem
@@ -61,6 +66,7 @@ def upload_dataset(
             kind=kind,
             fmt=format,
             eval_fraction=eval_fraction,
+            limits=service.upload_limits(settings.api),
         )
     return DatasetPublic.model_validate(dataset)
 
@@ -85,6 +91,7 @@ def create_dataset(
         rows=body.rows,
         fmt=body.format,
         eval_fraction=body.eval_fraction,
+        limits=service.upload_limits(settings.api),
     )
     return DatasetPublic.model_validate(dataset)
 

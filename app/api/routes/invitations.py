@@ -6,6 +6,7 @@ import uuid
 
 from fastapi import APIRouter
 
+from app.api.auth_guards import no_store
 from app.api.deps import Admin, LoggedIn, SessionDep, SettingsDep
 from app.api.idempotency import idempotent
 from app.models import (
@@ -22,6 +23,7 @@ router = APIRouter(tags=["invitations"])
 
 
 @router.post("/teams/{team_id}/invitations", response_model=InvitationCreated, status_code=201)
+@no_store
 @idempotent
 def invite(
     session: SessionDep,
@@ -50,8 +52,10 @@ def revoke_invitation(session: SessionDep, principal: Admin, team_id: uuid.UUID,
 
 
 @router.post("/invitations/accept", response_model=MemberPublic)
+@no_store  # the request carried the token and maybe a password: nothing of it is kept
 def accept(session: SessionDep, body: InvitationAccept) -> MemberPublic:
-    """Join a team with an invitation token (the token is the credential; new users set a password)."""
+    """Join a team with an invitation token (the token is the credential; new users set a password, which
+    the password policy checks)."""
     user, membership = service.accept_invitation(session=session, body=body)
     return MemberPublic(
         user_id=user.id,

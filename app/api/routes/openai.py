@@ -4,11 +4,13 @@ name of the key's team. Errors use OpenAI's shape (see app/api/errors.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -18,7 +20,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from app.api.deps import SessionDep, SettingsDep, Viewer
 from app.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from app.core.config import Settings
-from app.core.contracts.inference import ChatMessage, Delta, Done, GenerateMessage, Sampling, Scored
+from app.core.contracts.inference import ChatMessage, Delta, Done, GenerateMessage, Sampling, Scored, new_request_id
+from app.core.db import session_scope
 from app.core.inflight import inflight_limiter
 from app.models import Deployment, DeploymentStatus, Team
 from app.services import deployments
@@ -49,13 +52,20 @@ def list_models(session: SessionDep, principal: Viewer) -> dict[str, Any]:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    request: Request, session: SessionDep, settings: SettingsDep, principal: Viewer, body: ChatCompletionRequest
+    request: Request, settings: SettingsDep, principal: Viewer, body: ChatCompletionRequest
 ) -> JSONResponse | EventSourceResponse:
     """Chat with a deployment: its chat template is applied on the worker."""
-    deployment, limit = await run_in_threadpool(_resolve, session, settings, principal.team_id, body.model)
-    messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
+    _check_size(settings, "messages", body.prompt_chars, len(body.messages))
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.inference.default_max_tokens
-    message = generation(deployment, _sampling(settings, body, max_tokens), messages=messages, stream=body.stream)
+    sampling = _sampling(settings, body, max_tokens)
+    messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
+    slot = await Slot.take(settings, principal.team_id)
+    try:
+        deployment = await slot.resolve(settings, body.model)
+        message = generation(deployment, sampling, messages=messages, stream=body.stream)
+    except BaseException:
+        await slot.release()
+        raise
     meta = {"id": f"chatcmpl-{message.request_id}", "created": int(time.time()), "model": body.model}
 
     def respond(done: Done) -> dict[str, Any]:
@@ -63,18 +73,23 @@ async def chat_completions(
         choice = {"index": 0, "message": answer, "finish_reason": done.finish_reason, "logprobs": None}
         return {**meta, "object": "chat.completion", "choices": [choice], "usage": _usage(done)}
 
-    chunks = _chat_chunks(meta, body.include_usage)
-    return await _answer(request, settings, principal.team_id, limit, message, chunks, respond)
+    return await _answer(request, settings, slot, message, _chat_chunks(meta, body.include_usage), respond)
 
 
 @router.post("/completions", response_model=None)
 async def completions(
-    request: Request, session: SessionDep, settings: SettingsDep, principal: Viewer, body: CompletionRequest
+    request: Request, settings: SettingsDep, principal: Viewer, body: CompletionRequest
 ) -> JSONResponse | EventSourceResponse:
     """Plain text completion (no chat template)."""
-    deployment, limit = await run_in_threadpool(_resolve, session, settings, principal.team_id, body.model)
+    _check_size(settings, "prompt", len(body.text), 1)
     sampling = _sampling(settings, body, body.max_tokens or 16)
-    message = generation(deployment, sampling, prompt=body.text, stream=body.stream)
+    slot = await Slot.take(settings, principal.team_id)
+    try:
+        deployment = await slot.resolve(settings, body.model)
+        message = generation(deployment, sampling, prompt=body.text, stream=body.stream)
+    except BaseException:
+        await slot.release()
+        raise
     meta = {"id": f"cmpl-{message.request_id}", "created": int(time.time()), "model": body.model}
     echo = body.text if body.echo else ""
 
@@ -82,51 +97,142 @@ async def completions(
         choice = {"index": 0, "text": echo + done.text, "finish_reason": done.finish_reason, "logprobs": None}
         return {**meta, "object": "text_completion", "choices": [choice], "usage": _usage(done)}
 
-    chunks = _completion_chunks(meta, body.include_usage, echo)
-    return await _answer(request, settings, principal.team_id, limit, message, chunks, respond)
+    return await _answer(request, settings, slot, message, _completion_chunks(meta, body.include_usage, echo), respond)
 
 
-# ---------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- in-flight slots
+#
+# A /v1 request takes its team's in-flight slot before any database work of its own (only resolving the
+# caller comes first), so a burst of one team's requests is refused at the quota instead of queueing for
+# database connections that every team's requests need. The slot's limit is the team's quota, which is a
+# database row; reading it per request would be the very work the slot is there to bound. So each API
+# process remembers each team's limit for TEAM_LIMIT_TTL_S (a miss is read once per team, whoever else
+# misses meanwhile waits for that read). The deployment lookup after the slot reads the team row anyway
+# (one query, the connection returned at once): it refreshes the remembered limit, and a limit lower
+# than the one the slot was taken under re-checks the slot on the spot. So a lowered quota holds from
+# the request after the change; a raised one, for a team refused at its old limit, within the TTL.
+TEAM_LIMIT_TTL_S = 5.0
 
 
-def _resolve(session: SessionDep, settings: Settings, team_id: uuid.UUID, model: str) -> tuple[Deployment, int]:
-    """The deployment behind ``model``, and the team's in-flight request limit."""
-    deployment = deployments.by_model_name(session=session, team_id=team_id, name=model)
-    team = session.get(Team, team_id)
-    session.close()  # generation can take minutes: do not hold a pooled connection (or a SQLite read) meanwhile
-    if deployment is None or team is None:
-        raise HTTPException(404, f"model {model!r} does not exist or is not deployed in your team")
-    return deployment, quota_limits(team=team, settings=settings)["max_inflight_requests"]
+class TeamLimits:
+    """Each team's ``max_inflight_requests`` as last read, per API process (see above)."""
+
+    def __init__(self) -> None:
+        self._known: dict[uuid.UUID, tuple[float, int]] = {}  # team: (good until, limit)
+        self._reads: WeakKeyDictionary[asyncio.AbstractEventLoop, dict[uuid.UUID, asyncio.Future[int]]] = (
+            WeakKeyDictionary()
+        )
+
+    def remember(self, team_id: uuid.UUID, limit: int) -> None:
+        self._known[team_id] = (time.monotonic() + TEAM_LIMIT_TTL_S, limit)
+
+    async def get(self, settings: Settings, team_id: uuid.UUID) -> int:
+        known = self._known.get(team_id)
+        if known is not None and known[0] > time.monotonic():
+            return known[1]
+        reads = self._reads.setdefault(asyncio.get_running_loop(), {})
+        read = reads.get(team_id)
+        if read is None:  # the first to miss reads; the others wait for its answer
+            read = reads[team_id] = asyncio.ensure_future(run_in_threadpool(_read_team_limit, settings, team_id))
+            read.add_done_callback(lambda _: reads.pop(team_id, None))
+        limit = await asyncio.shield(read)  # one waiter leaving (client gone) does not cancel the read
+        self.remember(team_id, limit)
+        return limit
+
+
+team_limits = TeamLimits()
+
+
+class Slot:
+    """One /v1 request's in-flight slot: taken first, released once (by whoever ends the request)."""
+
+    def __init__(self, team_id: uuid.UUID, limit: int) -> None:
+        self.team_id, self.limit, self.id = team_id, limit, new_request_id()
+        self._released = False
+
+    @classmethod
+    async def take(cls, settings: Settings, team_id: uuid.UUID) -> Slot:
+        slot = cls(team_id, await team_limits.get(settings, team_id))
+        if not await inflight_limiter().acquire(team_id, slot.id, slot.limit):
+            raise _quota_exceeded(slot.limit)
+        return slot
+
+    async def resolve(self, settings: Settings, model: str) -> Deployment:
+        """The deployment behind ``model``; re-checks the slot when the team's quota turns out lower."""
+        deployment, limit = await run_in_threadpool(_resolve, settings, self.team_id, model)
+        team_limits.remember(self.team_id, limit)
+        if limit < self.limit:
+            self.limit = limit
+            if not await inflight_limiter().acquire(self.team_id, self.id, limit):
+                self._released = True  # the re-check gave the slot up
+                raise _quota_exceeded(limit)
+        if deployment is None:
+            raise HTTPException(404, f"model {model!r} does not exist or is not deployed in your team")
+        return deployment
+
+    async def release(self) -> None:
+        if not self._released:
+            self._released = True
+            await cleanup(inflight_limiter().release(self.team_id, self.id), f"releasing the in-flight slot {self.id}")
+
+
+def _quota_exceeded(limit: int) -> InferenceFailed:
+    return InferenceFailed(
+        429,
+        "rate_limit_exceeded",
+        f"your team already has {limit} requests in flight (its max_inflight_requests quota); retry when one finishes",
+    )
+
+
+def _read_team_limit(settings: Settings, team_id: uuid.UUID) -> int:
+    with session_scope() as session:
+        team = session.get(Team, team_id)
+        return quota_limits(team=team, settings=settings)["max_inflight_requests"] if team else 0
+
+
+def _resolve(settings: Settings, team_id: uuid.UUID, model: str) -> tuple[Deployment | None, int]:
+    """The deployment behind ``model`` and the team's in-flight limit, in one short session: generation
+    can take minutes, so no connection (or SQLite read) is held meanwhile."""
+    with session_scope() as session:
+        deployment = deployments.by_model_name(session=session, team_id=team_id, name=model)
+        team = session.get(Team, team_id)
+        return deployment, quota_limits(team=team, settings=settings)["max_inflight_requests"] if team else 0
+
+
+def _check_size(settings: Settings, field: str, chars: int, messages: int) -> None:
+    """Cap what a worker would tokenize, before anything else: a 10 MB prompt is refused here."""
+    caps = settings.inference
+    if chars > caps.max_prompt_chars:
+        raise InferenceFailed(
+            400,
+            "string_above_max_length",
+            f"{field}: {chars} characters; at most {caps.max_prompt_chars} are allowed (inference.max_prompt_chars)",
+            field,
+        )
+    if messages > caps.max_messages:
+        raise InferenceFailed(
+            400,
+            "array_above_max_length",
+            f"{field}: {messages} messages; at most {caps.max_messages} are allowed (inference.max_messages)",
+            field,
+        )
 
 
 async def _answer(
     request: Request,
     settings: Settings,
-    team_id: uuid.UUID,
-    limit: int,
+    slot: Slot,
     message: GenerateMessage,
     chunks: ChunkMaker,
     respond: Callable[[Done], dict[str, Any]],
 ) -> JSONResponse | EventSourceResponse:
-    """Hold one of the team's in-flight slots for the whole generation (streamed or not)."""
-    limiter, rid = inflight_limiter(), message.request_id
-    if not await limiter.acquire(team_id, rid, limit):
-        raise InferenceFailed(
-            429,
-            "rate_limit_exceeded",
-            f"your team already has {limit} requests in flight "
-            "(its max_inflight_requests quota); retry when one finishes",
-        )
-
-    async def release() -> None:
-        await cleanup(limiter.release(team_id, rid), f"releasing the in-flight slot of {rid}")
-
+    """The answer, streamed or not; the slot is held until it ends (or the client leaves)."""
     if message.stream:
-        return await _stream(request, settings, message, chunks, release)
+        return await _stream(request, settings, message, chunks, slot.release)
     try:
         done = await complete(settings, message, request.is_disconnected)
     finally:
-        await release()
+        await slot.release()
     return JSONResponse(respond(done))
 
 

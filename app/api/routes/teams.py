@@ -6,7 +6,8 @@ import uuid
 
 from fastapi import APIRouter, HTTPException
 
-from app.api.deps import Admin, CurrentUser, SessionDep, SettingsDep, Superuser, Viewer
+from app.api.auth_guards import CallerDep
+from app.api.deps import Admin, SessionDep, SettingsDep, Superuser, Viewer
 from app.api.idempotency import idempotent
 from app.models import (
     MemberPublic,
@@ -26,9 +27,9 @@ router = APIRouter(prefix="/teams", tags=["teams"])
 
 
 @router.get("/", response_model=TeamsPublic)
-def list_my_teams(session: SessionDep, settings: SettingsDep, user: CurrentUser) -> TeamsPublic:
-    """The teams you belong to, with your role."""
-    data = service.user_teams(session=session, settings=settings, user_id=user.id)
+def list_my_teams(session: SessionDep, settings: SettingsDep, caller: CallerDep) -> TeamsPublic:
+    """The teams you belong to, with your role (with an API key: the key's team only)."""
+    data = service.visible_teams(session=session, settings=settings, user_id=caller.user.id, key=caller.key)
     return TeamsPublic(data=data, count=len(data))
 
 

@@ -68,6 +68,11 @@ class Hyperparameters(BaseModel):
     gradient_accumulation_steps: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step")
     max_seq_length: int = Field(1024, ge=8, description="Tokens per sequence; longer rows are cut")
     packing: bool = Field(False, description="Pack short rows into full max_seq_length sequences")
+    train_on_prompt: bool = Field(
+        False,
+        description="Also train on prompts (system and user turns, the prompt of prompt/completion rows); by default "
+        "the loss sees the answers only: assistant turns with their end-of-turn marker, and completions",
+    )
     eval_fraction: float | None = Field(None, ge=0, lt=1, description="Held-out share; default: the dataset's own")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of adapter init, data order and dropout")
     # transformers 5 reads a warmup value below 1 as a ratio, so 1.0 would silently mean "one step".
@@ -106,7 +111,6 @@ class RunConfig(Hyperparameters):
     resume_from_checkpoint: str | None = Field(None, description="A trainer checkpoint directory to resume from")
     experiment_name: str = Field("sft-run", description="Shown in logs and the model card")
     dataset_name: str | None = Field(None, description="Shown in the model card")
-    assistant_only_loss: bool = Field(False, description="messages rows: loss on assistant turns only")
     bf16: StrictBool | Literal["auto"] = Field(
         "auto", description="bfloat16 mixed precision; auto = where the GPU has it"
     )

@@ -189,17 +189,18 @@ def _database_dump() -> str:
 
 
 def test_users_me_update_password(anonymous: TestClient, member: Member, clean_throttle: None) -> None:
+    new = "n3w-kettle-orbit-lamp"  # passes the password policy
     r = anonymous.patch(
-        "/api/users/me", json={"current_password": "wrong-one", "new_password": "n3w-password"}, headers=member.headers
+        "/api/users/me", json={"current_password": "wrong-one", "new_password": new}, headers=member.login_headers
     )
     assert r.status_code == 400 and r.json()["field"] == "current_password"
     old_token = login(anonymous, member.email, PASSWORD)[1]["access_token"]
     time.sleep(1.1)  # tokens carry whole seconds
     r = anonymous.patch(
-        "/api/users/me", json={"current_password": PASSWORD, "new_password": "n3w-password"}, headers=member.headers
+        "/api/users/me", json={"current_password": PASSWORD, "new_password": new}, headers=member.login_headers
     )
     assert r.status_code == 200
-    status, fresh = login(anonymous, member.email, "n3w-password")
+    status, fresh = login(anonymous, member.email, new)
     assert status == 200
     assert login(anonymous, member.email, PASSWORD)[0] == 401
     stale = anonymous.get("/api/users/me", headers=bearer(str(old_token)))

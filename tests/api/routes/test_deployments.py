@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -96,3 +99,142 @@ def test_no_inference_worker_is_503_at_once(anonymous: TestClient, trainer: Memb
     anonymous.post("/api/deployments/", json={"base_model": str(tiny_model), "name": "base-3"}, headers=h)
     r = anonymous.post("/v1/completions", json={"model": "base-3", "prompt": "hi"}, headers=h)
     assert r.status_code == 503 and r.json()["error"]["code"] == "no_worker"
+
+
+NOT_ALLOWED = (
+    "base_model: not an allowed model: use a Hub id, a name under the models directory, "
+    "or (development) a local model directory outside the studio's data"
+)
+
+
+def _deploy(client: TestClient, member: Member, base_model: str) -> tuple[int, dict[str, str]]:
+    r = client.post("/api/deployments/", json={"base_model": base_model}, headers=member.headers)
+    return r.status_code, r.json()
+
+
+def test_deploying_another_teams_run_from_the_work_dir_is_refused_like_any_unknown_path(
+    anonymous: TestClient, trainer: Member, tmp_path: Path
+) -> None:
+    """The attack: a path under another team's training work dir (a full fine-tune's output). It gets the
+    same answer as a path that does not exist or is not a model."""
+    from app.core.config import get_settings
+
+    settings = get_settings()
+    run_output = Path(settings.training.work_dir) / "team-a-run" / "output"
+    run_output.mkdir(parents=True, exist_ok=True)
+    (run_output / "config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(run_output, target_is_directory=True)
+    for path in (run_output, link, tmp_path / "missing", tmp_path / "empty", Path(settings.inference.cache_dir)):
+        assert _deploy(anonymous, trainer, str(path)) == (422, {"detail": NOT_ALLOWED, "field": "base_model"}), path
+
+
+@pytest.fixture
+def production(tiny_model: Path) -> Iterator[Any]:
+    """The app with production settings: an allowlist of Hub ids, and the tiny model's parent as models_dir."""
+    from app.core.config import get_settings
+    from app.main import app
+
+    settings = get_settings().model_copy(deep=True)
+    settings.environment = "production"
+    settings.api.allowed_base_models = ["allowed-org/*", "exact/model-1"]
+    settings.api.models_dir = str(tiny_model.parent)
+    app.dependency_overrides[get_settings] = lambda: settings
+    try:
+        yield settings
+    finally:
+        app.dependency_overrides.pop(get_settings, None)
+
+
+def test_production_allows_only_listed_hub_ids_and_names_under_the_models_dir(
+    anonymous: TestClient, trainer: Member, tiny_model: Path, tmp_path: Path, production: Any
+) -> None:
+    import shutil
+
+    refused = (422, {"detail": NOT_ALLOWED, "field": "base_model"})
+    assert _deploy(anonymous, trainer, "allowed-org/some-model")[0] == 201
+    assert _deploy(anonymous, trainer, "exact/model-1")[0] == 201
+    assert _deploy(anonymous, trainer, "exact/model-2") == refused
+    assert _deploy(anonymous, trainer, "other-org/model") == refused
+    status, deployed = _deploy(anonymous, trainer, tiny_model.name)  # a name under api.models_dir
+    assert status == 201 and deployed["base_model"] == str(tiny_model.resolve())
+    outside = shutil.copytree(tiny_model, tmp_path / "outside-model")
+    assert _deploy(anonymous, trainer, str(outside)) == refused  # explicit local paths: development only
+    assert _deploy(anonymous, trainer, "../" + tiny_model.parent.name) == refused  # no escaping models_dir
+    assert _deploy(anonymous, trainer, "/etc") == refused
+
+
+def _hold(team_id: Any, slots: int) -> Callable[[], None]:
+    """Take ``slots`` of the team's in-flight slots, as requests on another API replica would (the Redis
+    limiter is shared); returns their release."""
+    from app.core.config import get_settings
+    from app.core.inflight import RedisLimiter
+
+    settings = get_settings()
+    limiter = RedisLimiter(settings.events.redis_url, settings.inference.request_timeout_s)
+    runner = asyncio.Runner()  # one loop for both calls: the limiter's connections belong to it
+    assert runner.run(limiter.acquire(team_id, "held-elsewhere", slots, slots=slots))
+
+    def release() -> None:
+        with runner:
+            runner.run(limiter.release(team_id, "held-elsewhere"))
+
+    return release
+
+
+def test_the_inflight_quota_is_checked_before_any_lookup_and_counts_compares(
+    anonymous: TestClient, tiny_model: Path
+) -> None:
+    from app.core.db import session_scope
+    from app.models import Team
+
+    member = make_member(make_team(), Role.trainer)
+    with session_scope() as session:
+        team = session.get(Team, member.team_id)
+        assert team is not None
+        team.max_inflight_requests = 2
+        session.add(team)
+        session.commit()
+    h = member.headers
+    ids = [
+        anonymous.post("/api/deployments/", json={"base_model": str(tiny_model), "name": n}, headers=h).json()["id"]
+        for n in ("side-a", "side-b")
+    ]
+    ab = anonymous.post(
+        "/api/ab-testing/",
+        json={"name": "ab", "deployment_a": ids[0], "deployment_b": ids[1], "prompts": ["hi"], "max_tokens": 2},
+        headers=h,
+    ).json()
+    chat = {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}
+    release = _hold(member.team_id, 2)
+    try:
+        # Refused at the quota before the deployment is even looked up (that would be a 404).
+        r = anonymous.post("/v1/chat/completions", json=chat, headers=h)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded", r.text
+        r = anonymous.post(f"/api/ab-testing/{ab['id']}/compare", headers=h)
+        assert r.status_code == 429 and "in-flight" in r.json()["detail"], r.text
+    finally:
+        release()
+    assert anonymous.post("/v1/chat/completions", json=chat, headers=h).status_code == 404
+    compared = anonymous.post(f"/api/ab-testing/{ab['id']}/compare", headers=h)
+    assert compared.status_code == 200, compared.text  # no worker here: each side's answer is an error
+    assert compared.json()["results"]["a"]["errors"] == 1
+
+
+def test_v1_prompts_are_capped_before_they_go_anywhere(anonymous: TestClient, trainer: Member) -> None:
+    from app.core.config import get_settings
+
+    caps = get_settings().inference
+    h = trainer.headers
+    r = anonymous.post("/v1/completions", json={"model": "x", "prompt": "a" * (caps.max_prompt_chars + 1)}, headers=h)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt" and "max_prompt_chars" in r.json()["error"]["message"]
+    half = "a" * (caps.max_prompt_chars // 2 + 1)
+    two_halves = [{"role": "user", "content": half}, {"role": "user", "content": [{"type": "text", "text": half}]}]
+    many = [{"role": "user", "content": "x"}] * (caps.max_messages + 1)
+    for messages, cap in ((two_halves, "max_prompt_chars"), (many, "max_messages")):
+        r = anonymous.post("/v1/chat/completions", json={"model": "x", "messages": messages}, headers=h)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "messages" and cap in error["message"] and error["type"] == "invalid_request_error"

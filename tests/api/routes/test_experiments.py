@@ -150,11 +150,71 @@ def _events(experiment_id: str) -> list[dict[str, Any]]:
         return [{"type": e.type, "data": e.data, "seq": e.seq} for e in rows]
 
 
-def test_base_model_cannot_point_into_storage(client: TestClient, dataset_id: str) -> None:
+NOT_ALLOWED = (
+    "base_model: not an allowed model: use a Hub id, a name under the models directory, "
+    "or (development) a local model directory outside the studio's data"
+)
+
+
+def _fake_model(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text("{}")
+    return directory
+
+
+def _fenced_paths(tmp_path: Path) -> dict[str, Path]:
+    """Model directories (or look-alikes) in every place the studio writes, and paths that are no model."""
     from app.core.config import get_settings
 
-    sneaky = Path(get_settings().storage.root) / "experiments" / "someone-elses" / "artifacts"
-    sneaky.mkdir(parents=True, exist_ok=True)
-    (sneaky / "config.json").write_text("{}")
-    r = client.post("/api/experiments/", json=body(dataset_id, sneaky))
-    assert r.status_code == 422 and r.json()["field"] == "base_model" and "storage" in r.json()["detail"]
+    settings = get_settings()
+    storage = _fake_model(Path(settings.storage.root) / "experiments" / "someone-elses" / "artifacts")
+    link = tmp_path / "innocent-looking"
+    link.symlink_to(storage, target_is_directory=True)
+    (tmp_path / "not-a-model").mkdir()
+    return {
+        "storage": storage,
+        "work_dir": _fake_model(Path(settings.training.work_dir) / "other-teams-run" / "output"),
+        "cache_dir": _fake_model(Path(settings.inference.cache_dir) / "other-teams-adapter"),
+        "data_dir": _fake_model(settings.data_dir / "secrets-next-door"),
+        "symlink_into_storage": link,
+        "missing": tmp_path / "no" / "such" / "model",
+        "not_a_model": tmp_path / "not-a-model",
+        "system_dir": Path("/etc"),
+    }
+
+
+FENCED = [
+    "storage",
+    "work_dir",
+    "cache_dir",
+    "data_dir",
+    "symlink_into_storage",
+    "missing",
+    "not_a_model",
+    "system_dir",
+]
+
+
+@pytest.mark.parametrize("where", FENCED)
+def test_base_model_fence_answers_one_message_wherever_the_path_points(
+    client: TestClient, dataset_id: str, tmp_path: Path, where: str
+) -> None:
+    """Into the studio's own directories (other teams' runs, adapters, storage), through a symlink, or a path
+    that does not exist or holds no model: the same 422, so the answer reveals nothing about the server's files."""
+    before = _counts()
+    r = client.post("/api/experiments/", json=body(dataset_id, _fenced_paths(tmp_path)[where]))
+    assert r.status_code == 422, r.text
+    assert r.json() == {"detail": NOT_ALLOWED, "field": "base_model"}
+    assert _counts() == before
+
+
+def test_base_model_outside_the_studio_or_a_hub_id_is_accepted(
+    client: TestClient, dataset_id: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    outside = shutil.copytree(tiny_model, tmp_path / "my-model")
+    r = client.post("/api/experiments/", json=body(dataset_id, outside, start=False))
+    assert r.status_code == 201 and r.json()["base_model"] == str(outside.resolve())
+    r = client.post("/api/experiments/", json=body(dataset_id, Path("x"), base_model="org/some-model", start=False))
+    assert r.status_code == 201 and r.json()["base_model"] == "org/some-model"

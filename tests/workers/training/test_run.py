@@ -498,3 +498,71 @@ def test_run_config_is_the_api_vocabulary_plus_the_attempt() -> None:
 
 def test_run_config_fields_document_themselves() -> None:
     assert all(field.description for field in RunConfig.model_fields.values())
+
+
+# ------------------------------------------------------------------------------------- (7) what the loss sees
+
+
+PATTERN_ROWS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"Count on from {n}: {' '.join(str(n + k) for k in range(8))}"},
+            {"role": "assistant", "content": a},
+        ]
+    }
+    for n, a in zip(range(0, 80, 10), _ANSWERS, strict=True)
+] * 2
+
+
+def split_losses(model_dir: Path, tokenizer_dir: Path) -> tuple[float, float]:
+    """Mean per-token loss on the prompt tokens and on the answer tokens of PATTERN_ROWS, by plain transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.training.masks import IGNORE, tokenize_row
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompt, answer = [], []
+    for row in PATTERN_ROWS[:8]:
+        tokens = tokenize_row(row, "messages", tokenizer, train_on_prompt=False)
+        ids = torch.tensor([tokens["input_ids"]])
+        with torch.no_grad():
+            logprobs = model(ids).logits[0, :-1].log_softmax(-1)
+        nll = -logprobs.gather(1, ids[0, 1:, None])[:, 0]
+        for position, label in enumerate(tokens["labels"][1:]):
+            (prompt if label == IGNORE else answer).append(float(nll[position]))
+    return sum(prompt) / len(prompt), sum(answer) / len(answer)
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_the_loss_sees_the_answers_unless_asked_to_train_on_prompts(
+    tiny_model_dir: Path, tmp_path: Path, train_on_prompt: bool
+) -> None:
+    cfg = RunConfig(
+        base_model=str(tiny_model_dir),
+        train_file=str(write_jsonl(tmp_path / "train.jsonl", PATTERN_ROWS)),
+        output_dir=str(tmp_path / "run"),
+        method="full",
+        learning_rate=2e-3,
+        max_steps=40,
+        batch_size=8,
+        save_steps=1000,
+        train_on_prompt=train_on_prompt,
+    )
+    assert_ok(run_child(cfg, tmp_path))
+    started = of_type(read_events(cfg), "started")[0]
+    assert started["train_on_prompt"] is train_on_prompt
+    share = started["loss_tokens"]["trained_share"]
+    assert share == 1.0 if train_on_prompt else 0 < share < 0.6
+    metrics = train_metrics(read_events(cfg))
+    assert all(m["loss_tokens_per_second"] <= m["tokens_per_second"] for m in metrics[1:])
+
+    base_prompt, base_answer = split_losses(tiny_model_dir, tiny_model_dir)
+    tuned_prompt, tuned_answer = split_losses(cfg.final_dir, cfg.final_dir)
+    if train_on_prompt:  # the same steps now spread over prompts too: both fall
+        assert tuned_prompt < base_prompt * 0.7, (base_prompt, tuned_prompt)
+        assert tuned_answer < base_answer, (base_answer, tuned_answer)
+    else:
+        assert tuned_answer < base_answer / 2, (base_answer, tuned_answer)
+        assert abs(tuned_prompt - base_prompt) <= 0.3 * base_prompt, (base_prompt, tuned_prompt)
