@@ -23,6 +23,15 @@ Message = Mapping[str, Any]
 Render = Callable[[list[dict[str, Any]], bool], str]
 
 
+# Used only when a conversational dataset meets a tokenizer without a chat template (most base models).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
 class SpansNotFound(ValueError):
     """The chat template does not render the conversation as a growing prefix."""
 
@@ -85,6 +94,22 @@ def trained_token_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple
         inside = span_index < len(spans) and start < spans[span_index][1] and end > spans[span_index][0]
         mask.append(inside)
     return mask
+
+
+def end_spans_before_markers(
+    spans: Sequence[tuple[int, int]], offsets: Sequence[tuple[int, int]], special: Sequence[bool]
+) -> list[tuple[int, int]]:
+    """Spans are found on characters; a turn that ends where the next marker begins can share its first
+    characters with the conversation's closing marker (`<|` of `<|user|>` and `<|endoftext|>`). A span end
+    inside a special token belongs before it: markers are atomic."""
+    fixed = []
+    for start, end in spans:
+        for (token_start, token_end), is_special in zip(offsets, special, strict=True):
+            if is_special and token_start < end < token_end:
+                end = token_start
+                break
+        fixed.append((start, end))
+    return fixed
 
 
 def _render(render: Render, messages: list[dict[str, Any]], generation_prompt: bool, what: str) -> str:

@@ -124,6 +124,11 @@ class ApiSettings(BaseModel):
         ge=1024,
         description="Largest dataset once stored as JSON lines (422): Parquet and CSV may grow when converted",
     )
+    parquet_memory_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=64 * 1024 * 1024,
+        description="Memory cap (RLIMIT_DATA) of the child process that decodes a Parquet upload; beyond it, 422",
+    )
     max_request_bytes: int = Field(64 * 1024 * 1024, description="Largest request body except uploads (413)")
     relay_interval_s: float = Field(0.5, description="Outbox relay poll interval")
     models_dir: str = Field("", description="Extra directory where base_model names resolve to local models")

@@ -44,6 +44,13 @@ def checkpoint_prefix(experiment_id: uuid.UUID) -> str:
     return f"{experiment_prefix(experiment_id)}/checkpoints"
 
 
-def read_dataset_rows(storage: Storage, dataset_id: uuid.UUID) -> list[dict[str, Any]]:
+def read_dataset_rows(storage: Storage, dataset_id: uuid.UUID, limit: int | None = None) -> list[dict[str, Any]]:
+    """The dataset's rows in order (the first ``limit`` only, read as a stream, when given)."""
+    rows: list[dict[str, Any]] = []
     with storage.open(dataset_rows_key(dataset_id)) as f:
-        return [json.loads(line) for line in f.read().splitlines() if line.strip()]
+        for line in f:
+            if limit is not None and len(rows) >= limit:
+                break
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows

@@ -7,10 +7,12 @@ with it, without either importing torch.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
+from app.datasets.readers import DatasetInvalid, RowError
 from app.models import DatasetFormat
+
+__all__ = ["DatasetInvalid", "RowError", "detect_format", "to_training_record", "validate_rows"]
 
 MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {
@@ -22,22 +24,6 @@ SHAREGPT_ROLES = {
     "tool": "tool",
 }
 MAX_REPORTED_ERRORS = 10
-
-
-@dataclass(frozen=True)
-class RowError:
-    row: int  # 1-based; for JSONL files, the line number
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"row {self.row}: field '{self.field}': {self.message}"
-
-
-class DatasetInvalid(ValueError):
-    def __init__(self, errors: list[RowError]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(str(e) for e in errors))
 
 
 def detect_format(row: dict[str, Any]) -> DatasetFormat | None:
@@ -81,6 +67,8 @@ def _check_turns(turns: Any, field: str, role_key: str, text_key: str, roles: It
             problems.append((f"{where}.{role_key}", f"must be one of {sorted(allowed)}"))
         elif not isinstance(turn.get(text_key), str):
             problems.append((f"{where}.{text_key}", "must be a string"))
+        elif "weight" in turn and not _valid_weight(turn, role_key):
+            problems.append((f"{where}.weight", "must be 0 or 1, and only on assistant turns"))
     if not problems and not any(SHAREGPT_ROLES.get(t[role_key]) == "assistant" for t in turns):
         problems.append((field, "needs at least one assistant turn to learn from"))
     return problems
@@ -153,12 +141,26 @@ def validate_rows(rows: Iterable[tuple[int, dict[str, Any]]], fmt: DatasetFormat
     return fmt
 
 
+def _valid_weight(turn: dict[str, Any], role_key: str) -> bool:
+    """OpenAI's fine-tuning format: `weight` 0 or 1 on an assistant turn (0 leaves it out of the loss)."""
+    weight = turn["weight"]
+    return SHAREGPT_ROLES.get(turn[role_key]) == "assistant" and type(weight) is int and weight in (0, 1)
+
+
+def _turn(role: str, content: str, weight: int | None) -> dict[str, Any]:
+    """A turn as the trainer reads it, with its `weight` when the row gave one."""
+    turn: dict[str, Any] = {"role": role, "content": content}
+    if weight is not None:
+        turn["weight"] = weight
+    return turn
+
+
 def to_training_record(row: dict[str, Any], fmt: DatasetFormat) -> dict[str, Any]:
     """Convert a validated row to one of the formats trl's SFTTrainer reads."""
     if fmt is DatasetFormat.text:
         return {"text": row["text"]}
     if fmt is DatasetFormat.messages:
-        return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
+        return {"messages": [_turn(m["role"], m["content"], m.get("weight")) for m in row["messages"]]}
     if fmt is DatasetFormat.sharegpt:
         return {"messages": [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in row["conversations"]]}
     if fmt is DatasetFormat.alpaca:

@@ -1,17 +1,22 @@
 """Read uploaded files (JSONL, JSON, CSV, Parquet) into numbered rows, as a stream with bounded memory.
 
 Rows are numbered for error messages: JSONL by line, the others by record (1-based). Every reader holds
-at most one row (Parquet: one small record batch) at a time and enforces ``Limits`` while it reads, so
-neither the file's size nor its row count decides how much memory parsing it takes:
+at most one row at a time and enforces ``Limits`` while it reads, so neither the file's size nor its row
+count decides how much memory parsing it takes:
 
 - rows: more than ``max_rows`` is refused (Parquet from its footer, before any data is read; JSONL by a
   quick line count, before any row is parsed);
 - bytes per row: a JSONL line, a JSON array element or a CSV record longer than ``max_row_bytes`` is
   refused before it is parsed (lines are read with a length limit, so a file without newlines is never
-  read whole); a Parquet row is measured in Arrow before it becomes Python objects;
+  read whole; a JSON element is read only while it is incomplete); a Parquet row is measured in Arrow
+  before it becomes Python objects;
 - bytes per cell: a string value longer than ``max_cell_bytes`` (UTF-8) is refused, naming its field;
-- nesting: JSON deeper than ``max_json_depth`` is refused before it is parsed (counted without
-  recursion); a Parquet schema deeper than that is refused from the footer.
+- nesting: a JSONL line deeper than ``max_json_depth`` is refused before it is parsed (counted without
+  recursion); a JSON element once parsed (Python's own ``RecursionError`` is caught for deeper ones); a
+  Parquet schema from the footer.
+
+Parquet is decoded in a child process with a memory cap (see ``_parquet``), since its decoded size is not
+bounded by the file's.
 
 Every problem is a ``DatasetInvalid`` naming the row, and the field where there is one.
 """
@@ -21,13 +26,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import resource
+import subprocess
+import sys
+import tempfile
 from collections.abc import Generator, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
-
-from app.datasets.formats import DatasetInvalid, RowError
 
 FileKind = Literal["jsonl", "json", "csv", "parquet"]
 EXTENSIONS: dict[str, FileKind] = {
@@ -39,10 +47,30 @@ EXTENSIONS: dict[str, FileKind] = {
 }
 NumberedRow = tuple[int, dict[str, Any]]
 
+SAFE_PARSE_DEPTH = 200  # text no deeper than this is parsed to name the field that is too deep
 CHUNK = 1 << 16  # bytes (JSON: characters) read at a time where a reader is not reading by line
 PARQUET_BATCH_BYTES = 32 << 20  # aim for record batches of about this much page data (from the footer)
-PARQUET_BATCH_ROWS = (16, 4096)  # ...and between this few and this many rows
+PARQUET_BATCH_ROWS = (1, 4096)  # ...and between this few and this many rows
 PARQUET_SLICE_BYTES = 8 << 20  # estimated JSON bytes turned into Python objects at a time
+
+
+@dataclass(frozen=True)
+class RowError:
+    row: int  # 1-based; for JSONL files, the line number
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"row {self.row}: field '{self.field}': {self.message}"
+
+
+class DatasetInvalid(ValueError):
+    """Rows that cannot be stored, each named (``app.datasets.formats`` re-exports it). Defined here, not
+    with the formats, so that the Parquet child process imports neither the models nor SQLAlchemy."""
+
+    def __init__(self, errors: list[RowError]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(str(e) for e in errors))
 
 
 @dataclass(frozen=True)
@@ -54,6 +82,7 @@ class Limits:
     max_cell_bytes: int = 256 << 10
     max_json_depth: int = 32
     max_dataset_bytes: int = 1 << 30
+    parquet_memory_bytes: int = 512 << 20
 
     def too_many_rows(self, number: int, found: str = "") -> DatasetInvalid:
         where = f"the file has {found} rows, " if found else ""
@@ -66,6 +95,14 @@ class Limits:
     def cell_too_large(self, number: int, field: str, size: int) -> DatasetInvalid:
         return _invalid(
             number, field, f"{size} bytes, more than the {self.max_cell_bytes}-byte cell limit (api.max_cell_bytes)"
+        )
+
+    def parquet_too_large(self, number: int) -> DatasetInvalid:
+        return _invalid(
+            number,
+            "*",
+            f"decoding this Parquet file takes more than {self.parquet_memory_bytes} bytes of memory "
+            "(api.parquet_memory_bytes)",
         )
 
     def too_deep(self, number: int, field: str = "*") -> DatasetInvalid:
@@ -114,6 +151,7 @@ def check_rows(rows: Iterable[Any], limits: Limits | None = None) -> Iterator[Nu
 
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _JSON_STRING_BYTES = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_INNERMOST = re.compile(r"\[\]|\{\}")
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
 _NOT_BRACKETS_BYTES = re.compile(rb"[^\[\]{}]+")
 
@@ -138,16 +176,28 @@ def json_depth(text: str | bytes, stop_above: int) -> int:
         only = _NOT_BRACKETS.sub("", _JSON_STRING.sub("", text))
     depth = 0
     while only and depth <= stop_above:
-        shorter = only.replace("[]", "").replace("{}", "")
+        shorter = _INNERMOST.sub("", only)  # one level per pass: the pairs innermost now, not those this makes
         if shorter == only:
-            return depth + len(only)
+            return min(depth + len(only), stop_above + 1)
         only, depth = shorter, depth + 1
     return depth if not only else stop_above + 1
 
 
 def _check_depth(text: str | bytes, number: int, limits: Limits) -> None:
-    if _brackets(text) > limits.max_json_depth and json_depth(text, limits.max_json_depth) > limits.max_json_depth:
-        raise limits.too_deep(number)
+    """Before parsing: refuse text nested past the limit. Where it is shallow enough to parse safely,
+    parse it anyway, to name the field that goes too deep."""
+    if _brackets(text) <= limits.max_json_depth:
+        return
+    depth = json_depth(text, max(limits.max_json_depth, SAFE_PARSE_DEPTH))
+    if depth <= limits.max_json_depth:
+        return
+    if depth <= SAFE_PARSE_DEPTH:
+        try:
+            value = json.loads(text)
+        except (RecursionError, ValueError):
+            raise limits.too_deep(number) from None
+        _check_value(value, number, limits)  # raises, naming the field
+    raise limits.too_deep(number)
 
 
 def _check_value(value: Any, number: int, limits: Limits) -> None:
@@ -214,12 +264,14 @@ def _refuse_too_many_lines(path: Path, limits: Limits) -> None:
             if raw.strip():
                 rows += 1
                 if rows > limits.max_rows:
-                    raise limits.too_many_rows(number, f"{newlines + 1}" if newlines > rows else "")
+                    raise limits.too_many_rows(number)
 
 
 # --- JSON (one array of rows, or {"data": [...]}) ------------------------------------------------------
 
 _DECODER = json.JSONDecoder()
+_WHITESPACE = re.compile(r"[ \t\r\n]*")
+_TO_JSON = json.JSONEncoder(ensure_ascii=False).encode  # (json.dumps with options builds an encoder per call)
 
 
 class _JsonStream:
@@ -241,8 +293,8 @@ class _JsonStream:
     def peek(self) -> str:
         """The next character that is not whitespace ("" at the end of the file)."""
         while True:
-            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
-                self.pos += 1
+            blank = _WHITESPACE.match(self.buf, self.pos)  # (always matches, perhaps nothing)
+            self.pos = blank.end() if blank else self.pos
             if self.pos < len(self.buf) or self.eof:
                 return self.buf[self.pos : self.pos + 1]
             self._fill()
@@ -282,7 +334,7 @@ class _JsonStream:
         self.pos = end
         if len(text) > self.limits.max_row_bytes:
             raise self.limits.row_too_large(number)
-        _check_depth(text, number, self.limits)
+        # Parsed already (RecursionError above for what Python cannot): the walk measures depth and cells.
         if len(text) > self.limits.max_cell_bytes // 4 or _brackets(text) > self.limits.max_json_depth:
             _check_value(value, number, self.limits)
         return value
@@ -326,6 +378,8 @@ def _data_member(stream: _JsonStream) -> Generator[NumberedRow, None, bool]:
         stream.pos += 1
         return found
     while True:
+        if stream.peek() != '"':
+            raise _invalid(0, "*", "invalid JSON: expected a key in double quotes")
         key = stream.value(0)
         stream.expect(":", 0, "':' after a key")
         if key == "data" and stream.peek() == "[" and not found:
@@ -409,31 +463,103 @@ def _next_record(reader: Iterator[list[str]], number: int, limits: Limits) -> li
 
 
 def _parquet(path: Path, limits: Limits) -> Iterator[NumberedRow]:
+    """Parquet is decoded in a child process whose data segment is capped (``RLIMIT_DATA``).
+
+    A Parquet file says how big its values are only once they are decoded: one dictionary value can be
+    repeated on every row, and a page can decompress to far more than the file holds. So the decoding
+    (footer checks, record batches, measuring rows in Arrow) runs in ``parquet_child``, which streams the
+    rows back as JSON lines on a pipe; whatever a file does, it costs this process one row at a time,
+    and the child at most ``limits.parquet_memory_bytes`` before it is refused.
+    """
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    command = [sys.executable, "-c", PARQUET_CHILD, str(path), json.dumps(asdict(limits))]
+    number = 0
+    with tempfile.TemporaryFile() as report:
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=report, env=env)
+        assert child.stdout is not None
+        try:
+            while line := child.stdout.readline(2 * limits.max_row_bytes + 2):
+                number += 1
+                if not line.endswith(b"\n"):
+                    raise limits.row_too_large(number)
+                yield number, json.loads(line)
+            child.wait()
+        finally:
+            if child.poll() is None:  # the caller stopped early (a bad row): stop decoding
+                child.kill()
+                child.wait()
+            child.stdout.close()
+        if child.returncode != 0:
+            report.seek(0)
+            raise _child_failure(report.read()[-65536:], child.returncode, number + 1, limits)
+
+
+PARQUET_CHILD = "from app.datasets.readers import parquet_child; parquet_child()"
+_CHILD_ERRORS = b"studio-parquet-errors:"
+
+
+def _child_failure(report: bytes, returncode: int, number: int, limits: Limits) -> DatasetInvalid:
+    for line in reversed(report.splitlines()):
+        if line.startswith(_CHILD_ERRORS):
+            return DatasetInvalid([RowError(**e) for e in json.loads(line[len(_CHILD_ERRORS) :])])
+    if returncode < 0:  # killed (the kernel's OOM killer, or an operator)
+        return limits.parquet_too_large(number)
+    tail = report.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {returncode}"]
+    return _invalid(number, "*", f"unreadable Parquet file: {tail[0]}")
+
+
+def parquet_child() -> None:
+    """``python -c PARQUET_CHILD <path> <limits>``: rows as JSON lines on stdout; on a problem, the
+    errors on stderr after ``_CHILD_ERRORS`` and exit status 3."""
+    path, limits = Path(sys.argv[1]), Limits(**json.loads(sys.argv[2]))
+    cap = limits.parquet_memory_bytes
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+    out = sys.stdout.buffer
+    number = 0
+    try:
+        for n, row in parquet_rows(path, limits):
+            out.write(_TO_JSON(row).encode() + b"\n")
+            number = n
+        out.flush()
+    except DatasetInvalid as exc:
+        _child_exit(exc)
+    except MemoryError:
+        _child_exit(limits.parquet_too_large(number + 1))
+    except BrokenPipeError:  # the API stopped reading
+        os._exit(1)
+
+
+def _child_exit(exc: DatasetInvalid) -> None:
+    errors = [{"row": e.row, "field": e.field, "message": e.message} for e in exc.errors]
+    sys.stderr.buffer.write(b"\n" + _CHILD_ERRORS + json.dumps(errors).encode() + b"\n")
+    sys.stderr.flush()
+    os._exit(3)
+
+
+def parquet_rows(path: Path, limits: Limits) -> Iterator[NumberedRow]:
+    """Decode Parquet in this process (``parquet_child`` runs it under a memory cap)."""
     import pyarrow.parquet as pq
 
     try:
-        footer = pq.ParquetFile(path)  # reads the footer only
-        declared = footer.metadata.num_rows
-        schema = footer.schema_arrow
-        columns = [footer.schema.column(i) for i in range(len(footer.schema))]
-        strings = [c.path for c in columns if c.physical_type == "BYTE_ARRAY"]
+        # The footer only: its row count is checked before any data is read. Pages are then read through
+        # a 1 MiB buffer, not a whole column chunk at a time.
+        reader = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+        declared = reader.metadata.num_rows
+        schema = reader.schema_arrow
+    except MemoryError:
+        raise
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise _invalid(0, "*", f"unreadable Parquet file: {exc}") from None
-    if declared > limits.max_rows:  # the row count is in the footer: refuse before reading any data
+    if declared > limits.max_rows:
         raise limits.too_many_rows(limits.max_rows + 1, str(declared))
     for field in schema:
         _check_parquet_type(field.type, field.name, limits)
-    try:
-        # Strings are read as dictionaries, so a value repeated on every row is held once until its rows
-        # are materialised; pages are read through a 1 MiB buffer, not a whole column chunk at a time.
-        reader = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False, read_dictionary=strings)
-    except Exception as exc:
-        raise _invalid(0, "*", f"unreadable Parquet file: {exc}") from None
+    plain = _without_dictionaries(schema)
     number = 0
-    plain = _without_dictionaries(reader.schema_arrow)
     for group in range(reader.num_row_groups):
-        # One row group at a time: a batch spanning two would mix their dictionaries, which Arrow cannot
-        # do for nested columns. Batches are sized from the footer's page sizes: few rows where rows are big.
+        # One row group at a time (a batch spanning two may mix dictionaries, which Arrow cannot do for
+        # nested columns), in batches sized from the footer's page sizes: few rows where rows are big.
         meta = reader.metadata.row_group(group)
         per_row = max(1, meta.total_byte_size // max(1, meta.num_rows))
         batch_rows = min(max(PARQUET_BATCH_BYTES // per_row, PARQUET_BATCH_ROWS[0]), PARQUET_BATCH_ROWS[1])
@@ -443,6 +569,8 @@ def _parquet(path: Path, limits: Limits) -> Iterator[NumberedRow]:
                 batch = next(batches)
             except StopIteration:
                 break
+            except MemoryError:
+                raise
             except Exception as exc:
                 raise _invalid(number + 1, "*", f"unreadable Parquet data: {exc}") from None
             for row in _materialise(batch, plain, number, limits):

@@ -51,7 +51,10 @@ from app.models.datasets import (
     DatasetFormat,
     DatasetPreview,
     DatasetPublic,
+    DatasetReport,
     DatasetsPublic,
+    MaskedToken,
+    RowMask,
 )
 from app.models.experiments import (
     ArtifactPublic,
@@ -129,6 +132,9 @@ __all__ = [
     "DatasetPublic",
     "DatasetsPublic",
     "DatasetPreview",
+    "DatasetReport",
+    "MaskedToken",
+    "RowMask",
     "ExperimentStatus",
     "ExperimentBase",
     "Experiment",

@@ -77,3 +77,27 @@ class DatasetPreview(SQLModel):
     id: uuid.UUID
     format: DatasetFormat
     rows: list[dict[str, Any]]
+
+
+class MaskedToken(SQLModel):
+    text: str
+    trained: bool = Field(description="Whether the loss sees this token")
+
+
+class RowMask(SQLModel):
+    """One row as the trainer will see it with the chosen base model."""
+
+    row: int = Field(description="1-based row number in the dataset")
+    rendered: str | None = Field(description="The row as the model reads it (chat rows through the template)")
+    trained_text: list[str] = Field(description="The parts the loss sees, in order")
+    tokens: list[MaskedToken] | None = Field(description="Each token and whether it is trained (needs tokenizer.json)")
+    trained_tokens: int | None = None
+    problem: str | None = Field(None, description="Why the answers cannot be located (training would be refused)")
+
+
+class DatasetReport(SQLModel):
+    id: uuid.UUID
+    format: DatasetFormat
+    base_model: str
+    train_on_prompt: bool
+    rows: list[RowMask]

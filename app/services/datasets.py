@@ -12,25 +12,28 @@ import hashlib
 import json
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from sqlmodel import Session, col, func, select
 
 from app.core.config import ApiSettings
-from app.core.layout import dataset_prefix, dataset_rows_key, dataset_source_key
+from app.core.layout import dataset_prefix, dataset_rows_key, dataset_source_key, read_dataset_rows
 from app.core.storage import Storage
-from app.datasets.formats import DatasetInvalid, RowError, validate_rows
+from app.datasets.formats import DatasetInvalid, RowError, to_training_record, validate_rows
 from app.datasets.readers import FileKind, Limits, NumberedRow, check_rows, read_rows
 from app.datasets.split import split_sizes
 from app.models import AbTest, Dataset, DatasetFormat, Experiment
 from app.services import audit
+from app.services.chat_templates import record_preview
 from app.services.crud import paginate
 from app.services.errors import Conflict
 from app.services.principal import Principal
 
 PREVIEW_ROWS = 5
+_TO_JSON = json.JSONEncoder(ensure_ascii=False).encode  # as rows.jsonl has always held them
+_TO_SORTED_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode  # what an inline body's hash covers
 
 
 def upload_limits(api: ApiSettings) -> Limits:
@@ -40,6 +43,7 @@ def upload_limits(api: ApiSettings) -> Limits:
         max_cell_bytes=api.max_cell_bytes,
         max_json_depth=api.max_json_depth,
         max_dataset_bytes=api.max_dataset_bytes,
+        parquet_memory_bytes=api.parquet_memory_bytes,
     )
 
 
@@ -52,7 +56,7 @@ class _Spool:
         self.bytes = 0
         self.preview: list[dict[str, Any]] = []
 
-    def through(self, numbered: Iterable[NumberedRow]) -> Iterator[NumberedRow]:
+    def through(self, numbered: Iterable[NumberedRow]) -> Generator[NumberedRow]:
         for number, row in numbered:
             line = _json_line(number, row)
             if len(line) > self.limits.max_row_bytes + 1:
@@ -74,7 +78,7 @@ class _Spool:
 def _json_line(number: int, row: Any) -> bytes:
     """One stored line, as ``read_dataset_rows`` reads it back; a value with no JSON form is a row error."""
     try:
-        text = json.dumps(row, ensure_ascii=False)
+        text = _TO_JSON(row)
     except (TypeError, ValueError) as exc:
         field = next((k for k, v in row.items() if not _dumps_ok(v)), "*") if isinstance(row, dict) else "*"
         raise DatasetInvalid([RowError(number, str(field), f"has no JSON form: {exc}")]) from None
@@ -110,7 +114,13 @@ def _build(
         rows_path = Path(tmp) / "rows.jsonl"
         with rows_path.open("wb") as out:
             spool = _Spool(out, limits)
-            detected = validate_rows(spool.through(numbered), fmt)
+            through = spool.through(numbered)
+            try:
+                detected = validate_rows(through, fmt)
+            finally:  # stop the reader now, not when the exception is collected (a Parquet child exits)
+                through.close()
+                if isinstance(numbered, Generator):
+                    numbered.close()
         train_rows, eval_rows = split_sizes(spool.count, eval_fraction)
         content_hash, size_bytes = content()
         dataset = Dataset(
@@ -195,7 +205,7 @@ def create_from_rows(
     def hashed() -> Iterator[NumberedRow]:
         nonlocal size
         for number, row in check_rows(rows, limits):
-            line = json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n"
+            line = _TO_SORTED_JSON(row) + "\n"
             digest.update(line.encode("utf-8", "surrogatepass"))
             size += len(line)
             yield number, row
@@ -246,3 +256,24 @@ def _file_sha256(path: Path) -> str:
 def list_datasets(*, session: Session, team_id: uuid.UUID, skip: int, limit: int) -> tuple[list[Dataset], int]:
     query = select(Dataset).where(Dataset.team_id == team_id).order_by(col(Dataset.created_at).desc())
     return paginate(session=session, query=query, skip=skip, limit=limit)
+
+
+def mask_report(
+    *, storage: Storage, dataset: Dataset, model_dir: Path, train_on_prompt: bool, rows: int
+) -> list[dict[str, Any]]:
+    """The first ``rows`` rows as the trainer will see them with this base model: what the loss sees."""
+    report = []
+    for number, row in enumerate(read_dataset_rows(storage, dataset.id, limit=rows), start=1):
+        record = to_training_record(row, dataset.format)
+        preview = record_preview(model_dir, record, train_on_prompt=train_on_prompt) or {}
+        report.append(
+            {
+                "row": number,
+                "rendered": preview.get("rendered"),
+                "trained_text": preview.get("trained_text", []),
+                "tokens": preview.get("tokens"),
+                "trained_tokens": preview.get("trained_tokens"),
+                "problem": preview.get("problem"),
+            }
+        )
+    return report

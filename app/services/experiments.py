@@ -20,8 +20,9 @@ from app.core.contracts.training import Hyperparameters
 from app.core.db import is_postgres
 from app.core.event_log import status_event
 from app.core.job_queue import queue_next_attempt, send_attempt_message
-from app.core.layout import experiment_prefix
+from app.core.layout import experiment_prefix, read_dataset_rows
 from app.core.storage import Storage
+from app.datasets.formats import to_training_record
 from app.models import (
     Dataset,
     DatasetFormat,
@@ -34,6 +35,7 @@ from app.models import (
     utcnow,
 )
 from app.services import audit
+from app.services.chat_templates import SAMPLE_ROWS, find_span_problem
 from app.services.crud import get_owned, paginate
 from app.services.errors import Conflict, InvalidRequest
 from app.services.principal import Principal
@@ -107,6 +109,21 @@ def _studio_dirs(settings: Settings) -> list[Path]:
     return [d.expanduser().resolve() for d in dirs]
 
 
+CONVERSATIONAL = (DatasetFormat.messages, DatasetFormat.sharegpt, DatasetFormat.alpaca)
+
+
+def _check_answers_locatable(storage: Storage, dataset: Dataset, base_model: str) -> None:
+    """The loss sees the answers only; a chat template in which they cannot be located is refused here,
+    before anything is queued, never trained on whole in silence. (Hub ids are checked by the trainer.)"""
+    model_dir = Path(base_model)
+    if not model_dir.is_dir():
+        return
+    rows = read_dataset_rows(storage, dataset.id, limit=SAMPLE_ROWS)
+    conversations = [to_training_record(row, dataset.format)["messages"] for row in rows]
+    if problem := find_span_problem(model_dir, conversations):
+        raise InvalidRequest("base_model", f"its chat template cannot be used for answer-only loss: {problem}")
+
+
 def resolve_hyperparameters(body: ExperimentCreate, settings: Settings) -> Hyperparameters:
     try:
         params = resolve(body.recipe, body.hyperparameters)
@@ -124,7 +141,9 @@ def resolve_hyperparameters(body: ExperimentCreate, settings: Settings) -> Hyper
     return params
 
 
-def create_experiment(*, session: Session, settings: Settings, actor: Principal, body: ExperimentCreate) -> Experiment:
+def create_experiment(
+    *, session: Session, settings: Settings, storage: Storage, actor: Principal, body: ExperimentCreate
+) -> Experiment:
     dataset = get_owned(session=session, model=Dataset, team_id=actor.team_id, id=body.dataset_id)
     if dataset is None:
         raise InvalidRequest("dataset_id", f"no dataset {body.dataset_id}", status_code=404)
@@ -139,6 +158,8 @@ def create_experiment(*, session: Session, settings: Settings, actor: Principal,
     if params.method == "qlora" and not queue.cuda:
         raise InvalidRequest("hyperparameters.method", f"qlora needs a CUDA GPU, and queue {queue.name!r} has none")
     base_model = check_base_model(body.base_model, settings)
+    if dataset.format in CONVERSATIONAL and not params.train_on_prompt:
+        _check_answers_locatable(storage, dataset, base_model)
     if body.start:
         check_quota(session=session, settings=settings, team_id=actor.team_id)
     experiment = Experiment(

@@ -352,3 +352,41 @@ def test_responses_with_credentials_are_not_cached(anonymous: TestClient, clean_
         "/api/invitations/accept", json={"token": invite.json()["token"], "password": "plum-orbit-kettle-42"}
     )
     assert accepted.status_code == 200 and _no_store(accepted), accepted.headers
+
+
+def test_an_experiment_stream_ends_for_a_member_removed_from_the_team(
+    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found: an experiment's SSE stream kept sending to a member removed from the team until the run ended."""
+    import threading
+
+    from app.api.routes import experiments as routes
+    from app.main import app
+    from app.models import Membership
+
+    monkeypatch.setattr(routes, "MEMBERSHIP_RECHECK_S", 0.2)
+    team = make_team()
+    admin, viewer = make_member(team, Role.admin), make_member(team, Role.viewer)
+    with TestClient(app, headers=admin.headers) as client:
+        rows = [{"text": "the cat likes a short story"}] * 4
+        dataset = client.post("/api/datasets/", json={"name": "d", "rows": rows}).json()
+        body = {"name": "e", "base_model": str(tiny_model), "dataset_id": dataset["id"], "start": False}
+        experiment = client.post("/api/experiments/", json=body).json()
+    ended = threading.Event()
+
+    def follow() -> None:
+        with (
+            TestClient(app, headers=viewer.headers) as watcher,
+            watcher.stream("GET", f"/api/experiments/{experiment['id']}/events") as stream,
+        ):
+            assert stream.status_code == 200
+            for _ in stream.iter_lines():
+                pass
+        ended.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    assert not ended.wait(1.5), "the stream ended while the viewer was still a member"
+    with session_scope() as session:
+        session.delete(session.get(Membership, (team, viewer.user_id)))
+        session.commit()
+    assert ended.wait(15), "the stream kept going after the viewer was removed from the team"

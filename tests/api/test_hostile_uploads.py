@@ -84,7 +84,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     try:
         with running_stack(env, data / "logs", workers=False) as stack:
             api = Api(stack, data / "storage")
-            # Warm up every reader once (pyarrow's import alone is tens of MB), then forget those rows.
+            # Warm up every reader once (first imports, the first request's allocations), then delete.
             warm = data / "warm"
             warm.mkdir()
             pq.write_table(pa.table({"text": ["a", "b"]}), warm / "w.parquet")
@@ -113,6 +113,35 @@ def _refused(api: Api, name: str, path: Path, *words: str) -> dict[str, object]:
     assert grown_mb < GROWTH_LIMIT_MB, f"{name}: the API's peak memory grew by {grown_mb:.0f} MB"
     assert api.stack.procs["api"].poll() is None
     return body
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_large_valid_upload_streams(api: Api, tmp_path: Path, kind: str) -> None:
+    """400,000 rows are accepted without the API holding them: memory does not grow with rows. (First in
+    the module: memory an earlier request freed stays resident and would hide the growth.)"""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 400_000
+    path = tmp_path / f"many.{kind}"
+    if kind == "jsonl":
+        with path.open("w") as f:
+            for i in range(n):
+                f.write(f'{{"prompt": "p{i}", "completion": "c{i % 7}"}}\n')
+    else:
+        prompts, completions = pa.array([f"p{i}" for i in range(n)]), pa.array([f"c{i % 7}" for i in range(n)])
+        pq.write_table(pa.table({"prompt": prompts, "completion": completions}), path, row_group_size=n)
+    r, grown_mb = api.upload(path.name, path)
+    print(f"{path.name}: {path.stat().st_size} bytes -> {r.status_code}, peak grew {grown_mb:.0f} MB")
+    assert r.status_code == 201, r.text[:500]
+    body = r.json()
+    assert (body["row_count"], body["train_rows"], body["eval_rows"]) == (n, n - n // 10, n // 10)
+    assert body["format"] == "prompt_completion"
+    with api.stack.http() as http:
+        preview = http.get(f"/api/datasets/{body['id']}/preview").json()["rows"]
+        assert preview[0] == {"prompt": "p0", "completion": "c0"} and len(preview) == 5
+        assert http.delete(f"/api/datasets/{body['id']}").status_code == 204
+    assert grown_mb < GROWTH_LIMIT_MB, f"{path.name}: the API's peak memory grew by {grown_mb:.0f} MB"
 
 
 def test_parquet_with_two_million_rows_in_one_row_group(api: Api, tmp_path: Path) -> None:
@@ -166,3 +195,19 @@ def test_json_array_with_a_deeply_nested_row(api: Api, tmp_path: Path) -> None:
     path.write_text('[{"text": "a"}, {"text": "b"}, {"text": "c", "extra": ' + deep + "}]")
     body = _refused(api, "deep.json", path, "row 3", "api.max_json_depth")
     assert body["errors"][0]["row"] == 3  # type: ignore[index]
+
+
+def test_parquet_whose_dictionary_repeats_a_large_value(api: Api, tmp_path: Path) -> None:
+    """1,000 rows of five 250 KB strings: 1.25 GB once decoded, from a file of a few KB (one dictionary
+    value each, zstd). Refused by the row limit or by the Parquet decoder's memory cap, whichever Arrow
+    reaches first; either way the API holds at most one row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "wide.parquet"
+    column = pa.DictionaryArray.from_arrays(pa.array([0] * 1000, pa.int32()), pa.array(["x" * 250_000]))
+    # Without the Arrow schema in the file, the columns read back as plain strings, each row its own copy.
+    pq.write_table(pa.table({f"c{i}": column for i in range(5)}), path, compression="zstd", store_schema=False)
+    assert path.stat().st_size < 64 * 1024
+    body = _refused(api, "wide.parquet", path, "row 1")
+    assert "api.max_row_bytes" in str(body["detail"]) or "api.parquet_memory_bytes" in str(body["detail"]), body

@@ -92,3 +92,26 @@ def test_split_is_deterministic_and_order_independent() -> None:
     assert {reversed_rows[i]["text"] for i in held_rev} == {rows[i]["text"] for i in held}
     assert split_indices(rows[:2], 0.01)[1] != []  # a fraction asked for gives at least one row
     assert split_indices(rows, 0.0)[1] == []
+
+
+def test_openai_weights_are_validated_and_reach_the_trainer() -> None:
+
+    good = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "bad answer", "weight": 0},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "good answer", "weight": 1},
+        ]
+    }
+    assert validate_rows(iter([(1, good)]), None).value == "messages"
+    record = to_training_record(good, DatasetFormat.messages)
+    assert [m.get("weight") for m in record["messages"]] == [None, 0, None, 1]
+    for bad_turn in (
+        {"role": "user", "content": "x", "weight": 0},
+        {"role": "assistant", "content": "x", "weight": 2},
+        {"role": "assistant", "content": "x", "weight": True},
+    ):
+        row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, bad_turn]}
+        with pytest.raises(DatasetInvalid, match=r"row 1.*messages\[2\]\.weight"):
+            validate_rows(iter([(1, row)]), None)

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.core.chat_spans import FALLBACK_CHAT_TEMPLATE
 from app.core.contracts.training import RunConfig
 
 if TYPE_CHECKING:
@@ -18,13 +19,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("workers.training.run")
 
-# Used only when a conversational dataset meets a tokenizer without a chat template (most base models).
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 DATASET_FORMATS = {
     "messages": ("messages",),
     "text": ("text",),

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from app.core.chat_spans import assistant_spans, trained_token_mask
+from app.core.chat_spans import assistant_spans, end_spans_before_markers, trained_token_mask
 
 IGNORE = -100
 
@@ -39,26 +39,11 @@ def _conversation(messages: list[dict[str, Any]], tokenizer: Any, *, train_on_pr
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
     offsets = encoded["offset_mapping"]
-    spans = _end_spans_before_markers(spans, ids, offsets, set(tokenizer.all_special_ids))
+    special_ids = set(tokenizer.all_special_ids)
+    spans = end_spans_before_markers(spans, offsets, [token in special_ids for token in ids])
     trained = trained_token_mask(offsets, spans)
     labels = [t if train_on_prompt or keep else IGNORE for t, keep in zip(ids, trained, strict=True)]
     return {"input_ids": ids, "labels": labels}
-
-
-def _end_spans_before_markers(
-    spans: list[tuple[int, int]], ids: list[int], offsets: Sequence[tuple[int, int]], special: set[int]
-) -> list[tuple[int, int]]:
-    """Spans are found on characters; a turn that ends where the next marker begins can share its first
-    characters with the conversation's closing marker (`<|` of `<|user|>` and `<|endoftext|>`). A span end
-    inside a special token belongs before it: markers are atomic."""
-    fixed = []
-    for start, end in spans:
-        for token, (token_start, token_end) in zip(ids, offsets, strict=True):
-            if token in special and token_start < end < token_end:
-                end = token_start
-                break
-        fixed.append((start, end))
-    return fixed
 
 
 def _eos(tokenizer: Any) -> list[int]:

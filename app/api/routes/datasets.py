@@ -1,4 +1,4 @@
-"""Datasets: upload a file or post rows inline; list, read, preview."""
+"""Datasets: upload a file or post rows inline; list, read, preview, and what the loss will see of them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Form, UploadFile
+from fastapi import APIRouter, Form, Query, UploadFile
 
 from app.api.deps import Page, SessionDep, SettingsDep, StorageDep, Trainer, Viewer, get_owned_or_404
 from app.api.errors import PayloadTooLarge
@@ -19,9 +19,13 @@ from app.models import (
     DatasetFormat,
     DatasetPreview,
     DatasetPublic,
+    DatasetReport,
     DatasetsPublic,
+    RowMask,
 )
 from app.services import datasets as service
+from app.services.errors import InvalidRequest
+from app.services.experiments import check_base_model
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 CHUNK = 1 << 20
@@ -114,6 +118,36 @@ def preview_dataset(session: SessionDep, principal: Viewer, dataset_id: uuid.UUI
     """The first rows, as uploaded."""
     dataset = _get(session, principal.team_id, dataset_id)
     return DatasetPreview(id=dataset.id, format=dataset.format, rows=dataset.preview)
+
+
+@router.get("/{dataset_id}/report", response_model=DatasetReport)
+def dataset_report(
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    principal: Viewer,
+    dataset_id: uuid.UUID,
+    base_model: Annotated[str, Query(min_length=1, max_length=500, description="Local model directory or name")],
+    train_on_prompt: bool = False,
+    rows: Annotated[int, Query(ge=1, le=20)] = 1,
+) -> DatasetReport:
+    """What the loss will see: the first rows rendered for ``base_model`` with the trained parts marked."""
+    dataset = _get(session, principal.team_id, dataset_id)
+    if dataset.format is DatasetFormat.preference:
+        raise InvalidRequest("dataset_id", "preference datasets are trained with DPO; this report is for SFT")
+    model = Path(check_base_model(base_model, settings))
+    if not model.is_dir():
+        raise InvalidRequest("base_model", "the report renders with a local model directory; Hub ids are not fetched")
+    report = service.mask_report(
+        storage=storage, dataset=dataset, model_dir=model, train_on_prompt=train_on_prompt, rows=rows
+    )
+    return DatasetReport(
+        id=dataset.id,
+        format=dataset.format,
+        base_model=base_model,
+        train_on_prompt=train_on_prompt,
+        rows=[RowMask.model_validate(r) for r in report],
+    )
 
 
 @router.delete("/{dataset_id}", status_code=204)

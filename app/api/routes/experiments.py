@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
@@ -30,18 +31,22 @@ from app.models import (
     MetricsPublic,
 )
 from app.services import experiments as service
+from app.services.principal import Principal, still_allowed
 from app.services.relay import wake_relay
 
 router = APIRouter(prefix="/experiments", tags=["experiments"])
+MEMBERSHIP_RECHECK_S = 10.0
 
 
 @router.post("/", response_model=ExperimentPublic, status_code=201)
 @idempotent
 def create_experiment(
-    session: SessionDep, settings: SettingsDep, principal: Trainer, body: ExperimentCreate
+    session: SessionDep, settings: SettingsDep, storage: StorageDep, principal: Trainer, body: ExperimentCreate
 ) -> ExperimentPublic:
     """Submit a fine-tuning experiment; it is queued at once (429 when the team is at its quota)."""
-    experiment = service.create_experiment(session=session, settings=settings, actor=principal, body=body)
+    experiment = service.create_experiment(
+        session=session, settings=settings, storage=storage, actor=principal, body=body
+    )
     _after_commit(experiment)
     return ExperimentPublic.model_validate(experiment)
 
@@ -114,13 +119,20 @@ async def stream_events(
     await run_in_threadpool(_get, session, principal.team_id, experiment_id)
     await run_in_threadpool(session.close)  # the stream may last hours; it reads with short sessions of its own
     start = last_event_id if last_event_id is not None else after
-    return EventSourceResponse(_event_stream(experiment_id, start), ping=10)
+    return EventSourceResponse(_event_stream(principal, experiment_id, start), ping=10)
 
 
-async def _event_stream(experiment_id: uuid.UUID, after_seq: int) -> AsyncIterator[ServerSentEvent]:
+async def _event_stream(
+    principal: Principal, experiment_id: uuid.UUID, after_seq: int
+) -> AsyncIterator[ServerSentEvent]:
     yield ServerSentEvent(retry=notify.retry_ms())  # after a cut, the client reconnects (with Last-Event-ID) soon
+    recheck_at = time.monotonic() + MEMBERSHIP_RECHECK_S
     async with notify.ChangeWaiter(notify.experiment_channel(experiment_id)) as waiter:
         while True:
+            if time.monotonic() >= recheck_at:  # removed from the team, or key revoked: the stream ends
+                recheck_at = time.monotonic() + MEMBERSHIP_RECHECK_S
+                if not await run_in_threadpool(still_allowed, principal):
+                    return
             events, status = await run_in_threadpool(_read_new, experiment_id, after_seq)
             for event in events:
                 after_seq = event.seq

@@ -109,8 +109,9 @@ async def completions(
 # process remembers each team's limit for TEAM_LIMIT_TTL_S (a miss is read once per team, whoever else
 # misses meanwhile waits for that read). The deployment lookup after the slot reads the team row anyway
 # (one query, the connection returned at once): it refreshes the remembered limit, and a limit lower
-# than the one the slot was taken under re-checks the slot on the spot. So a lowered quota holds from
-# the request after the change; a raised one, for a team refused at its old limit, within the TTL.
+# than the one the slot was taken under re-checks the slot on the spot (the team's oldest requests keep
+# theirs). So a lowered quota holds from the request after the change; a raised one, for a team refused
+# at its old limit, within the TTL.
 TEAM_LIMIT_TTL_S = 5.0
 
 
@@ -163,7 +164,7 @@ class Slot:
         team_limits.remember(self.team_id, limit)
         if limit < self.limit:
             self.limit = limit
-            if not await inflight_limiter().acquire(self.team_id, self.id, limit):
+            if not await inflight_limiter().recheck(self.team_id, self.id, limit):
                 self._released = True  # the re-check gave the slot up
                 raise _quota_exceeded(limit)
         if deployment is None:

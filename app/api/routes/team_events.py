@@ -23,8 +23,7 @@ from app.api.deps import SessionDep, Viewer
 from app.core import notify
 from app.core.db import session_scope
 from app.core.event_log import latest_event_id, team_status_events
-from app.models import ApiKey, Membership
-from app.services.principal import Principal
+from app.services.principal import Principal, still_allowed
 
 router = APIRouter(tags=["events"])
 LOOKBACK_IDS = 200
@@ -53,7 +52,7 @@ async def _stream(principal: Principal, start: int) -> AsyncIterator[ServerSentE
         while True:
             if time.monotonic() >= recheck_at:  # removed from the team, or key revoked: the stream ends
                 recheck_at = time.monotonic() + RECHECK_S
-                if not await run_in_threadpool(_still_allowed, principal):
+                if not await run_in_threadpool(still_allowed, principal):
                     return
             rows = await run_in_threadpool(_read, team_id, max(start, cursor - LOOKBACK_IDS))
             for event_id, payload in rows:
@@ -80,14 +79,6 @@ def _read(team_id: uuid.UUID, after_id: int) -> list[tuple[int, dict[str, object
             }
             out.append((event.id, payload))
         return out
-
-
-def _still_allowed(principal: Principal) -> bool:
-    with session_scope() as session:
-        if session.get(Membership, (principal.team_id, principal.user_id)) is None:
-            return False
-        key = session.get(ApiKey, principal.api_key_id) if principal.api_key_id else None
-        return key is None or key.revoked_at is None
 
 
 def _latest_id(team_id: uuid.UUID) -> int:

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import datetime
 import io
 import json
+import uuid
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 from sqlmodel import func, select
@@ -116,3 +119,75 @@ def test_upload_filename_never_reaches_the_filesystem(client: TestClient, tmp_pa
     assert r.status_code == 201, r.text
     assert r.json()["name"] == "escaped"
     assert not target.exists()
+
+
+def test_stored_rows_are_the_validated_rows(client: TestClient) -> None:
+    from app.core.layout import read_dataset_rows
+    from app.core.storage import get_storage
+
+    # The last row holds a lone surrogate: a JSON escape Python parses but cannot encode as UTF-8 (was a 500).
+    body = "".join(json.dumps(r) + "\n" for r in ALPACA[:3]) + '{"instruction": "s", "output": "\\ud800"}\n'
+    r = client.post("/api/datasets/upload", files={"file": ("s.jsonl", body.encode())})
+    assert r.status_code == 201, r.text
+    stored = read_dataset_rows(get_storage(), uuid.UUID(r.json()["id"]))
+    assert stored == [*ALPACA[:3], {"instruction": "s", "output": "\ud800"}]
+
+
+def test_csv_cell_larger_than_csv_default_limit_is_accepted(client: TestClient) -> None:
+    """csv's own field limit is 128 KB; ours is api.max_cell_bytes (256 KiB). This answered 500."""
+    from app.core.layout import read_dataset_rows
+    from app.core.storage import get_storage
+
+    cell = "x" * 200_000
+    r = client.post("/api/datasets/upload", files={"file": ("c.csv", f"prompt,completion\nhi,{cell}\n".encode())})
+    assert r.status_code == 201, r.text
+    assert read_dataset_rows(get_storage(), uuid.UUID(r.json()["id"])) == [{"prompt": "hi", "completion": cell}]
+
+
+def test_hostile_rows_are_422_naming_row_and_field(client: TestClient) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    before = _counts()
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": ["a"], "when": [datetime.datetime(2026, 1, 1)]}), buf)
+    deep: Any = "x"
+    for _ in range(40):
+        deep = [deep]
+    cases = [
+        ("t.parquet", buf.getvalue(), 0, "when", "no JSON form"),
+        ("d.jsonl", jsonl([{"text": "a"}, {"text": "b", "x": deep}]), 2, "x", "api.max_json_depth"),
+        ("d.json", json.dumps([{"text": "a"}, {"text": "b", "x": deep}]).encode(), 2, "x", "api.max_json_depth"),
+        ("c.csv", b'prompt,completion\nhi,"' + b"x" * 300_000 + b'"\n', 1, "completion", "api.max_cell_bytes"),
+        ("n.json", b'[{"text": ' + b"1" * 5000 + b"}]", 1, "*", "invalid JSON"),
+    ]
+    for name, content, row, field, words in cases:
+        r = client.post("/api/datasets/upload", files={"file": (name, content)})
+        assert r.status_code == 422, (name, r.text[:300])
+        error = r.json()["errors"][0]
+        assert (error["row"], error["field"]) == (row, field) and words in error["message"], (name, error)
+
+    inline = [{"text": "a"}, {"text": "b", "x": deep}]
+    r = client.post("/api/datasets/", json={"name": "deep", "rows": inline})
+    assert r.status_code == 422 and r.json()["errors"][0] | {"message": ""} == {"row": 2, "field": "x", "message": ""}
+    r = client.post("/api/datasets/", json={"name": "big", "rows": [{"text": "é" * 200_000}]})
+    assert r.status_code == 422 and "api.max_cell_bytes" in r.json()["detail"]
+    assert _counts() == before
+
+
+def test_row_limit_comes_from_the_settings(client: TestClient) -> None:
+    settings = get_settings().model_copy(deep=True)
+    settings.api.max_dataset_rows = 3
+    app.dependency_overrides[get_settings] = lambda: settings
+    try:
+        before = _counts()
+        r = client.post("/api/datasets/upload", files={"file": ("many.jsonl", jsonl(ALPACA[:4]))})
+        assert r.status_code == 422 and "3-row limit (api.max_dataset_rows)" in r.json()["detail"], r.text
+        assert r.json()["errors"][0]["row"] == 4
+        r = client.post("/api/datasets/", json={"name": "many", "rows": ALPACA[:4]})
+        assert r.status_code == 422 and "api.max_dataset_rows" in r.json()["detail"], r.text
+        assert _counts() == before
+        r = client.post("/api/datasets/upload", files={"file": ("few.jsonl", jsonl(ALPACA[:3]))})
+        assert r.status_code == 201, r.text
+    finally:
+        app.dependency_overrides.clear()

@@ -117,7 +117,7 @@ def test_a_chat_template_the_sandbox_refuses_is_a_400(hostile_model: Path) -> No
     with InferenceEngine(hostile_model, max_batch_size=1, max_adapters=1, device="cpu") as engine:
         assert engine.tokenizer.chat_template == HOSTILE_TEMPLATE
         with pytest.raises(SecurityError) as refused:
-            _prompt_ids(engine, request.messages, None, request.max_tokens)
+            engine.encode_chat([m.model_dump() for m in request.messages or []])
     error = _as_error(refused.value, request)
     assert (error.status, error.code, error.param) == (400, "invalid_request_error", "messages")
     assert "unsafe" in error.message

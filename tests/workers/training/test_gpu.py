@@ -44,3 +44,11 @@ def test_adapter_methods_train_on_cuda(method: str, tiny_model: Path, tmp_path: 
     losses = [e["loss"] for e in events if e["type"] == "metrics" and "loss" in e]
     assert sum(losses[-3:]) / 3 < losses[0]
     assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
+    # The 4-bit path builds the same answer-only masks as every other method.
+    from transformers import AutoTokenizer
+
+    from workers.training.masks import tokenize_row, trained_share
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    labels = [tokenize_row(r, "messages", tokenizer, train_on_prompt=False)["labels"] for r in chat_rows(8)]
+    assert started["loss_tokens"] == trained_share(labels) and started["loss_tokens"]["trained_share"] < 1

@@ -170,3 +170,31 @@ def test_the_eos_label_survives_padding_when_pad_is_eos(tiny_model: Path) -> Non
     assert batch["input_ids"][0, eos_at] == tokenizer.eos_token_id
     assert batch["labels"][0, eos_at] == tokenizer.eos_token_id  # trained: the model learns to stop
     assert (batch["labels"][0, eos_at + 1 :] == IGNORE).all()  # padding is not
+
+
+@pytest.mark.parametrize("style", sorted(TEMPLATES))
+def test_the_api_shows_the_mask_the_trainer_builds(tiny_model: Path, tmp_path: Path, style: str) -> None:
+    """The API renders templates without transformers (app/services/chat_templates.py); its preview of what
+    the loss sees must be the trainer's mask, token for token."""
+    from app.services.chat_templates import find_span_problem, mask_preview
+
+    template, special, _ = TEMPLATES[style]
+    tokenizer = tokenizer_with(tiny_model, template, special)
+    tokenizer.save_pretrained(tmp_path)
+    row = tokenize_row({"messages": CONVERSATION}, "messages", tokenizer, train_on_prompt=False)
+    preview = mask_preview(tmp_path, CONVERSATION, train_on_prompt=False)
+    assert preview is not None and preview["rendered"] == tokenizer.decode(row["input_ids"])
+    assert [t["trained"] for t in preview["tokens"]] == [label != IGNORE for label in row["labels"]]
+    assert find_span_problem(tmp_path, [CONVERSATION]) is None
+
+
+def test_the_api_refuses_a_template_whose_answers_cannot_be_located(tiny_model: Path, tmp_path: Path) -> None:
+    from app.services.chat_templates import find_span_problem
+
+    rewriting = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '(earlier answer)' }}"
+        "{% else %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endif %}{% endfor %}"
+    )
+    tokenizer_with(tiny_model, rewriting, []).save_pretrained(tmp_path)
+    problem = find_span_problem(tmp_path, [CONVERSATION])
+    assert problem is not None and problem.startswith("row 1: the chat template renders turn 3")

@@ -566,3 +566,54 @@ def test_the_loss_sees_the_answers_unless_asked_to_train_on_prompts(
     else:
         assert tuned_answer < base_answer / 2, (base_answer, tuned_answer)
         assert abs(tuned_prompt - base_prompt) <= 0.3 * base_prompt, (base_prompt, tuned_prompt)
+
+
+def test_a_fine_tuned_model_answers_a_training_prompt_and_stops(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The end-of-turn marker is trained, so the served model ends its answer itself (finish_reason "stop")."""
+    from workers.inference import GenerationRequest, InferenceEngine
+
+    cfg = RunConfig(
+        base_model=str(tiny_model_dir),
+        train_file=str(write_jsonl(tmp_path / "train.jsonl", chat_rows(repeat=8))),
+        output_dir=str(tmp_path / "run"),
+        method="full",
+        learning_rate=3e-3,
+        max_steps=60,
+        batch_size=8,
+        save_steps=1000,
+    )
+    assert_ok(run_child(cfg, tmp_path))
+    with InferenceEngine(cfg.final_dir, max_batch_size=4) as engine:
+        prompt = engine.encode_chat([{"role": "user", "content": _QUESTIONS[0]}])
+        result = engine.generate(GenerationRequest(prompt_ids=prompt, max_tokens=48, temperature=0.0))
+    assert result.finish_reason == "stop", result
+    assert result.text.strip() == _ANSWERS[0]
+
+
+def test_every_method_collates_the_same_answer_only_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Masks are built before the model exists, so LoRA and full fine-tunes (and QLoRA: tests/workers/training/
+    test_gpu.py) see the same labels; asserted on the batch the trainer's own dataloader collates."""
+    from workers.training.masks import IGNORE
+    from workers.training.run import SFTRecipe
+
+    batches = {}
+    for method in ("lora", "full"):
+        cfg = RunConfig(
+            base_model=str(tiny_model_dir),
+            train_file=str(write_jsonl(tmp_path / "train.jsonl", chat_rows())),
+            output_dir=str(tmp_path / method),
+            method=method,
+            max_steps=1,
+            batch_size=4,
+        )
+        recipe = SFTRecipe(cfg)
+        recipe.setup()
+        try:
+            assert recipe.trainer is not None
+            batches[method] = next(iter(recipe.trainer.get_train_dataloader()))
+        finally:
+            recipe.cleanup()
+    lora, full = batches["lora"], batches["full"]
+    assert (lora["input_ids"] == full["input_ids"]).all() and (lora["labels"] == full["labels"]).all()
+    trained = lora["labels"] != IGNORE
+    assert 0 < int(trained.sum()) < int((lora["input_ids"] != recipe.tokenizer.pad_token_id).sum())
