@@ -60,11 +60,13 @@ IN_PROCESS_REDIS = f"{REDIS_BASE}/11"
 os.environ.update({"STUDIO_DATA_DIR": str(DATA_DIR), "STUDIO_ENVIRONMENT": "development"})
 if SERVICES:
     _check_services()
-    os.environ.update({
-        "STUDIO_DATABASE__URL": create_database(DB_NAME),
-        "STUDIO_BROKER__URL": IN_PROCESS_REDIS,
-        "STUDIO_EVENTS__REDIS_URL": IN_PROCESS_REDIS,
-    })  # fmt: skip
+    os.environ.update(
+        {
+            "STUDIO_DATABASE__URL": create_database(DB_NAME),
+            "STUDIO_BROKER__URL": IN_PROCESS_REDIS,
+            "STUDIO_EVENTS__REDIS_URL": IN_PROCESS_REDIS,
+        }
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

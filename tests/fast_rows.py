@@ -27,10 +27,17 @@ TEXT_ROWS = [{"text": f"row {i}: the quick brown fox"} for i in range(4)]
 def make_dataset(team_id: uuid.UUID | None = None, storage: Storage | None = None) -> Dataset:
     """A text dataset; with ``storage``, its rows are stored where ``prepare_run`` reads them."""
     dataset = Dataset(
-        team_id=team_id or make_team(), name=f"ds-{secrets.token_hex(3)}", format=DatasetFormat.text,
-        row_count=len(TEXT_ROWS), train_rows=len(TEXT_ROWS), eval_rows=0, eval_fraction=0.0,
-        content_hash=secrets.token_hex(32), size_bytes=100, storage_prefix="",
-    )  # fmt: skip
+        team_id=team_id or make_team(),
+        name=f"ds-{secrets.token_hex(3)}",
+        format=DatasetFormat.text,
+        row_count=len(TEXT_ROWS),
+        train_rows=len(TEXT_ROWS),
+        eval_rows=0,
+        eval_fraction=0.0,
+        content_hash=secrets.token_hex(32),
+        size_bytes=100,
+        storage_prefix="",
+    )
     dataset.storage_prefix = dataset_prefix(dataset.id)
     if storage is not None:
         storage.put_bytes(dataset_rows_key(dataset.id), "".join(json.dumps(r) + "\n" for r in TEXT_ROWS).encode())
@@ -51,10 +58,16 @@ def make_experiment(
     """An experiment row as the API leaves it (queued @ attempt 0), or in the state a test needs."""
     dataset = dataset or make_dataset()
     experiment = Experiment(
-        team_id=dataset.team_id, name=f"exp-{secrets.token_hex(3)}", base_model="tiny", dataset_id=dataset.id,
-        queue=f"train.test-{secrets.token_hex(4)}", status=status, attempt=attempt, stop_requested=stop_requested,
+        team_id=dataset.team_id,
+        name=f"exp-{secrets.token_hex(3)}",
+        base_model="tiny",
+        dataset_id=dataset.id,
+        queue=f"train.test-{secrets.token_hex(4)}",
+        status=status,
+        attempt=attempt,
+        stop_requested=stop_requested,
         heartbeat_at=None if heartbeat_age_s is None else utcnow() - timedelta(seconds=heartbeat_age_s),
-    )  # fmt: skip
+    )
     with session_scope() as session:
         session.add(experiment)
         session.commit()

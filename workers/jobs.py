@@ -22,7 +22,7 @@ from app.core import notify
 from app.core.contracts.events import StatusEvent
 from app.core.db import is_postgres, session_scope
 from app.core.event_log import Fenced, record_event, record_status
-from app.core.job_queue import queue_next_attempt
+from app.core.job_queue import count_loss, queue_next_attempt
 from app.models import Experiment, ExperimentStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,26 @@ def hand_off(experiment_id: uuid.UUID, attempt: int, reason: str) -> bool:
         team_id = experiment.team_id
     notify.publish(experiment_id, team_id)
     return True
+
+
+def lose(experiment_id: uuid.UUID, attempt: int, *, what: str, max_attempts: int, backoff_s: float) -> str | None:
+    """The owned attempt died without a word (the trainer was SIGKILLed: the OOM killer, an operator): count a
+    loss against the job's budget and queue the next attempt after a backoff, or fail it. Returns the new
+    status, or None if this attempt no longer owns the job."""
+    with session_scope() as session:
+        query = select(Experiment).where(
+            col(Experiment.id) == experiment_id,
+            col(Experiment.attempt) == attempt,
+            col(Experiment.status) == ExperimentStatus.running,
+        )
+        experiment = session.exec(query.with_for_update() if is_postgres(session) else query).first()
+        if experiment is None:
+            return None
+        status = count_loss(session, experiment, what=what, max_attempts=max_attempts, backoff_s=backoff_s)
+        session.commit()
+        team_id = experiment.team_id
+    notify.publish(experiment_id, team_id)
+    return status.value
 
 
 def with_db_retries(what: str, operation: Callable[[], T], budget_s: float) -> T:

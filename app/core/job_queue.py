@@ -47,3 +47,30 @@ def send_attempt_message(session: Session, experiment: Experiment, *, not_before
         payload=message.kwargs(),
         not_before=not_before,
     )
+
+
+MAX_BACKOFF_S = 600.0
+
+
+def count_loss(
+    session: Session, experiment: Experiment, *, what: str, max_attempts: int, backoff_s: float
+) -> ExperimentStatus:
+    """An attempt died without a word (its worker went silent, its trainer was SIGKILLed: the OOM killer):
+    queue the next one after a backoff that doubles per loss, or fail the job once it has lost
+    ``max_attempts``, so a job that takes its worker down does not loop. Returns the new status."""
+    experiment.worker_losses += 1
+    if experiment.worker_losses >= max_attempts:
+        experiment.status = ExperimentStatus.failed
+        experiment.finished_at = utcnow()
+        experiment.error = (
+            f"lost {experiment.worker_losses} times (last: {what}); giving up after training.max_attempts. "
+            "Fix the cause, then start the experiment again"
+        )
+        session.add(experiment)
+        session.flush()
+        status_event(session, experiment, reason="too many lost attempts")
+        return ExperimentStatus.failed
+    delay = min(backoff_s * 2 ** (experiment.worker_losses - 1), MAX_BACKOFF_S)
+    reason = f"{what} ({experiment.worker_losses} of {max_attempts}); requeued"
+    queue_next_attempt(session, experiment, reason=reason, delay_s=delay)
+    return ExperimentStatus.queued

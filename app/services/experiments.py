@@ -19,7 +19,7 @@ from app.core.config import Settings
 from app.core.contracts.training import Hyperparameters
 from app.core.db import is_postgres
 from app.core.event_log import status_event
-from app.core.job_queue import queue_next_attempt, send_attempt_message
+from app.core.job_queue import count_loss, queue_next_attempt, send_attempt_message
 from app.core.layout import experiment_prefix, read_dataset_rows
 from app.core.storage import Storage
 from app.datasets.formats import to_training_record
@@ -42,7 +42,6 @@ from app.services.principal import Principal
 from app.services.recipes import RecipeNotFound, resolve
 from app.services.teams import check_quota
 
-MAX_BACKOFF_S = 600.0
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
 
 
@@ -251,21 +250,11 @@ def requeue_stale(
         query = query.with_for_update(skip_locked=True)
     requeued = []
     for experiment in session.exec(query).all():
-        lost_on = experiment.worker or "an unknown worker"
         if experiment.stop_requested:
             _end(session, experiment, ExperimentStatus.cancelled, reason="worker lost while stopping")
         else:
-            experiment.worker_losses += 1
-            if experiment.worker_losses >= max_attempts:
-                error = (
-                    f"worker lost {experiment.worker_losses} times (last: {lost_on} stopped heartbeating); "
-                    "giving up after training.max_attempts. Fix the cause, then start the experiment again"
-                )
-                _end(session, experiment, ExperimentStatus.failed, reason="too many worker losses", error=error)
-            else:
-                delay = min(backoff_s * 2 ** (experiment.worker_losses - 1), MAX_BACKOFF_S)
-                reason = f"worker {lost_on} lost ({experiment.worker_losses} of {max_attempts}); requeued"
-                queue_next_attempt(session, experiment, reason=reason, delay_s=delay)
+            what = f"worker {experiment.worker or '?'} stopped heartbeating"
+            count_loss(session, experiment, what=what, max_attempts=max_attempts, backoff_s=backoff_s)
         requeued.append((experiment.id, experiment.team_id))
     session.commit()
     return requeued

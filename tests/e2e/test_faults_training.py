@@ -44,7 +44,7 @@ def _sent(stack: Stack, experiment_id: str) -> bool:
     return bool(rows) and all(r["sent_at"] for r in rows)
 
 
-def _assert_resumed_once(stack: Stack, experiment_id: str, how: str) -> None:
+def _assert_resumed_once(stack: Stack, experiment_id: str, how: str, losses: int = 0) -> None:
     """Ended succeeded exactly once, after a handoff (not a worker loss), resuming past its checkpoint."""
     events = follow(stack, experiment_id)
     statuses = [(d["status"], d.get("reason", "")) for _, k, d in events if k == "status"]
@@ -53,7 +53,7 @@ def _assert_resumed_once(stack: Stack, experiment_id: str, how: str) -> None:
     started = [d for _, k, d in events if k == "started"]
     assert len(started) == 2 and started[1]["start_step"] > 0, "the second attempt started over"
     row = experiment_row(stack, experiment_id)
-    assert (row["attempt"], row["worker_losses"]) == (2, 0)
+    assert (row["attempt"], row["worker_losses"]) == (2, losses)
     assert row["final_metrics"]["global_step"] == MAX_STEPS, "a truncated run was delivered"
 
 
@@ -64,6 +64,17 @@ def test_sigterm_to_the_trainer_is_a_handoff_not_a_success(stack: Stack, tiny_mo
         pid = experiment_row(stack, experiment_id)["pid"]
         os.kill(pid, signal.SIGTERM)  # a node drain reaching the trainer child
     _assert_resumed_once(stack, experiment_id, "sigterm")
+
+
+def test_kill_9_of_the_trainer_resumes_past_its_checkpoint_once(
+    stack: Stack, tiny_model: Path, chat_file: Path
+) -> None:
+    """The OOM killer or an operator's kill -9 of the trainer alone: a lost attempt, retried from the checkpoint
+    (counted against training.max_attempts), not a failure and not a success."""
+    with stack.http() as http:
+        experiment_id = _long_run(http, stack, tiny_model, chat_file)
+        os.kill(experiment_row(stack, experiment_id)["pid"], signal.SIGKILL)
+    _assert_resumed_once(stack, experiment_id, "SIGKILL", losses=1)
 
 
 def test_sigterm_to_the_worker_hands_the_job_off_at_once(stack: Stack, tiny_model: Path, chat_file: Path) -> None:

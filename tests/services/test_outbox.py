@@ -56,8 +56,12 @@ def test_committed_rows_are_sent_in_order_and_marked_sent(queue: str) -> None:
     with session_scope() as session:
         assert relay_once(session=session, send=send) >= 4
 
-    assert send.sent == [("studio.test", {"n": 0}), ("studio.test", {"n": 1}), ("studio.test", {"n": 2}),
-                         ("studio.other", {"n": 3})]  # fmt: skip
+    assert send.sent == [
+        ("studio.test", {"n": 0}),
+        ("studio.test", {"n": 1}),
+        ("studio.test", {"n": 2}),
+        ("studio.other", {"n": 3}),
+    ]
     rows = outbox_rows(queue)
     assert all(row.sent_at is not None and row.send_attempts == 0 for row in rows)
     # A second pass sends nothing again.

@@ -48,7 +48,7 @@ def test_a_stale_running_job_is_requeued_for_the_next_attempt() -> None:
     assert (row.status, row.attempt, row.stop_requested) == (ExperimentStatus.queued, 3, False)
     [(_, status)] = events(experiment.id, "status")
     assert (status["status"], status["attempt"]) == ("queued", 3)
-    assert "lost (1 of 3); requeued" in status["reason"]
+    assert "stopped heartbeating (1 of 3); requeued" in status["reason"]
     [message] = outbox_rows(experiment.queue)
     assert (message.task_name, message.sent_at) == (TRAIN_TASK, None)
     assert TrainMessage.model_validate(message.payload) == TrainMessage(experiment_id=experiment.id, attempt=4)
@@ -135,7 +135,7 @@ def test_after_max_attempts_worker_losses_the_job_fails_with_the_reason() -> Non
     _reap(max_attempts=2)
     row = reload(experiment.id)
     assert row.status is ExperimentStatus.failed and row.worker_losses == 2
-    assert row.error is not None and "worker lost 2 times" in row.error and "worker-2" in row.error
+    assert row.error is not None and "lost 2 times" in row.error and "worker-2" in row.error
     assert len(outbox_rows(experiment.queue)) == 1  # the first requeue only; nothing after giving up
     assert statuses(experiment.id)[-1] == "failed"
 

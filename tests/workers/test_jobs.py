@@ -117,9 +117,21 @@ def _lose_attempt_1(*, claimed_again: bool) -> tuple[Experiment, list[tuple[str,
 
 
 def _state(row: Experiment) -> tuple[Any, ...]:
-    return tuple(getattr(row, name) for name in
-                 ("status", "attempt", "worker", "heartbeat_at", "pid", "error", "log_tail", "final_metrics",
-                  "finished_at", "event_seq"))  # fmt: skip
+    return tuple(
+        getattr(row, name)
+        for name in (
+            "status",
+            "attempt",
+            "worker",
+            "heartbeat_at",
+            "pid",
+            "error",
+            "log_tail",
+            "final_metrics",
+            "finished_at",
+            "event_seq",
+        )
+    )
 
 
 @pytest.mark.parametrize("claimed_again", [False, True], ids=["requeued", "claimed-by-attempt-2"])
@@ -149,8 +161,9 @@ def test_a_lost_attempt_cannot_add_events(claimed_again: bool) -> None:
 def test_a_lost_attempt_cannot_finish(claimed_again: bool, outcome: ExperimentStatus) -> None:
     before, log = _lose_attempt_1(claimed_again=claimed_again)
 
-    done = jobs.finish(before.id, 1, outcome, error="from the old worker", log_tail="old log",
-                       final_metrics={"loss": 9.9})  # fmt: skip
+    done = jobs.finish(
+        before.id, 1, outcome, error="from the old worker", log_tail="old log", final_metrics={"loss": 9.9}
+    )
 
     assert done is False
     assert _state(reload(before.id)) == _state(before)

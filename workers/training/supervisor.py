@@ -290,6 +290,19 @@ class Supervision:
                 handed = self._db("hand off", lambda: jobs.hand_off(job, attempt, reason))
                 log.warning("experiment %s attempt %s: %s", job, attempt, reason)
                 return "handed off" if handed else "lost"
+            if returncode == -signal.SIGKILL and self.failure is None:  # not ours: ours end as cancel or handoff
+                limits = self.settings.training
+                lost = self._db(
+                    "record the lost attempt",
+                    lambda: jobs.lose(
+                        job,
+                        attempt,
+                        what="the trainer was killed (SIGKILL: out of memory?)",
+                        max_attempts=limits.max_attempts,
+                        backoff_s=limits.requeue_backoff_s,
+                    ),
+                )
+                return f"trainer killed; job {lost}" if lost else "lost"
             tail = _tail(self.files.log, self.settings.training.log_tail_lines)
             error = self._failure_reason(returncode)
             self._db(

@@ -127,12 +127,16 @@ def dataset_report(
     settings: SettingsDep,
     principal: Viewer,
     dataset_id: uuid.UUID,
-    base_model: Annotated[str, Query(min_length=1, max_length=500, description="Local model directory or name")],
+    base_model: Annotated[
+        str | None, Query(min_length=1, max_length=500, description="Local model directory or name (required)")
+    ] = None,
     train_on_prompt: bool = False,
     rows: Annotated[int, Query(ge=1, le=20)] = 1,
 ) -> DatasetReport:
     """What the loss will see: the first rows rendered for ``base_model`` with the trained parts marked."""
-    dataset = _get(session, principal.team_id, dataset_id)
+    dataset = _get(session, principal.team_id, dataset_id)  # before anything else: another team's id is a 404
+    if base_model is None:
+        raise InvalidRequest("base_model", "required: the model whose tokenizer and chat template render the rows")
     if dataset.format is DatasetFormat.preference:
         raise InvalidRequest("dataset_id", "preference datasets are trained with DPO; this report is for SFT")
     model = Path(check_base_model(base_model, settings))

@@ -239,8 +239,10 @@ def test_a_reported_failure_fails_the_job_with_the_trainers_own_error(harness: H
     assert row.log_tail == "\n".join(f"log line {i}" for i in range(20 - LOG_TAIL_LINES, 20))
     assert row.finished_at is not None
     assert [data for _, data in events(experiment.id, "status")][-1] == {
-        "status": "failed", "attempt": 1, "error": expected,
-    }  # fmt: skip
+        "status": "failed",
+        "attempt": 1,
+        "error": expected,
+    }
     assert [kind for kind, _ in events(experiment.id)] == ["status", "started", "status"]
 
 
@@ -248,9 +250,9 @@ def test_a_reported_failure_fails_the_job_with_the_trainers_own_error(harness: H
     ("crash", "error"),
     [
         ("sys.exit(3)", "trainer exited with code 3 without reporting an error"),
-        ("os.kill(os.getpid(), signal.SIGKILL)", "trainer killed by signal SIGKILL"),
+        ("os.kill(os.getpid(), signal.SIGABRT)", "trainer killed by signal SIGABRT"),
     ],
-    ids=["exit-3", "sigkill"],
+    ids=["exit-3", "sigabrt"],
 )
 def test_a_crash_without_an_event_fails_the_job_naming_how_it_ended(harness: Harness, crash: str, error: str) -> None:
     harness.trainer(f"""
@@ -484,3 +486,31 @@ def test_a_database_blip_while_relaying_events_is_retried_not_fatal(
     assert harness.supervise(experiment, files) == "succeeded"
     assert failures["left"] == 0
     assert [data["step"] for _, data in events(experiment.id, "metrics")] == [1]
+
+
+def test_a_trainer_killed_from_outside_counts_a_loss_and_is_retried_then_failed(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL that the supervisor did not send (the OOM killer, kill -9): not the run's own error, so the job is
+    retried from its checkpoint, within training.max_attempts like a lost worker, never looped forever."""
+    monkeypatch.setattr(harness.settings.training, "max_attempts", 2)
+    harness.trainer("""
+        emit("started", max_steps=10, start_step=0)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    experiment, files = harness.claimed()
+
+    assert harness.supervise(experiment, files) == "trainer killed; job queued"
+    row = reload(experiment.id)
+    assert (row.status, row.worker_losses) == (ExperimentStatus.queued, 1)
+    assert "SIGKILL" in events(experiment.id, "status")[-1][1]["reason"]
+    [retry] = [m for m in outbox_rows(experiment.queue) if m.payload["attempt"] == 2]
+    assert retry.not_before is not None  # after a backoff
+
+    claimed = jobs.claim(experiment.id, 2, "test-worker")
+    assert claimed is not None
+    files = RunFiles(Path(harness.settings.training.work_dir) / str(experiment.id) / "attempt-2")
+    prepare_run(claimed, files, harness.settings, harness.storage)
+    assert Supervision(experiment.id, 2, files, harness.settings, harness.storage).run() == "trainer killed; job failed"
+    row = reload(experiment.id)
+    assert row.status is ExperimentStatus.failed and row.error is not None and "lost 2 times" in row.error
