@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
-from sqlmodel import col, select, update
+from sqlmodel import Session, col, select, update
 
 from app.core import notify
 from app.core.contracts.events import StatusEvent
@@ -27,6 +27,16 @@ from app.models import Experiment, ExperimentStatus, utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _owned_row(session: Session, experiment_id: uuid.UUID, attempt: int) -> Experiment | None:
+    """The row, locked (Postgres), while this attempt still owns the running job; else None."""
+    query = select(Experiment).where(
+        col(Experiment.id) == experiment_id,
+        col(Experiment.attempt) == attempt,
+        col(Experiment.status) == ExperimentStatus.running,
+    )
+    return session.exec(query.with_for_update() if is_postgres(session) else query).first()
 
 
 def _owned(experiment_id: uuid.UUID, attempt: int) -> Any:
@@ -110,12 +120,7 @@ def hand_off(experiment_id: uuid.UUID, attempt: int, reason: str) -> bool:
     """Give the owned job back to the queue as the next attempt, at once (no backoff, not counted as a
     worker loss): it resumes from its last stored checkpoint. False if this attempt no longer owns it."""
     with session_scope() as session:
-        query = select(Experiment).where(
-            col(Experiment.id) == experiment_id,
-            col(Experiment.attempt) == attempt,
-            col(Experiment.status) == ExperimentStatus.running,
-        )
-        experiment = session.exec(query.with_for_update() if is_postgres(session) else query).first()
+        experiment = _owned_row(session, experiment_id, attempt)
         if experiment is None:
             return False
         queue_next_attempt(session, experiment, reason=reason)
@@ -130,12 +135,7 @@ def lose(experiment_id: uuid.UUID, attempt: int, *, what: str, max_attempts: int
     loss against the job's budget and queue the next attempt after a backoff, or fail it. Returns the new
     status, or None if this attempt no longer owns the job."""
     with session_scope() as session:
-        query = select(Experiment).where(
-            col(Experiment.id) == experiment_id,
-            col(Experiment.attempt) == attempt,
-            col(Experiment.status) == ExperimentStatus.running,
-        )
-        experiment = session.exec(query.with_for_update() if is_postgres(session) else query).first()
+        experiment = _owned_row(session, experiment_id, attempt)
         if experiment is None:
             return None
         status = count_loss(session, experiment, what=what, max_attempts=max_attempts, backoff_s=backoff_s)

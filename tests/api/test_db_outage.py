@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psycopg
@@ -20,34 +18,16 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.api.errors import install_error_handlers
-from tests.conftest import RUN_ID, create_database, drop_database
-from tests.e2e.conftest import RedisServer, TcpProxy
-from tests.e2e.stack import Stack, running_stack, wait_for
+from tests.e2e.conftest import TcpProxy, cuttable_stack
+from tests.e2e.stack import Stack, wait_for
 
 ANSWER_WITHIN_S = 10.0  # an outage is answered at once (connection refused), not after a pool timeout
 
 
 @pytest.fixture(scope="module")
 def proxied_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, TcpProxy]]:
-    name = f"studio_outage_{RUN_ID}"
-    direct = urlsplit(create_database(name))
-    proxy = TcpProxy((direct.hostname or "127.0.0.1", direct.port or 5432)).start()
-    netloc = f"{direct.username}@127.0.0.1:{proxy.port}" if direct.username else f"127.0.0.1:{proxy.port}"
-    redis_server = RedisServer(tmp_path_factory.mktemp("outage-redis"), "outage-redis").start()
-    data = tmp_path_factory.mktemp("outage")
-    env = {
-        "STUDIO_DATA_DIR": str(data),
-        "STUDIO_DATABASE__URL": urlunsplit(direct._replace(netloc=netloc)),
-        "STUDIO_BROKER__URL": redis_server.url,
-        "STUDIO_EVENTS__REDIS_URL": redis_server.url,
-    }
-    try:
-        with running_stack(env, Path(data) / "logs", workers=False) as stack:
-            yield stack, proxy
-    finally:
-        proxy.stop()
-        redis_server.kill()
-        drop_database(name)
+    with cuttable_stack("outage", tmp_path_factory, workers=False) as (stack, proxy, _):
+        yield stack, proxy
 
 
 def _timed(http: httpx.Client, method: str, path: str, **kwargs: object) -> httpx.Response:

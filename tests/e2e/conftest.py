@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -200,4 +201,32 @@ def private_stack(name: str, data: Path, env: dict[str, str], workers: bool = Fa
         ) as s:
             yield s
     finally:
+        drop_database(db)
+
+
+@contextmanager
+def cuttable_stack(
+    name: str, tmp_path_factory: pytest.TempPathFactory, *, workers: bool, env: dict[str, str] | None = None
+) -> Iterator[tuple[Stack, TcpProxy, RedisServer]]:
+    """A stack whose database is reached through a TCP proxy the test can cut, and whose broker and event bus
+    is a private redis-server the test can kill: for outage tests that must not disturb the shared ``stack``."""
+    db = f"studio_{name}_{RUN_ID}"
+    direct = urlsplit(create_database(db))
+    proxy = TcpProxy((direct.hostname or "127.0.0.1", direct.port or 5432)).start()
+    netloc = f"{direct.username}@127.0.0.1:{proxy.port}" if direct.username else f"127.0.0.1:{proxy.port}"
+    redis_server = RedisServer(tmp_path_factory.mktemp(f"{name}-redis"), f"{name}-redis").start()
+    data = tmp_path_factory.mktemp(name)
+    stack_env = {
+        "STUDIO_DATA_DIR": str(data),
+        "STUDIO_DATABASE__URL": urlunsplit(direct._replace(netloc=netloc)),
+        "STUDIO_BROKER__URL": redis_server.url,
+        "STUDIO_EVENTS__REDIS_URL": redis_server.url,
+        **(env or {}),
+    }
+    try:
+        with running_stack(stack_env, data / "logs", workers=workers) as stack:
+            yield stack, proxy, redis_server
+    finally:
+        proxy.stop()
+        redis_server.kill()
         drop_database(db)

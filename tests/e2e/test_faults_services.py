@@ -10,13 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.conftest import RUN_ID, create_database, drop_database
-from tests.e2e.conftest import RedisServer, TcpProxy
-from tests.e2e.stack import Stack, running_stack, wait_for
+from tests.e2e.conftest import RedisServer, TcpProxy, cuttable_stack
+from tests.e2e.stack import Stack, wait_for
 from tests.e2e.test_training_postgres import experiment_row, follow, query, submit, upload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -27,27 +25,12 @@ OUTAGE_S = 4.0
 
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, TcpProxy, RedisServer]]:
-    name = f"studio_faulty_{RUN_ID}"
-    direct = urlsplit(create_database(name))
-    proxy = TcpProxy((direct.hostname or "127.0.0.1", direct.port or 5432)).start()
-    netloc = f"{direct.username}@127.0.0.1:{proxy.port}" if direct.username else f"127.0.0.1:{proxy.port}"
-    broker = RedisServer(tmp_path_factory.mktemp("faulty-redis"), "faulty-redis").start()
-    data = tmp_path_factory.mktemp("faulty")
     env = {
-        "STUDIO_DATA_DIR": str(data),
-        "STUDIO_DATABASE__URL": urlunsplit(direct._replace(netloc=netloc)),
-        "STUDIO_BROKER__URL": broker.url,
-        "STUDIO_EVENTS__REDIS_URL": broker.url,
         "STUDIO_TRAINING__HEARTBEAT_INTERVAL_S": "1",
         "STUDIO_TRAINING__STALE_AFTER_S": "30",  # far longer than the outage: nobody should look lost
     }
-    try:
-        with running_stack(env, data / "logs") as stack:
-            yield stack, proxy, broker
-    finally:
-        proxy.stop()
-        broker.kill()
-        drop_database(name)
+    with cuttable_stack("faulty", tmp_path_factory, workers=True, env=env) as parts:
+        yield parts
 
 
 def _running_with_a_checkpoint(stack: Stack, tiny_model: Path, chat_file: Path) -> str:
