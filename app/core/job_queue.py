@@ -49,6 +49,19 @@ def send_attempt_message(session: Session, experiment: Experiment, *, not_before
     )
 
 
+def end_job(
+    session: Session, experiment: Experiment, status: ExperimentStatus, *, reason: str, error: str | None = None
+) -> None:
+    """Move the job to a terminal status with its status event, in the caller's transaction."""
+    experiment.status = status
+    experiment.finished_at = utcnow()
+    if error is not None:
+        experiment.error = error
+    session.add(experiment)
+    session.flush()
+    status_event(session, experiment, reason=reason)
+
+
 MAX_BACKOFF_S = 600.0
 
 
@@ -60,15 +73,11 @@ def count_loss(
     ``max_attempts``, so a job that takes its worker down does not loop. Returns the new status."""
     experiment.worker_losses += 1
     if experiment.worker_losses >= max_attempts:
-        experiment.status = ExperimentStatus.failed
-        experiment.finished_at = utcnow()
-        experiment.error = (
+        error = (
             f"lost {experiment.worker_losses} times (last: {what}); giving up after training.max_attempts. "
             "Fix the cause, then start the experiment again"
         )
-        session.add(experiment)
-        session.flush()
-        status_event(session, experiment, reason="too many lost attempts")
+        end_job(session, experiment, ExperimentStatus.failed, reason="too many lost attempts", error=error)
         return ExperimentStatus.failed
     delay = min(backoff_s * 2 ** (experiment.worker_losses - 1), MAX_BACKOFF_S)
     reason = f"{what} ({experiment.worker_losses} of {max_attempts}); requeued"

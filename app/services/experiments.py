@@ -19,7 +19,7 @@ from app.core.config import Settings
 from app.core.contracts.training import Hyperparameters
 from app.core.db import is_postgres
 from app.core.event_log import status_event
-from app.core.job_queue import count_loss, queue_next_attempt, send_attempt_message
+from app.core.job_queue import count_loss, end_job, queue_next_attempt, send_attempt_message
 from app.core.layout import experiment_prefix, read_dataset_rows
 from app.core.storage import Storage
 from app.datasets.formats import to_training_record
@@ -224,7 +224,7 @@ def stop_experiment(*, session: Session, actor: Principal, experiment: Experimen
     if experiment.status.terminal:
         raise Conflict(f"experiment is already {experiment.status.value}")
     if experiment.status in (ExperimentStatus.created, ExperimentStatus.queued):
-        _end(session, experiment, ExperimentStatus.cancelled, reason="stopped before it started")
+        end_job(session, experiment, ExperimentStatus.cancelled, reason="stopped before it started")
     elif not experiment.stop_requested:
         experiment.stop_requested = True
         session.add(experiment)
@@ -251,7 +251,7 @@ def requeue_stale(
     requeued = []
     for experiment in session.exec(query).all():
         if experiment.stop_requested:
-            _end(session, experiment, ExperimentStatus.cancelled, reason="worker lost while stopping")
+            end_job(session, experiment, ExperimentStatus.cancelled, reason="worker lost while stopping")
         else:
             what = f"worker {experiment.worker or '?'} stopped heartbeating"
             count_loss(session, experiment, what=what, max_attempts=max_attempts, backoff_s=backoff_s)
@@ -283,18 +283,6 @@ def resend_unclaimed(*, session: Session, resend_after_s: float) -> list[uuid.UU
         resent.append(experiment.id)
     session.commit()
     return resent
-
-
-def _end(
-    session: Session, experiment: Experiment, status: ExperimentStatus, *, reason: str, error: str | None = None
-) -> None:
-    experiment.status = status
-    experiment.finished_at = utcnow()
-    if error is not None:
-        experiment.error = error
-    session.add(experiment)
-    session.flush()
-    status_event(session, experiment, reason=reason)
 
 
 def delete_experiment(*, session: Session, storage: Storage, actor: Principal, experiment: Experiment) -> None:
