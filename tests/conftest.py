@@ -53,10 +53,12 @@ def _check_services() -> None:
         pytest.exit(f"Redis is not reachable at {REDIS_BASE}: {exc}", returncode=2)
 
 
-# In-process tests (API through TestClient, services) share one database and Redis db 11.
+# In-process tests (API through TestClient, services) share one database and Redis db 11; the e2e
+# stack uses the next db. STUDIO_TEST_REDIS_DB moves both, so two suites can run side by side.
 DB_NAME = f"studio_test_{RUN_ID}"
 DATA_DIR = Path(tempfile.mkdtemp(prefix="studio-test-"))
-IN_PROCESS_REDIS = f"{REDIS_BASE}/11"
+REDIS_DB = int(os.environ.get("STUDIO_TEST_REDIS_DB", "11"))
+IN_PROCESS_REDIS = f"{REDIS_BASE}/{REDIS_DB}"
 os.environ.update({"STUDIO_DATA_DIR": str(DATA_DIR), "STUDIO_ENVIRONMENT": "development"})
 if SERVICES:
     _check_services()

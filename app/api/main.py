@@ -1,7 +1,10 @@
-"""Every /api router, one per resource."""
+"""Every /api router, one per resource. Each declares the error answers every /api route may give, and
+refuses text Postgres cannot store (NUL, lone surrogates) in its parameters and body (app/api/limits.py)."""
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
+from app.api.limits import reject_unstorable_text
+from app.api.responses import API_ERRORS
 from app.api.routes import (
     ab_testing,
     api_keys,
@@ -17,7 +20,7 @@ from app.api.routes import (
     users,
 )
 
-api_router = APIRouter()
+api_router = APIRouter(responses=API_ERRORS, dependencies=[Depends(reject_unstorable_text)])
 for resource in (
     auth,
     users,

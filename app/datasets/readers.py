@@ -209,14 +209,29 @@ def _check_value(value: Any, number: int, limits: Limits) -> None:
         if isinstance(item, str):
             if len(item) > quarter and len(item.encode("utf-8", "surrogatepass")) > limits.max_cell_bytes:
                 raise limits.cell_too_large(number, where or "*", len(item.encode("utf-8", "surrogatepass")))
+            _check_text(item, number, where)
         elif isinstance(item, dict | list):
             if depth > limits.max_json_depth:
                 raise limits.too_deep(number, where.split(".")[0].split("[")[0] or "*")
             children = item.items() if isinstance(item, dict) else enumerate(item)
             for key, child in children:
+                if isinstance(key, str):
+                    _check_text(key, number, f"{where}.{key!r}" if where else repr(key))
                 if isinstance(child, str | dict | list):
                     path = f"{where}[{key}]" if isinstance(item, list) else (f"{where}.{key}" if where else str(key))
                     stack.append((child, path, depth + 1))
+
+
+# Half of a surrogate pair (only a JSON "\\ud800" escape makes one; CSV and Parquet text is decoded UTF-8) has
+# no UTF-8 form, so no tokenizer, response or database column can carry it.
+_LONE_SURROGATE = re.compile("[\\ud800-\\udfff]")
+
+
+def _check_text(text: str, number: int, where: str) -> None:
+    found = _LONE_SURROGATE.search(text)
+    if found:
+        half = f"U+{ord(found.group()):04X}"
+        raise _invalid(number, where or "*", f"must be valid Unicode text (holds {half}, half of a surrogate pair)")
 
 
 def _parse_json(text: str | bytes, number: int, limits: Limits) -> Any:
@@ -227,9 +242,18 @@ def _parse_json(text: str | bytes, number: int, limits: Limits) -> Any:
         raise limits.too_deep(number) from None
     except ValueError as exc:  # JSONDecodeError, bad UTF-8, an integer of more than 4300 digits
         raise _invalid(number, "*", f"invalid JSON: {exc}") from None
-    if len(text) > limits.max_cell_bytes // 4 or _brackets(text) > limits.max_json_depth:
+    if len(text) > limits.max_cell_bytes // 4 or _brackets(text) > limits.max_json_depth or _escapes_unstorable(text):
         _check_value(value, number, limits)
     return value
+
+
+# In JSON text a surrogate can only be written as a \u escape (raw ones are invalid UTF-8).
+_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _escapes_unstorable(text: str | bytes) -> bool:
+    return bool((_ESCAPE_BYTES if isinstance(text, bytes) else _ESCAPE).search(text))
 
 
 # --- JSONL ---------------------------------------------------------------------------------------------

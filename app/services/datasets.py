@@ -82,10 +82,7 @@ def _json_line(number: int, row: Any) -> bytes:
     except (TypeError, ValueError) as exc:
         field = next((k for k, v in row.items() if not _dumps_ok(v)), "*") if isinstance(row, dict) else "*"
         raise DatasetInvalid([RowError(number, str(field), f"has no JSON form: {exc}")]) from None
-    try:
-        return (text + "\n").encode()
-    except UnicodeEncodeError:  # a lone surrogate (a JSON "\\ud800" escape): keep it escaped
-        return (json.dumps(row) + "\n").encode()
+    return (text + "\n").encode()  # the readers refused lone surrogates, so every text has a UTF-8 form
 
 
 def _dumps_ok(value: Any) -> bool:

@@ -17,11 +17,11 @@ from pathlib import Path
 import httpx
 
 from app.cli.processes import api_command, wait_healthy, worker_command
-from tests.conftest import REDIS_BASE, RUN_ID
+from tests.conftest import REDIS_BASE, REDIS_DB, RUN_ID
 
 REPO = Path(__file__).resolve().parents[2]
 E2E_DB = f"studio_e2e_{RUN_ID}"
-E2E_REDIS = f"{REDIS_BASE}/12"  # its own Redis db: the in-process tests use 11
+E2E_REDIS = f"{REDIS_BASE}/{REDIS_DB + 1}"  # its own Redis db, next to the in-process tests' one
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 
 from app.api.deps import Page, SessionDep, SettingsDep, StorageDep, Trainer, Viewer, get_owned_or_404
 from app.api.idempotency import idempotent
+from app.api.responses import UPSTREAM_ERRORS
 from app.models import AbTest, AbTestCreate, AbTestPublic, AbTestsPublic
 from app.services import ab_tests as service
 
@@ -34,7 +35,7 @@ def read_ab_test(session: SessionDep, principal: Viewer, test_id: uuid.UUID) -> 
     return AbTestPublic.model_validate(_get(session, principal.team_id, test_id))
 
 
-@router.post("/{test_id}/compare", response_model=AbTestPublic)
+@router.post("/{test_id}/compare", response_model=AbTestPublic, responses=UPSTREAM_ERRORS)
 async def compare(
     session: SessionDep, settings: SettingsDep, storage: StorageDep, principal: Trainer, test_id: uuid.UUID
 ) -> AbTestPublic:

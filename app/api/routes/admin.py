@@ -5,15 +5,19 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, SettingsDep, Superuser
+from app.api.limits import reject_unstorable_text
+from app.api.responses import API_ERRORS
 from app.models import Deployment, InferenceCommand
 from app.services.deployments import unload_target
 from app.services.inference import INFERENCE_QUEUE, live_workers
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(
+    prefix="/admin", tags=["admin"], responses=API_ERRORS, dependencies=[Depends(reject_unstorable_text)]
+)
 
 
 @router.get("/stats")

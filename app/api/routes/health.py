@@ -23,6 +23,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app.api.deps import SettingsDep
+from app.api.responses import READY_RESPONSES
 from app.core.config import Settings
 from app.core.db import ping_database
 
@@ -39,7 +40,7 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", response_model=None)
+@router.get("/ready", response_model=None, responses=READY_RESPONSES)
 async def ready(settings: SettingsDep) -> JSONResponse:
     """Readiness: the database and the broker answer within a couple of seconds (200), else 503 with
     the failing check(s) under `failed`."""

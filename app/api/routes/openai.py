@@ -12,13 +12,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.api.deps import SessionDep, SettingsDep, Viewer
+from app.api.limits import reject_unstorable_text
 from app.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from app.api.responses import OPENAI_ERRORS
 from app.core.config import Settings
 from app.core.contracts.inference import ChatMessage, Delta, Done, GenerateMessage, Sampling, Scored, new_request_id
 from app.core.db import session_scope
@@ -30,7 +32,9 @@ from app.services.teams import quota_limits
 
 # Turns a reply into OpenAI stream chunks; None asks for the chunks that open the stream.
 ChunkMaker = Callable[[Delta | Done | None], list[dict[str, Any]]]
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(
+    prefix="/v1", tags=["openai"], responses=OPENAI_ERRORS, dependencies=[Depends(reject_unstorable_text)]
+)
 MAX_MODELS_LISTED = 1000
 
 

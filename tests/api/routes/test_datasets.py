@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import func, select
 
@@ -125,12 +126,12 @@ def test_stored_rows_are_the_validated_rows(client: TestClient) -> None:
     from app.core.layout import read_dataset_rows
     from app.core.storage import get_storage
 
-    # The last row holds a lone surrogate: a JSON escape Python parses but cannot encode as UTF-8 (was a 500).
-    body = "".join(json.dumps(r) + "\n" for r in ALPACA[:3]) + '{"instruction": "s", "output": "\\ud800"}\n'
+    # The last row writes an emoji as a JSON surrogate-pair escape: one character once parsed, stored as such.
+    body = "".join(json.dumps(r) + "\n" for r in ALPACA[:3]) + '{"instruction": "s", "output": "\\ud83d\\ude00"}\n'
     r = client.post("/api/datasets/upload", files={"file": ("s.jsonl", body.encode())})
     assert r.status_code == 201, r.text
     stored = read_dataset_rows(get_storage(), uuid.UUID(r.json()["id"]))
-    assert stored == [*ALPACA[:3], {"instruction": "s", "output": "\ud800"}]
+    assert stored == [*ALPACA[:3], {"instruction": "s", "output": "\U0001f600"}]
 
 
 def test_csv_cell_larger_than_csv_default_limit_is_accepted(client: TestClient) -> None:
@@ -191,3 +192,18 @@ def test_row_limit_comes_from_the_settings(client: TestClient) -> None:
         assert r.status_code == 201, r.text
     finally:
         app.dependency_overrides.clear()
+
+
+@pytest.mark.parametrize("escaped", ["\\ud800", "\\udfff"])
+def test_half_a_surrogate_pair_is_refused_naming_the_row(client: TestClient, escaped: str) -> None:
+    """A JSON escape can put a lone surrogate in a cell (or a key): text with no UTF-8 form, which no
+    tokenizer or response could carry (the preview answered 500). It is a 422 naming the row."""
+    what = f"U+{escaped[2:].upper()}, half of a surrogate pair"
+    good = json.dumps({"text": "fine"})
+    for bad in ('{"text": "a' + escaped + 'b"}', '{"k' + escaped + '": "v", "text": "x"}'):
+        body = f"{good}\n{bad}\n"
+        before = client.get("/api/datasets/").json()["count"]
+        r = client.post("/api/datasets/upload", files={"file": ("s.jsonl", body.encode())})
+        assert r.status_code == 422, r.text
+        assert "row 2" in r.text and what in r.text, r.text
+        assert client.get("/api/datasets/").json()["count"] == before
