@@ -36,3 +36,4 @@ for resource in (
     ab_testing,
 ):
     api_router.include_router(resource.router)
+api_router.include_router(ab_testing.leaderboard_router)

@@ -253,7 +253,7 @@ _ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _escapes_unstorable(text: str | bytes) -> bool:
-    return bool((_ESCAPE_BYTES if isinstance(text, bytes) else _ESCAPE).search(text))
+    return bool(_ESCAPE_BYTES.search(text) if isinstance(text, bytes) else _ESCAPE.search(text))
 
 
 # --- JSONL ---------------------------------------------------------------------------------------------

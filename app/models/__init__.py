@@ -48,6 +48,7 @@ from app.models.datasets import (
     Dataset,
     DatasetBase,
     DatasetCreate,
+    DatasetCurate,
     DatasetFormat,
     DatasetPreview,
     DatasetPublic,
@@ -74,6 +75,17 @@ from app.models.idempotency import (
 )
 from app.models.outbox import (
     OutboxMessage,
+)
+from app.models.preferences import (
+    AbVote,
+    AbVoteCreate,
+    AbVotePublic,
+    AbVotesPublic,
+    Ballot,
+    Leaderboard,
+    LeaderboardEntry,
+    VoteChoice,
+    VoteSide,
 )
 from app.models.serving import (
     AbTest,
@@ -162,4 +174,14 @@ __all__ = [
     "AbTestsPublic",
     "OutboxMessage",
     "IdempotencyKey",
+    "DatasetCurate",
+    "AbVote",
+    "AbVoteCreate",
+    "AbVotePublic",
+    "AbVotesPublic",
+    "Ballot",
+    "Leaderboard",
+    "LeaderboardEntry",
+    "VoteSide",
+    "VoteChoice",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from sqlalchemy import JSON, BigInteger, Column
 from sqlmodel import Field, SQLModel
@@ -39,6 +39,11 @@ class Dataset(DatasetBase, table=True):
     storage_prefix: str = Field(max_length=300)
     preview: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
     created_at: datetime = Field(default_factory=utcnow)
+    # Lineage: the version this one was made from, and how (a curation's filters, or the A/B test whose
+    # votes it holds). Deleting a parent keeps its children (the link is then left dangling on purpose:
+    # the origin still says what was done).
+    parent_id: uuid.UUID | None = Field(default=None, index=True)
+    origin: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
 
 # Bounds on an inline dataset's shape (its size is bounded by api.max_request_bytes, its row count by
@@ -55,6 +60,29 @@ class DatasetCreate(DatasetBase):
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
 
 
+class DatasetCurate(SQLModel):
+    """Filters that make a new version of a dataset (applied in this order; every one optional)."""
+
+    name: str | None = Field(None, min_length=1, max_length=200, description="Default: '<parent> (curated)'")
+    min_answer_chars: int = Field(
+        0, ge=0, le=100_000, description="Drop rows whose answer (stripped) is shorter; uploads refuse empty ones"
+    )
+    base_model: str | None = Field(
+        None, min_length=1, max_length=500, description="A local model whose tokenizer counts min/max_tokens"
+    )
+    min_tokens: int | None = Field(None, ge=0, le=10_000_000, description="Drop rows with fewer tokens")
+    max_tokens: int | None = Field(None, ge=1, le=10_000_000, description="Drop rows with more tokens")
+    dedup: Literal["none", "exact", "near"] = Field(
+        "exact", description="exact: identical rows; near: also rows similar by MinHash over word 3-grams"
+    )
+    near_threshold: float = Field(
+        0.8, gt=0, le=1, description="Estimated Jaccard similarity that makes a near duplicate"
+    )
+    sample: int | None = Field(None, ge=1, le=10_000_000, description="Keep this many rows, chosen at random")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the sample")
+    eval_fraction: float | None = Field(None, ge=0.0, lt=1.0, description="Re-split; default the parent's")
+
+
 class DatasetPublic(DatasetBase):
     id: uuid.UUID
     team_id: uuid.UUID
@@ -66,6 +94,8 @@ class DatasetPublic(DatasetBase):
     content_hash: str
     size_bytes: int
     created_at: datetime
+    parent_id: uuid.UUID | None = None
+    origin: dict[str, Any] | None = Field(None, description="How this version was made from its parent")
 
 
 class DatasetsPublic(SQLModel):

@@ -150,8 +150,10 @@ async def compare(*, session: Session, settings: Settings, storage: Storage, act
                 "deployment": str(judge.id),
                 "model": judge.name,
                 "undecided": len(verdicts) - len(decided),
+                "ties": decided.count("tie"),  # includes the verdicts that flipped with the answers' order
                 "win_rate_a": _rate(decided, "a"),
                 "win_rate_b": _rate(decided, "b"),
+                "order_swapped": True,
             }
     finally:
         await cleanup(limiter.release(test.team_id, hold), f"releasing the in-flight slots of compare {test.id}")
@@ -211,10 +213,24 @@ async def _eval_loss(settings: Settings, deployment: Deployment, items: list[Sco
 
 
 async def _judge(settings: Settings, judge: Deployment, row: dict[str, Any]) -> str | None:
-    if row["a"]["text"] is None or row["b"]["text"] is None:
+    """The judge's verdict ("a", "b" or "tie"), asked twice with the answers in both orders: a judge that
+    prefers whichever answer comes first (position bias) contradicts itself, and that is a tie. None
+    when neither order gave a verdict."""
+    a, b = row["a"]["text"], row["b"]["text"]
+    if a is None or b is None:
         return None
-    prompt = JUDGE_PROMPT.format(prompt=row["prompt"], a=row["a"]["text"], b=row["b"]["text"])
-    message = generation(judge, greedy(4), messages=[ChatMessage(role="user", content=prompt)])
+    # One after the other: the compare's gate gave this verdict one in-flight slot.
+    as_shown = await _ask_judge(settings, judge, row["prompt"], a, b)
+    swapped = {"a": "b", "b": "a"}.get(await _ask_judge(settings, judge, row["prompt"], b, a) or "")
+    if as_shown is None or swapped is None:
+        return as_shown or swapped
+    return as_shown if as_shown == swapped else "tie"
+
+
+async def _ask_judge(settings: Settings, judge: Deployment, prompt: str, first: str, second: str) -> str | None:
+    """Which of the two answers, in the order shown, the judge picks: "a" (first) or "b"."""
+    text = JUDGE_PROMPT.format(prompt=prompt, a=first, b=second)
+    message = generation(judge, greedy(4), messages=[ChatMessage(role="user", content=text)])
     try:
         done = await complete(settings, message)
     except InferenceFailed:

@@ -105,8 +105,11 @@ def _build(
     content: Callable[[], tuple[str, int]],
     source: tuple[Path, str] | None,
     limits: Limits,
+    parent_id: uuid.UUID | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> Dataset:
-    """``content`` gives (content_hash, size_bytes) once every row has gone through."""
+    """``content`` gives (content_hash, size_bytes) once every row has gone through; ``parent_id`` and
+    ``origin`` record the version this one was made from, and how."""
     with tempfile.TemporaryDirectory(prefix="studio-dataset-") as tmp:
         rows_path = Path(tmp) / "rows.jsonl"
         with rows_path.open("wb") as out:
@@ -132,6 +135,8 @@ def _build(
             size_bytes=size_bytes,
             storage_prefix="",
             preview=spool.preview,
+            parent_id=parent_id,
+            origin=origin,
         )
         dataset.storage_prefix = dataset_prefix(dataset.id)
         try:
@@ -194,6 +199,8 @@ def create_from_rows(
     fmt: DatasetFormat | None,
     eval_fraction: float,
     limits: Limits | None = None,
+    parent_id: uuid.UUID | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> Dataset:
     limits = limits or Limits()
     digest = hashlib.sha256()
@@ -218,6 +225,8 @@ def create_from_rows(
         content=lambda: (digest.hexdigest(), size),
         source=None,
         limits=limits,
+        parent_id=parent_id,
+        origin=origin,
     )
 
 

@@ -236,11 +236,13 @@ def test_ab_test_compares_two_deployments_with_a_judge(stack: Stack, served: dic
     assert all(row["a"]["latency_s"] > 0 and row["b"]["latency_s"] > 0 for row in results["rows"])
     # Trained on this distribution, the adapter's held-out loss is far below the random base model's.
     assert results["a"]["eval_loss"] < results["b"]["eval_loss"] and results["a"]["perplexity"] > 1
-    assert all(row["judge"] in ("a", "b", None) for row in results["rows"])
+    # The judge is asked with the answers in both orders; a verdict that flips with the order is a tie.
+    assert all(row["judge"] in ("a", "b", "tie", None) for row in results["rows"])
     judge = results["judge"]
     decided = len(results["rows"]) - judge["undecided"]
+    assert judge["order_swapped"] and judge["ties"] == [row["judge"] for row in results["rows"]].count("tie")
     if decided:
-        assert judge["win_rate_a"] + judge["win_rate_b"] == pytest.approx(1.0)
+        assert judge["win_rate_a"] + judge["win_rate_b"] + judge["ties"] / decided == pytest.approx(1.0)
 
 
 def long_stream(client: openai.OpenAI) -> Any:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi.responses import StreamingResponse
 
 from app.api.deps import Page, SessionDep, SettingsDep, StorageDep, Trainer, Viewer, get_owned_or_404
 from app.api.errors import PayloadTooLarge
@@ -16,6 +17,7 @@ from app.datasets.readers import sniff_kind
 from app.models import (
     Dataset,
     DatasetCreate,
+    DatasetCurate,
     DatasetFormat,
     DatasetPreview,
     DatasetPublic,
@@ -23,6 +25,7 @@ from app.models import (
     DatasetsPublic,
     RowMask,
 )
+from app.services import curation
 from app.services import datasets as service
 from app.services.errors import InvalidRequest
 from app.services.experiments import check_base_model
@@ -151,6 +154,62 @@ def dataset_report(
         base_model=base_model,
         train_on_prompt=train_on_prompt,
         rows=[RowMask.model_validate(r) for r in report],
+    )
+
+
+@router.post("/{dataset_id}/curate", response_model=DatasetPublic, status_code=201)
+@idempotent
+def curate_dataset(
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    principal: Trainer,
+    dataset_id: uuid.UUID,
+    body: DatasetCurate,
+) -> DatasetPublic:
+    """A new version of the dataset, filtered (empty answers, token bounds, exact or near duplicates, a
+    sample, a new eval split); it links to this one (``parent_id``) and says what each filter dropped."""
+    parent = _get(session, principal.team_id, dataset_id)
+    model_dir = None
+    if body.base_model is not None:
+        model_dir = Path(check_base_model(body.base_model, settings))
+        if not model_dir.is_dir():
+            raise InvalidRequest(
+                "base_model", "token bounds count with a local model directory; Hub ids are not fetched"
+            )
+    dataset = curation.curate(
+        session=session,
+        storage=storage,
+        actor=principal,
+        parent=parent,
+        body=body,
+        model_dir=model_dir,
+        limits=service.upload_limits(settings.api),
+    )
+    return DatasetPublic.model_validate(dataset)
+
+
+@router.get(
+    "/{dataset_id}/export",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-ndjson": {}, "application/vnd.apache.parquet": {}}}},
+)
+def export_dataset(
+    session: SessionDep,
+    storage: StorageDep,
+    principal: Viewer,
+    dataset_id: uuid.UUID,
+    format: Annotated[Literal["jsonl", "parquet"], Query(description="jsonl or parquet")] = "jsonl",
+) -> StreamingResponse:
+    """The stored rows as a file that `datasets.load_dataset("json" | "parquet", data_files=...)` reads."""
+    dataset = _get(session, principal.team_id, dataset_id)
+    if format == "parquet":
+        chunks, media = curation.export_parquet(storage, dataset), "application/vnd.apache.parquet"
+    else:
+        chunks, media = curation.export_jsonl(storage, dataset), "application/x-ndjson"
+    filename = f"{dataset.id}.{format}"
+    return StreamingResponse(
+        chunks, media_type=media, headers={"Content-Disposition": f'attachment; filename="{filename}"'}
     )
 
 
