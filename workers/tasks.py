@@ -12,7 +12,7 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from app.core.celery_app import celery_app
 from app.core.contracts.inference import GenerateMessage, ScoreMessage
 from app.core.contracts.training import TrainMessage
-from app.core.queues import GENERATE_TASK, INFERENCE_QUEUE, PING_TASK, SCORE_TASK, TRAIN_TASK
+from app.core.queues import DATASET_REPORT_TASK, GENERATE_TASK, INFERENCE_QUEUE, PING_TASK, SCORE_TASK, TRAIN_TASK
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,16 @@ def train(experiment_id: str, attempt: int) -> str:
 
     message = TrainMessage.model_validate({"experiment_id": experiment_id, "attempt": attempt})
     return run_training(message, worker=train.request.hostname or "?")
+
+
+@celery_app.task(name=DATASET_REPORT_TASK)
+def dataset_report(report_id: str) -> str:
+    """Compute a dataset report the API found too large to compute in a request."""
+    import uuid
+
+    from workers.reports import run_dataset_report
+
+    return run_dataset_report(uuid.UUID(report_id))
 
 
 @celery_app.task(name=PING_TASK)

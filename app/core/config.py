@@ -130,6 +130,12 @@ class ApiSettings(BaseModel):
         description="Memory cap (RLIMIT_DATA) of the child process that decodes a Parquet upload; beyond it, 422",
     )
     max_request_bytes: int = Field(64 * 1024 * 1024, description="Largest request body except uploads (413)")
+    report_inline_rows: int = Field(
+        20_000,
+        ge=0,
+        description="Datasets up to this many rows get their report computed in the request; "
+        "larger ones by a worker on the default queue",
+    )
     relay_interval_s: float = Field(0.5, description="Outbox relay poll interval")
     models_dir: str = Field("", description="Extra directory where base_model names resolve to local models")
     allowed_base_models: list[str] = Field(

@@ -53,9 +53,12 @@ from app.models.datasets import (
     DatasetPreview,
     DatasetPublic,
     DatasetReport,
+    DatasetReportRecord,
     DatasetsPublic,
     MaskedToken,
+    ReportStatus,
     RowMask,
+    TokenStats,
 )
 from app.models.experiments import (
     ArtifactPublic,
@@ -175,6 +178,9 @@ __all__ = [
     "OutboxMessage",
     "IdempotencyKey",
     "DatasetCurate",
+    "DatasetReportRecord",
+    "ReportStatus",
+    "TokenStats",
     "AbVote",
     "AbVoteCreate",
     "AbVotePublic",

@@ -125,9 +125,63 @@ class RowMask(SQLModel):
     problem: str | None = Field(None, description="Why the answers cannot be located (training would be refused)")
 
 
+class ReportStatus(StrEnum):
+    pending = "pending"
+    ready = "ready"
+    failed = "failed"
+
+
+class TokenStats(SQLModel):
+    total: int
+    mean: float
+    p50: int
+    p90: int
+    p99: int
+    max: int
+    histogram: list[dict[str, int]] = Field(description="Rows per token-length bin: start (inclusive), end, count")
+
+
 class DatasetReport(SQLModel):
+    """What training on this dataset with this base model will meet (see app/datasets/report.py). While a
+    large dataset's report is computed by a worker, ``status`` is pending and only the request is filled."""
+
     id: uuid.UUID
     format: DatasetFormat
     base_model: str
     train_on_prompt: bool
-    rows: list[RowMask]
+    max_seq_length: int | None = None
+    status: ReportStatus = ReportStatus.ready
+    error: str | None = None
+    rows: list[RowMask] = Field(default_factory=list, description="The first rows, with what the loss sees")
+    rows_total: int | None = None
+    tokens: TokenStats | None = Field(None, description="Token lengths as the trainer sees the rows")
+    truncation: dict[str, Any] | None = Field(
+        None, description="Rows longer than max_seq_length, and cut before any answer"
+    )
+    duplicates: dict[str, Any] | None = Field(None, description="Exact groups and near pairs (MinHash), 1-based rows")
+    short_answers: dict[str, Any] | None = None
+    anomalies: dict[str, Any] | None = Field(
+        None, description="Encoding (U+FFFD, mojibake, control) and script outliers"
+    )
+    estimate: dict[str, Any] | None = Field(
+        None, description="Estimated peak memory and time per epoch, with the inputs and assumptions behind them"
+    )
+    blocking: list[str] = Field(default_factory=list, description="Problems that make training fail or useless")
+    warnings: list[str] = Field(default_factory=list)
+
+
+class DatasetReportRecord(SQLModel, table=True):
+    """A computed dataset report, kept by what it depends on (``cache_key``: the rows' hash, the tokenizer
+    and config files, the length and the training shape), so asking again costs one lookup."""
+
+    __tablename__ = "dataset_report"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    dataset_id: uuid.UUID = Field(foreign_key="dataset.id", index=True)
+    cache_key: str = Field(max_length=64, unique=True)
+    status: ReportStatus = ReportStatus.pending
+    request: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    error: str | None = Field(default=None, max_length=2000)
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None

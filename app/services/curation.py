@@ -6,37 +6,30 @@ filter dropped (so the same request on the same parent gives the same version). 
 order: short answers, token bounds, exact duplicates, near duplicates, then the sample.
 
 Near duplicates are found with MinHash LSH (datasketch) over word 3-grams of a row's text: a row is
-dropped when its estimated Jaccard similarity to an earlier kept row reaches ``near_threshold``.
+dropped when its estimated Jaccard similarity to an earlier kept row reaches ``near_threshold``
+(``app.datasets.quality``, which the dataset report shares).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from datasketch import MinHash, MinHashLSH
 from sqlmodel import Session
 
 from app.core.layout import dataset_rows_key, read_dataset_rows
 from app.core.storage import Storage
-from app.datasets.formats import to_training_record
+from app.datasets.quality import answer_text, canonical, first_of_each, near_duplicates, row_text, token_counter
 from app.datasets.readers import Limits
-from app.models import Dataset, DatasetCurate, DatasetFormat
-from app.services.chat_templates import load_renderer
+from app.models import Dataset, DatasetCurate
 from app.services.datasets import create_from_rows
 from app.services.errors import InvalidRequest
 from app.services.principal import Principal
-
-MINHASH_PERMUTATIONS = 128
-SHINGLE_WORDS = 3
-_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def curate(
@@ -72,6 +65,8 @@ def curate(
         )
     if model_dir is not None and (body.min_tokens is not None or body.max_tokens is not None):
         count = token_counter(model_dir)
+        if count is None:
+            raise InvalidRequest("base_model", "token bounds need a local model directory with a tokenizer.json")
         low, high = body.min_tokens or 0, body.max_tokens
         apply(
             "token_bounds",
@@ -80,7 +75,12 @@ def curate(
     if body.dedup in ("exact", "near"):
         apply("exact_duplicates", lambda idx: first_of_each(idx, [canonical(rows[i]) for i in idx]))
     if body.dedup == "near":
-        apply("near_duplicates", lambda idx: drop_near_duplicates(idx, texts, body.near_threshold))
+
+        def drop_near(idx: list[int]) -> list[int]:
+            duplicates = near_duplicates(idx, texts, body.near_threshold)
+            return [i for i in idx if i not in duplicates]
+
+        apply("near_duplicates", drop_near)
     if body.sample is not None and body.sample < len(kept):
         chosen = set(random.Random(body.seed).sample(kept, body.sample))  # noqa: S311  (a reproducible sample)
         apply("sampled_out", lambda idx: [i for i in idx if i in chosen])
@@ -101,92 +101,6 @@ def curate(
         parent_id=parent.id,
         origin=origin,
     )
-
-
-# --- what a row says ---------------------------------------------------------------------------------------
-
-
-def row_text(row: dict[str, Any], fmt: DatasetFormat) -> str:
-    """All the text of a row, in reading order (what duplicates and token bounds are measured on)."""
-    if fmt is DatasetFormat.preference:
-        return "\n".join(str(row.get(k, "")) for k in ("prompt", "chosen", "rejected"))
-    record = to_training_record(row, fmt)
-    if "messages" in record:
-        return "\n".join(str(m.get("content", "")) for m in record["messages"])
-    if "prompt" in record:
-        return f"{record['prompt']}{record['completion']}"
-    return str(record["text"])
-
-
-def answer_text(row: dict[str, Any], fmt: DatasetFormat) -> str:
-    """The part the model learns to write: the last assistant turn, the completion, the chosen answer,
-    or the whole text of a plain-text row."""
-    if fmt is DatasetFormat.preference:
-        return str(row.get("chosen", ""))
-    record = to_training_record(row, fmt)
-    if "messages" in record:
-        answers = [m for m in record["messages"] if m.get("role") == "assistant"]
-        return str(answers[-1].get("content", "")) if answers else ""
-    if "prompt" in record:
-        return str(record["completion"])
-    return str(record["text"])
-
-
-def canonical(row: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def first_of_each(indices: list[int], keys: list[str]) -> list[int]:
-    """The first row of each key, in order."""
-    seen: set[str] = set()
-    kept = []
-    for index, key in zip(indices, keys, strict=True):
-        if key not in seen:
-            seen.add(key)
-            kept.append(index)
-    return kept
-
-
-def shingles(text: str) -> set[bytes]:
-    words = _WORD.findall(text.lower())
-    if len(words) < SHINGLE_WORDS:
-        return {" ".join(words).encode()}
-    return {" ".join(words[i : i + SHINGLE_WORDS]).encode() for i in range(len(words) - SHINGLE_WORDS + 1)}
-
-
-def drop_near_duplicates(indices: list[int], texts: list[str], threshold: float) -> list[int]:
-    """Keep a row unless an earlier kept row is at least ``threshold`` similar (MinHash estimate of the
-    Jaccard similarity of their word 3-grams)."""
-    lsh = MinHashLSH(threshold=threshold, num_perm=MINHASH_PERMUTATIONS)
-    signatures: dict[str, MinHash] = {}
-    kept = []
-    for index in indices:
-        signature = MinHash(num_perm=MINHASH_PERMUTATIONS)
-        signature.update_batch(list(shingles(texts[index])))
-        # LSH candidates can fall a little under the threshold: confirm with the estimate itself.
-        if not any(signatures[key].jaccard(signature) >= threshold for key in lsh.query(signature)):
-            lsh.insert(str(index), signature)
-            signatures[str(index)] = signature
-            kept.append(index)
-    return kept
-
-
-def token_counter(model_dir: Path) -> Callable[[str], int]:
-    """Tokens of a text with the model's own tokenizer (the `tokenizers` library reading tokenizer.json)."""
-    tokenizer_file = model_dir / "tokenizer.json"
-    if not tokenizer_file.is_file() or load_renderer(model_dir) is None:
-        raise InvalidRequest("base_model", "token bounds need a local model directory with a tokenizer.json")
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    cache: dict[str, int] = {}
-
-    def count(text: str) -> int:
-        if text not in cache:
-            cache[text] = len(tokenizer.encode(text, add_special_tokens=False).ids)
-        return cache[text]
-
-    return count
 
 
 # --- export ------------------------------------------------------------------------------------------------

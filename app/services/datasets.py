@@ -16,17 +16,17 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from sqlalchemy import delete
 from sqlmodel import Session, col, func, select
 
 from app.core.config import ApiSettings
-from app.core.layout import dataset_prefix, dataset_rows_key, dataset_source_key, read_dataset_rows
+from app.core.layout import dataset_prefix, dataset_rows_key, dataset_source_key
 from app.core.storage import Storage
-from app.datasets.formats import DatasetInvalid, RowError, to_training_record, validate_rows
+from app.datasets.formats import DatasetInvalid, RowError, validate_rows
 from app.datasets.readers import FileKind, Limits, NumberedRow, check_rows, read_rows
 from app.datasets.split import split_sizes
-from app.models import AbTest, Dataset, DatasetFormat, Experiment
+from app.models import AbTest, Dataset, DatasetFormat, DatasetReportRecord, Experiment
 from app.services import audit
-from app.services.chat_templates import record_preview
 from app.services.crud import paginate
 from app.services.errors import Conflict
 from app.services.principal import Principal
@@ -238,6 +238,7 @@ def delete_dataset(*, session: Session, storage: Storage, actor: Principal, data
     for test in session.exec(select(AbTest).where(AbTest.dataset_id == dataset.id)).all():
         test.dataset_id = None  # past A/B results stay; they just no longer point at the rows
         session.add(test)
+    session.execute(delete(DatasetReportRecord).where(col(DatasetReportRecord.dataset_id) == dataset.id))
     session.delete(dataset)
     audit.record(
         session=session,
@@ -262,24 +263,3 @@ def _file_sha256(path: Path) -> str:
 def list_datasets(*, session: Session, team_id: uuid.UUID, skip: int, limit: int) -> tuple[list[Dataset], int]:
     query = select(Dataset).where(Dataset.team_id == team_id).order_by(col(Dataset.created_at).desc())
     return paginate(session=session, query=query, skip=skip, limit=limit)
-
-
-def mask_report(
-    *, storage: Storage, dataset: Dataset, model_dir: Path, train_on_prompt: bool, rows: int
-) -> list[dict[str, Any]]:
-    """The first ``rows`` rows as the trainer will see them with this base model: what the loss sees."""
-    report = []
-    for number, row in enumerate(read_dataset_rows(storage, dataset.id, limit=rows), start=1):
-        record = to_training_record(row, dataset.format)
-        preview = record_preview(model_dir, record, train_on_prompt=train_on_prompt) or {}
-        report.append(
-            {
-                "row": number,
-                "rendered": preview.get("rendered"),
-                "trained_text": preview.get("trained_text", []),
-                "tokens": preview.get("tokens"),
-                "trained_tokens": preview.get("trained_tokens"),
-                "problem": preview.get("problem"),
-            }
-        )
-    return report

@@ -23,6 +23,7 @@ from app.core.job_queue import count_loss, end_job, queue_next_attempt, send_att
 from app.core.layout import experiment_prefix, read_dataset_rows
 from app.core.storage import Storage
 from app.datasets.formats import to_training_record
+from app.datasets.templates import SAMPLE_ROWS, find_span_problem
 from app.models import (
     Dataset,
     DatasetFormat,
@@ -35,7 +36,6 @@ from app.models import (
     utcnow,
 )
 from app.services import audit
-from app.services.chat_templates import SAMPLE_ROWS, find_span_problem
 from app.services.crud import get_owned, paginate
 from app.services.errors import Conflict, InvalidRequest
 from app.services.principal import Principal

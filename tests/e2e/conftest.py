@@ -70,6 +70,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "STUDIO_INFERENCE__WORKER_STALE_AFTER_S": "4",
         "STUDIO_INFERENCE__QUEUE_TIMEOUT_S": "15",
         "STUDIO_INFERENCE__MAX_BATCH_SIZE": "32",
+        "STUDIO_API__REPORT_INLINE_ROWS": "50",  # larger datasets' reports go to a default-queue worker
     }
     try:
         with running_stack(env, data / "logs") as s:

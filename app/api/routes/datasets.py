@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, Form, Query, Response, UploadFile
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import Page, SessionDep, SettingsDep, StorageDep, Trainer, Viewer, get_owned_or_404
@@ -23,9 +23,9 @@ from app.models import (
     DatasetPublic,
     DatasetReport,
     DatasetsPublic,
-    RowMask,
+    ReportStatus,
 )
-from app.services import curation
+from app.services import curation, dataset_reports
 from app.services import datasets as service
 from app.services.errors import InvalidRequest
 from app.services.experiments import check_base_model
@@ -123,38 +123,71 @@ def preview_dataset(session: SessionDep, principal: Viewer, dataset_id: uuid.UUI
     return DatasetPreview(id=dataset.id, format=dataset.format, rows=dataset.preview)
 
 
-@router.get("/{dataset_id}/report", response_model=DatasetReport)
+@router.get(
+    "/{dataset_id}/report",
+    response_model=DatasetReport,
+    responses={202: {"model": DatasetReport, "description": "Being computed by a worker: ask again"}},
+)
 def dataset_report(
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
     principal: Viewer,
+    response: Response,
     dataset_id: uuid.UUID,
     base_model: Annotated[
         str | None, Query(min_length=1, max_length=500, description="Local model directory or name (required)")
     ] = None,
+    max_seq_length: Annotated[
+        int, Query(ge=8, le=1_048_576, description="Tokens per sequence; longer rows are cut")
+    ] = 1024,
     train_on_prompt: bool = False,
-    rows: Annotated[int, Query(ge=1, le=20)] = 1,
+    rows: Annotated[int, Query(ge=1, le=20, description="Rows rendered with what the loss sees")] = 1,
+    method: Annotated[Literal["lora", "qlora", "full"], Query(description="For the memory estimate")] = "lora",
+    batch_size: Annotated[int, Query(ge=1, le=4096, description="Micro-batch, for the memory estimate")] = 4,
+    lora_r: Annotated[int, Query(ge=1, le=1024, description="LoRA rank, for the memory estimate")] = 16,
+    gradient_checkpointing: bool = False,
+    queue: Annotated[
+        str | None, Query(max_length=100, description="Training queue (GPU class) to estimate for")
+    ] = None,
 ) -> DatasetReport:
-    """What the loss will see: the first rows rendered for ``base_model`` with the trained parts marked."""
+    """What training on this dataset with ``base_model`` will meet: the first rows rendered with what the
+    loss sees, token lengths and what ``max_seq_length`` cuts, duplicates, short answers, anomalies, an
+    estimate of peak memory and time per epoch, and the problems that block training. Computed once and
+    kept; a large dataset's report is computed by a worker (202 with status ``pending`` until it is ready)."""
     dataset = _get(session, principal.team_id, dataset_id)  # before anything else: another team's id is a 404
     if base_model is None:
         raise InvalidRequest("base_model", "required: the model whose tokenizer and chat template render the rows")
-    if dataset.format is DatasetFormat.preference:
-        raise InvalidRequest("dataset_id", "preference datasets are trained with DPO; this report is for SFT")
+    if max_seq_length > settings.training.max_seq_length_cap:
+        raise InvalidRequest(
+            "max_seq_length", f"at most {settings.training.max_seq_length_cap} (training.max_seq_length_cap)"
+        )
     model = Path(check_base_model(base_model, settings))
     if not model.is_dir():
         raise InvalidRequest("base_model", "the report renders with a local model directory; Hub ids are not fetched")
-    report = service.mask_report(
-        storage=storage, dataset=dataset, model_dir=model, train_on_prompt=train_on_prompt, rows=rows
+    shape = dataset_reports.training_shape(
+        settings,
+        method=method,
+        batch_size=batch_size,
+        lora_r=lora_r,
+        gradient_checkpointing=gradient_checkpointing,
+        queue=queue,
     )
-    return DatasetReport(
-        id=dataset.id,
-        format=dataset.format,
+    report = dataset_reports.get_report(
+        session=session,
+        storage=storage,
+        settings=settings,
+        dataset=dataset,
+        model_dir=model,
         base_model=base_model,
+        max_seq_length=max_seq_length,
         train_on_prompt=train_on_prompt,
-        rows=[RowMask.model_validate(r) for r in report],
+        sample_rows=rows,
+        shape=shape,
     )
+    if report.status is ReportStatus.pending:
+        response.status_code = 202
+    return report
 
 
 @router.post("/{dataset_id}/curate", response_model=DatasetPublic, status_code=201)

@@ -79,3 +79,92 @@ def test_a_template_that_hides_the_answers_is_refused_at_submit(client: TestClie
     # The explicit opt-in trains on everything, so the template is fine for it.
     r = client.post("/api/experiments/", json={**body, "hyperparameters": {"train_on_prompt": True}, "start": False})
     assert r.status_code == 201, r.text
+
+
+def planted() -> list[dict[str, Any]]:
+    """Distinct prompt/completion rows, then one of each thing the report must find: an exact duplicate
+    (row 11 of row 2), a near duplicate (row 12 of row 3), a row far over 96 tokens (13), a one-character
+    answer (14), mojibake (15) and a row in Cyrillic among Latin ones (16)."""
+    rows = [
+        {
+            "prompt": f"Question {i}: tell me about subject {i}.",
+            "completion": f" Subject {i} is covered by answer {i} here.",
+        }
+        for i in range(10)
+    ]
+    rows.append(dict(rows[1]))
+    rows.append({"prompt": rows[2]["prompt"], "completion": rows[2]["completion"].replace("here", "there")})
+    rows.append({"prompt": "Write a long essay.", "completion": " " + "word " * 200})
+    rows.append({"prompt": "Say yes.", "completion": "y"})
+    rows.append({"prompt": "Name a café.", "completion": " The cafÃ© on the corner."})
+    rows.append({"prompt": "Скажи привет.", "completion": " Привет, мир."})
+    return rows
+
+
+def test_the_report_finds_what_was_planted(client: TestClient, model: Path) -> None:
+    dataset_id = _dataset(client, planted())
+    params = {"base_model": str(model), "max_seq_length": 96, "batch_size": 2, "lora_r": 8}
+    r = client.get(f"/api/datasets/{dataset_id}/report", params=params)
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert report["status"] == "ready" and report["rows_total"] == 16 and report["max_seq_length"] == 96
+    assert report["duplicates"]["exact_groups"] == [[2, 11]] and report["duplicates"]["exact_rows"] == 1
+    assert report["duplicates"]["near_pairs"] == [[12, 3]]
+    assert report["truncation"]["row_numbers"] == [13] and report["truncation"]["share"] == round(1 / 16, 4)
+    assert report["short_answers"]["row_numbers"] == [14]
+    kinds = {(a["row"], a["kind"]) for a in report["anomalies"]["listed"]}
+    assert kinds == {(15, "encoding"), (16, "script")} and report["anomalies"]["main_script"] == "LATIN"
+    tokens = report["tokens"]
+    assert tokens["max"] > 96 >= tokens["p50"] and sum(b["count"] for b in tokens["histogram"]) == 16
+    estimate = report["estimate"]
+    assert estimate["is_estimate"] and estimate["peak_memory_bytes"] == sum(estimate["breakdown_bytes"].values())
+    assert estimate["inputs"]["batch_size"] == 2 and estimate["inputs"]["lora_r"] == 8 and estimate["assumptions"]
+    assert estimate["seconds_per_epoch"] > 0 and estimate["throughput"]["gpu_class"] == "cpu"
+    assert report["blocking"] == [] and any("will be cut" in w for w in report["warnings"])
+
+
+def test_a_row_whose_answer_starts_past_the_length_teaches_nothing(client: TestClient, model: Path) -> None:
+    rows = [{"prompt": "word " * 200, "completion": " answer"}] * 2
+    report = client.get(
+        f"/api/datasets/{_dataset(client, rows)}/report", params={"base_model": str(model), "max_seq_length": 32}
+    ).json()
+    assert report["truncation"]["answer_cut_off"] == 2
+    assert any("teach nothing" in problem for problem in report["blocking"])
+
+
+def test_a_report_is_computed_once_per_what_it_depends_on(client: TestClient, model: Path) -> None:
+    from sqlmodel import func, select
+
+    from app.core.db import session_scope
+    from app.models import DatasetReportRecord
+
+    def records() -> int:
+        with session_scope() as session:
+            return int(session.exec(select(func.count()).select_from(DatasetReportRecord)).one())
+
+    dataset_id = _dataset(client, planted())
+    url, params = f"/api/datasets/{dataset_id}/report", {"base_model": str(model), "max_seq_length": 64}
+    before = records()
+    first = client.get(url, params=params).json()
+    assert client.get(url, params=params).json() == first and records() == before + 1
+    client.get(url, params={**params, "max_seq_length": 128})
+    assert records() == before + 2
+    (model / "tokenizer_config.json").write_text(  # another chat template is another report
+        (model / "tokenizer_config.json").read_text().replace("<|im_end|>", "<|im_end|> ")
+    )
+    client.get(url, params=params)
+    assert records() == before + 3
+    assert client.delete(f"/api/datasets/{dataset_id}").status_code == 204
+    assert records() == before
+
+
+def test_report_parameters_are_checked(client: TestClient, model: Path) -> None:
+    url = f"/api/datasets/{_dataset(client, planted())}/report"
+    for params, field in (
+        ({"base_model": str(model), "queue": "train.nope"}, "queue"),
+        ({"base_model": str(model), "method": "dora"}, "method"),
+        ({"base_model": str(model), "max_seq_length": 4}, "max_seq_length"),
+        ({"base_model": str(model), "max_seq_length": 10**6}, "max_seq_length"),
+    ):
+        r = client.get(url, params=params)
+        assert r.status_code == 422 and field in r.text, (params, r.text)

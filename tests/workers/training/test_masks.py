@@ -174,9 +174,9 @@ def test_the_eos_label_survives_padding_when_pad_is_eos(tiny_model: Path) -> Non
 
 @pytest.mark.parametrize("style", sorted(TEMPLATES))
 def test_the_api_shows_the_mask_the_trainer_builds(tiny_model: Path, tmp_path: Path, style: str) -> None:
-    """The API renders templates without transformers (app/services/chat_templates.py); its preview of what
+    """The API renders templates without transformers (app/datasets/templates.py); its preview of what
     the loss sees must be the trainer's mask, token for token."""
-    from app.services.chat_templates import find_span_problem, mask_preview
+    from app.datasets.templates import find_span_problem, mask_preview
 
     template, special, _ = TEMPLATES[style]
     tokenizer = tokenizer_with(tiny_model, template, special)
@@ -189,7 +189,7 @@ def test_the_api_shows_the_mask_the_trainer_builds(tiny_model: Path, tmp_path: P
 
 
 def test_the_api_refuses_a_template_whose_answers_cannot_be_located(tiny_model: Path, tmp_path: Path) -> None:
-    from app.services.chat_templates import find_span_problem
+    from app.datasets.templates import find_span_problem
 
     rewriting = (
         "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '(earlier answer)' }}"

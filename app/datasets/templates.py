@@ -1,5 +1,5 @@
-"""A base model's chat template, seen from the API: can the answers of a conversation be located (so the
-loss can see only them), and what exactly will the loss see in one row.
+"""A base model's chat template, seen from the API and the dataset report: can the answers of a
+conversation be located (so the loss can see only them), and what exactly will the loss see in one row.
 
 The API does not import transformers (tests/test_layers.py); a template is Jinja run in Jinja's
 immutable sandbox, with the few globals Hugging Face templates use, and tokens come from the Rust
