@@ -21,6 +21,7 @@ from sqlmodel import Session, col, select, update
 from app.core import notify
 from app.core.contracts.events import StatusEvent
 from app.core.db import is_postgres, session_scope
+from app.core.evaluation_queue import queue_evaluation
 from app.core.event_log import Fenced, record_event, record_status
 from app.core.job_queue import count_loss, queue_next_attempt
 from app.models import Experiment, ExperimentStatus, utcnow
@@ -200,6 +201,8 @@ def finish(
             session.rollback()
             return False
         session.exec(_owned(experiment_id, attempt).values(**values))  # type: ignore[call-overload]
+        if status is ExperimentStatus.succeeded:
+            queue_evaluation(session, experiment_id)  # with the status: a run never succeeds unevaluated
         session.commit()
         experiment = session.get(Experiment, experiment_id)
     _notify(experiment)

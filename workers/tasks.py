@@ -12,7 +12,15 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from app.core.celery_app import celery_app
 from app.core.contracts.inference import GenerateMessage, ScoreMessage
 from app.core.contracts.training import TrainMessage
-from app.core.queues import DATASET_REPORT_TASK, GENERATE_TASK, INFERENCE_QUEUE, PING_TASK, SCORE_TASK, TRAIN_TASK
+from app.core.queues import (
+    DATASET_REPORT_TASK,
+    EVALUATE_TASK,
+    GENERATE_TASK,
+    INFERENCE_QUEUE,
+    PING_TASK,
+    SCORE_TASK,
+    TRAIN_TASK,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,16 @@ def dataset_report(report_id: str) -> str:
     from workers.reports import run_dataset_report
 
     return run_dataset_report(uuid.UUID(report_id))
+
+
+@celery_app.task(name=EVALUATE_TASK, acks_late=False)
+def evaluate(experiment_id: str) -> str:
+    """Grade a succeeded run on its held-out rows, on this inference worker's engine."""
+    import uuid
+
+    from workers.evaluation import run_evaluation
+
+    return run_evaluation(uuid.UUID(experiment_id), worker=evaluate.request.hostname or "?")
 
 
 @celery_app.task(name=PING_TASK)

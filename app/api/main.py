@@ -12,6 +12,7 @@ from app.api.routes import (
     auth,
     datasets,
     deployments,
+    evaluation,
     experiments,
     invitations,
     recipes,
@@ -30,6 +31,7 @@ for resource in (
     audit,
     team_events,
     datasets,
+    evaluation,  # its /experiments/compare before /experiments/{experiment_id}
     experiments,
     recipes,
     deployments,

@@ -9,6 +9,7 @@ TRAIN_TASK = "studio.train"
 GENERATE_TASK = "studio.generate"
 SCORE_TASK = "studio.score"
 PING_TASK = "studio.ping"
+EVALUATE_TASK = "studio.evaluate"  # on INFERENCE_QUEUE: a succeeded run answers its held-out prompts
 DATASET_REPORT_TASK = "studio.dataset_report"  # on DEFAULT_QUEUE: reports too large to compute in a request
 
 INFERENCE_QUEUE = "inference"

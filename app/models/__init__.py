@@ -60,6 +60,14 @@ from app.models.datasets import (
     RowMask,
     TokenStats,
 )
+from app.models.evaluation import (
+    ComparedRun,
+    Comparison,
+    EvalSpec,
+    EvaluationPublic,
+    EvaluationStatus,
+    ExperimentEvaluation,
+)
 from app.models.experiments import (
     ArtifactPublic,
     ArtifactsPublic,
@@ -178,6 +186,12 @@ __all__ = [
     "OutboxMessage",
     "IdempotencyKey",
     "DatasetCurate",
+    "ComparedRun",
+    "Comparison",
+    "EvalSpec",
+    "EvaluationPublic",
+    "EvaluationStatus",
+    "ExperimentEvaluation",
     "DatasetReportRecord",
     "ReportStatus",
     "TokenStats",

@@ -31,6 +31,7 @@ from app.models import (
     DeploymentStatus,
     Experiment,
     ExperimentCreate,
+    ExperimentEvaluation,
     ExperimentEvent,
     ExperimentStatus,
     utcnow,
@@ -296,6 +297,7 @@ def delete_experiment(*, session: Session, storage: Storage, actor: Principal, e
         deployment.experiment_id = None
         session.add(deployment)
     session.exec(delete(ExperimentEvent).where(col(ExperimentEvent.experiment_id) == experiment.id))  # type: ignore[call-overload]
+    session.exec(delete(ExperimentEvaluation).where(col(ExperimentEvaluation.experiment_id) == experiment.id))  # type: ignore[call-overload]
     session.delete(experiment)
     audit.record(
         session=session,
