@@ -174,6 +174,18 @@ def add_events(experiment_id: uuid.UUID, attempt: int, events: list[tuple[str, d
     notify.publish(experiment_id, team_id)
 
 
+def record_libraries(experiment_id: uuid.UUID, attempt: int, versions: dict[str, str]) -> bool:
+    """Add the training stack of the worker running this attempt to the run's lineage."""
+    with session_scope() as session:
+        experiment = _owned_row(session, experiment_id, attempt)
+        if experiment is None:
+            return False
+        experiment.lineage = {**(experiment.lineage or {}), "libraries": versions, "worker": experiment.worker}
+        session.add(experiment)
+        session.commit()
+        return True
+
+
 def finish(
     experiment_id: uuid.UUID,
     attempt: int,

@@ -15,6 +15,7 @@ from app.api.routes import (
     evaluation,
     experiments,
     invitations,
+    lineage,
     recipes,
     team_events,
     teams,
@@ -33,6 +34,7 @@ for resource in (
     datasets,
     evaluation,  # its /experiments/compare before /experiments/{experiment_id}
     experiments,
+    lineage,
     recipes,
     deployments,
     ab_testing,

@@ -138,7 +138,7 @@ def compute_report(
                 {"row": number, **{k: preview.get(k) for k in ("rendered", "tokens", "trained_tokens", "problem")}}
             )
             samples[-1]["trained_text"] = preview.get("trained_text", [])
-            if preview.get("problem"):
+            if preview.get("problem") and not train_on_prompt:  # training on everything needs no spans
                 blocking.append(f"row {number}: {preview['problem']}")
         report["rows"] = samples
     else:

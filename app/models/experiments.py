@@ -11,6 +11,7 @@ from sqlalchemy import JSON, Boolean, Column, Index, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from app.models.common import utcnow
+from app.models.evaluation import EvalSpec
 
 
 class ExperimentStatus(StrEnum):
@@ -61,6 +62,12 @@ class Experiment(ExperimentBase, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    # Lineage: where the run came from (dataset version and hash, recipe, base model fingerprint, the
+    # libraries of the worker that trained it) and the run it was cloned from.
+    parent_experiment_id: uuid.UUID | None = Field(default=None, index=True)
+    lineage: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    # What the dataset report found at submit that does not block training (duplicates, cut rows, ...).
+    warnings: list[str] = Field(default_factory=list, sa_column=Column(JSON))
 
 
 class ExperimentCreate(SQLModel):
@@ -72,6 +79,18 @@ class ExperimentCreate(SQLModel):
     hyperparameters: dict[str, Any] = Field(default_factory=dict, max_length=100)
     queue: str | None = Field(None, max_length=100, description="Training queue (GPU class); default from settings")
     start: bool = Field(True, description="Queue the run now; false leaves it for /start")
+    eval: EvalSpec | None = Field(None, description="Evaluate the run on its held-out rows once it succeeds")
+
+
+class ExperimentClone(SQLModel):
+    """A new experiment from another's resolved settings, with some changed."""
+
+    name: str | None = Field(None, min_length=1, max_length=200, description="Default: '<source> (clone)'")
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, max_length=100, description="Overrides")
+    dataset_id: uuid.UUID | None = Field(None, description="Default: the source's dataset")
+    base_model: str | None = Field(None, min_length=1, max_length=500, description="Default: the source's")
+    queue: str | None = Field(None, max_length=100)
+    start: bool = True
 
 
 class ExperimentPublic(ExperimentBase):
@@ -89,6 +108,29 @@ class ExperimentPublic(ExperimentBase):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    parent_experiment_id: uuid.UUID | None = None
+    warnings: list[str] = Field(default_factory=list, description="What the dataset report found at submit")
+
+
+class LineageNode(SQLModel):
+    id: str = Field(description="'<kind>:<id>'")
+    kind: str = Field(description="experiment, dataset, ab_test, deployment or base_model")
+    label: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class LineageEdge(SQLModel):
+    source: str
+    target: str
+    relation: str = Field(
+        description="trained_on, derived_from, votes_of, compared, cloned_from, fine_tunes, deployed_as"
+    )
+
+
+class Lineage(SQLModel):
+    experiment_id: uuid.UUID
+    nodes: list[LineageNode]
+    edges: list[LineageEdge]
 
 
 class ExperimentsPublic(SQLModel):

@@ -30,15 +30,19 @@ from app.models import (
     Deployment,
     DeploymentStatus,
     Experiment,
+    ExperimentClone,
     ExperimentCreate,
     ExperimentEvaluation,
     ExperimentEvent,
     ExperimentStatus,
+    ReportStatus,
     utcnow,
 )
 from app.services import audit
 from app.services.crud import get_owned, paginate
+from app.services.dataset_reports import get_report, training_shape
 from app.services.errors import Conflict, InvalidRequest
+from app.services.lineage import submit_lineage
 from app.services.principal import Principal
 from app.services.recipes import RecipeNotFound, resolve
 from app.services.teams import check_quota
@@ -142,8 +146,15 @@ def resolve_hyperparameters(body: ExperimentCreate, settings: Settings) -> Hyper
 
 
 def create_experiment(
-    *, session: Session, settings: Settings, storage: Storage, actor: Principal, body: ExperimentCreate
+    *,
+    session: Session,
+    settings: Settings,
+    storage: Storage,
+    actor: Principal,
+    body: ExperimentCreate,
+    parent: Experiment | None = None,
 ) -> Experiment:
+    """Validate and record a run (queued unless ``start`` is false). ``parent`` is the run it was cloned from."""
     dataset = get_owned(session=session, model=Dataset, team_id=actor.team_id, id=body.dataset_id)
     if dataset is None:
         raise InvalidRequest("dataset_id", f"no dataset {body.dataset_id}", status_code=404)
@@ -160,6 +171,11 @@ def create_experiment(
     base_model = check_base_model(body.base_model, settings)
     if dataset.format in CONVERSATIONAL and not params.train_on_prompt:
         _check_answers_locatable(storage, dataset, base_model)
+    if body.eval is not None and body.eval.judge_deployment is not None:
+        judge = get_owned(session=session, model=Deployment, team_id=actor.team_id, id=body.eval.judge_deployment)
+        if judge is None or judge.status is not DeploymentStatus.active:
+            raise InvalidRequest("eval.judge_deployment", f"no active deployment {body.eval.judge_deployment}")
+    warnings = _report_findings(session, storage, settings, dataset, base_model, params, queue.name)
     if body.start:
         check_quota(session=session, settings=settings, team_id=actor.team_id)
     experiment = Experiment(
@@ -170,9 +186,15 @@ def create_experiment(
         recipe=body.recipe,
         hyperparameters=params.model_dump(),
         queue=queue.name,
+        parent_experiment_id=parent.id if parent else None,
+        lineage=submit_lineage(dataset, recipe=body.recipe, base_model=base_model, parent=parent),
+        warnings=warnings,
     )
     session.add(experiment)
     session.flush()
+    if body.eval is not None:
+        spec = body.eval.model_dump(mode="json")
+        session.add(ExperimentEvaluation(experiment_id=experiment.id, team_id=actor.team_id, spec=spec))
     if body.start:
         queue_next_attempt(session, experiment)
     else:
@@ -192,6 +214,77 @@ def create_experiment(
     session.commit()
     session.refresh(experiment)
     return experiment
+
+
+def _report_findings(
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    dataset: Dataset,
+    base_model: str,
+    params: Hyperparameters,
+    queue: str,
+) -> list[str]:
+    """The dataset report's checks for this run: its blocking problems refuse it (422 naming them), its
+    warnings are returned to keep on the experiment. Only a local model can be read here; for a Hub id,
+    or a large dataset whose report a worker is still computing, the run goes ahead with a warning."""
+    model_dir = Path(base_model)
+    if not (model_dir / "config.json").is_file():
+        return []
+    shape = training_shape(
+        settings,
+        method=params.method,
+        batch_size=params.batch_size,
+        lora_r=params.lora_r,
+        gradient_checkpointing=params.gradient_checkpointing,
+        queue=queue,
+    )
+    report = get_report(
+        session=session,
+        storage=storage,
+        settings=settings,
+        dataset=dataset,
+        model_dir=model_dir,
+        base_model=base_model,
+        max_seq_length=params.max_seq_length,
+        train_on_prompt=params.train_on_prompt,
+        sample_rows=1,
+        shape=shape,
+    )
+    if report.status is ReportStatus.pending:
+        return ["the dataset report is still being computed; its checks were not applied to this run"]
+    if report.status is ReportStatus.failed:
+        return [f"the dataset report could not be computed ({report.error}); its checks were not applied"]
+    if report.blocking:
+        raise InvalidRequest("dataset_id", "the dataset report blocks this run: " + "; ".join(report.blocking))
+    return report.warnings
+
+
+def clone_experiment(
+    *,
+    session: Session,
+    settings: Settings,
+    storage: Storage,
+    actor: Principal,
+    source: Experiment,
+    body: ExperimentClone,
+) -> Experiment:
+    """A new run with the source's resolved hyperparameters, dataset, base model and queue, each
+    overridable; it records the source as its parent."""
+    hyperparameters = {**source.hyperparameters, **body.hyperparameters}
+    create = ExperimentCreate(
+        name=body.name or f"{source.name} (clone)"[:200],
+        base_model=body.base_model or source.base_model,
+        dataset_id=body.dataset_id or source.dataset_id,
+        recipe=source.recipe,
+        hyperparameters=hyperparameters,
+        queue=body.queue or source.queue,
+        start=body.start,
+        eval=None,
+    )
+    return create_experiment(
+        session=session, settings=settings, storage=storage, actor=actor, body=create, parent=source
+    )
 
 
 def start_experiment(*, session: Session, settings: Settings, actor: Principal, experiment: Experiment) -> Experiment:

@@ -58,6 +58,11 @@ def test_a_run_is_evaluated_after_it_succeeds(stack: Stack, tiny_model: Path) ->
         assert {e["reference"] for e in evaluation["results"]["examples"]} <= {r["completion"] for r in ROWS}
         card = http.get(f"/api/experiments/{first['id']}/artifacts/README.md").text
         assert "## Evaluation" in card and f"| rouge_l | {metrics['rouge_l']} |" in card
+        # The model card and the lineage carry where the run came from, and what trained it.
+        assert "## Lineage" in card and dataset["content_hash"] in card
+        graph = http.get(f"/api/experiments/{first['id']}/lineage").json()
+        recorded = next(n for n in graph["nodes"] if n["id"] == f"experiment:{first['id']}")["data"]["lineage"]
+        assert {"torch", "transformers", "peft", "trl"} <= set(recorded["libraries"])
 
         compared = http.get("/api/experiments/compare", params={"ids": [first["id"], second["id"]]}).json()
     assert [run["name"] for run in compared["runs"]] == ["evaluated", "baseline"]

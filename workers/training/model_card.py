@@ -91,6 +91,7 @@ def render_model_card(
             "",
             "\n".join(f"- {name}: {version}" for name, version in _framework_versions().items()),
             "",
+            *_lineage(cfg.lineage),
         ]
     )
     return f"---\n{data.to_yaml()}\n---\n\n{body}"
@@ -189,3 +190,22 @@ def _framework_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def _lineage(lineage: dict[str, Any] | None) -> list[str]:
+    """Where the run came from, as Fine-Tuning Studio recorded it (GET /api/experiments/{id}/lineage)."""
+    if not lineage:
+        return []
+    dataset = lineage.get("dataset") or {}
+    base = lineage.get("base_model") or {}
+    rows = {
+        "dataset": f"{dataset.get('name')} ({dataset.get('id')})",
+        "dataset sha256": dataset.get("content_hash"),
+        "dataset made from": dataset.get("parent_id"),
+        "dataset origin": dataset.get("origin"),
+        "recipe": lineage.get("recipe"),
+        "base model": base.get("name"),
+        "base model fingerprint": base.get("fingerprint"),
+        "cloned from experiment": lineage.get("parent_experiment_id"),
+    }
+    return ["## Lineage", "", _table({k: v for k, v in rows.items() if v}, header=("Input", "Value")), ""]

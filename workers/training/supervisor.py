@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.metadata
 import json
 import logging
 import os
@@ -92,6 +93,8 @@ def run_training(message: TrainMessage, worker: str) -> str:
             "finish", lambda: jobs.finish(experiment_id, attempt, ExperimentStatus.failed, error=error), retry_s
         )
         return "failed"
+    libraries = library_versions()
+    jobs.with_db_retries("record libraries", lambda: jobs.record_libraries(experiment_id, attempt, libraries), retry_s)
     supervision = Supervision(experiment_id, attempt, files, settings, storage)
     with _sigterm_hands_off(supervision.handoff):
         outcome = supervision.run()
@@ -152,8 +155,33 @@ def prepare_run(experiment: Experiment, files: RunFiles, settings: Settings, sto
         resume_from_checkpoint=str(resume_dir) if resume_dir else None,
         experiment_name=experiment.name,
         dataset_name=dataset.name,
+        lineage={**(experiment.lineage or {}), "libraries": library_versions()},
     )
     config.to_json(files.config)
+
+
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "bitsandbytes",
+    "deepspeed",
+)
+
+
+def library_versions() -> dict[str, str]:
+    """The training stack of this worker (the trainer child runs in the same environment)."""
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
 
 
 def _run_inputs(experiment: Experiment) -> tuple[Dataset, str | None]:

@@ -111,6 +111,9 @@ class RunConfig(Hyperparameters):
     resume_from_checkpoint: str | None = Field(None, description="A trainer checkpoint directory to resume from")
     experiment_name: str = Field("sft-run", description="Shown in logs and the model card")
     dataset_name: str | None = Field(None, description="Shown in the model card")
+    lineage: dict[str, Any] | None = Field(
+        None, description="Where the run came from (dataset version, recipe, base model, libraries): in the model card"
+    )
     bf16: StrictBool | Literal["auto"] = Field(
         "auto", description="bfloat16 mixed precision; auto = where the GPU has it"
     )

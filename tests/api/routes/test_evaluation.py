@@ -66,3 +66,15 @@ def test_compare_aligns_every_metric_on_the_union_of_steps(client: TestClient, t
     assert client.get("/api/experiments/compare", params={"ids": [a["id"], str(uuid.uuid4())]}).status_code == 404
     assert client.get("/api/experiments/compare").status_code == 422
     assert client.get("/api/experiments/compare", params={"ids": [a["id"]] * 11}).status_code == 422
+
+
+def test_an_evaluation_can_be_asked_for_at_submit(client: TestClient, tiny_model: Path) -> None:
+    rows = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(10)]
+    data = client.post("/api/datasets/", json={"name": "d", "rows": rows}).json()
+    body = {"name": "e", "base_model": str(tiny_model), "dataset_id": data["id"], "start": False}
+    r = client.post("/api/experiments/", json={**body, "eval": {"metrics": ["exact_match"], "max_items": 3}})
+    assert r.status_code == 201, r.text
+    evaluation = client.get(f"/api/experiments/{r.json()['id']}/evaluation").json()
+    assert evaluation["status"] == "waiting" and evaluation["spec"]["max_items"] == 3
+    r = client.post("/api/experiments/", json={**body, "eval": {"judge_deployment": str(uuid.uuid4())}})
+    assert r.status_code == 422 and r.json()["field"] == "eval.judge_deployment"
