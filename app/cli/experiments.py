@@ -54,6 +54,7 @@ def submit(
     }
     experiment = request("POST", "/api/experiments/", json=body)
     console.print(f"[green]experiment {experiment['id']}[/] queued on {experiment['queue']}")
+    print_warnings(experiment)
     if watch_:
         watch(experiment["id"])
 
@@ -70,8 +71,16 @@ def list_(status: Annotated[str | None, typer.Option(help="Filter by status")] =
 
 @app.command()
 def show(experiment_id: str) -> None:
-    """Show one experiment as JSON."""
-    console.print_json(json.dumps(request("GET", f"/api/experiments/{experiment_id}")))
+    """Show one experiment as JSON, then what the dataset report warned of at submit."""
+    experiment = request("GET", f"/api/experiments/{experiment_id}")
+    console.print_json(json.dumps(experiment))
+    print_warnings(experiment)
+
+
+def print_warnings(experiment: dict[str, Any]) -> None:
+    """The dataset report's findings that did not block the run (duplicates, rows that will be cut, ...)."""
+    for warning in experiment.get("warnings") or []:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
 @app.command()

@@ -156,7 +156,7 @@ def _turn(role: str, content: str, weight: int | None) -> dict[str, Any]:
 
 
 def to_training_record(row: dict[str, Any], fmt: DatasetFormat) -> dict[str, Any]:
-    """Convert a validated row to one of the formats trl's SFTTrainer reads."""
+    """Convert a validated row to one of the formats trl's SFTTrainer (or, for preferences, DPOTrainer) reads."""
     if fmt is DatasetFormat.text:
         return {"text": row["text"]}
     if fmt is DatasetFormat.messages:
@@ -168,4 +168,6 @@ def to_training_record(row: dict[str, Any], fmt: DatasetFormat) -> dict[str, Any
         return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]}
     if fmt is DatasetFormat.prompt_completion:
         return {"prompt": row["prompt"], "completion": row["completion"]}
-    raise ValueError(f"{fmt.value} datasets need preference training (DPO), not SFT")
+    if fmt is DatasetFormat.preference:  # trl's standard preference format, for DPO
+        return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+    raise ValueError(f"unknown dataset format {fmt}")

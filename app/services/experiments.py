@@ -158,9 +158,13 @@ def create_experiment(
     dataset = get_owned(session=session, model=Dataset, team_id=actor.team_id, id=body.dataset_id)
     if dataset is None:
         raise InvalidRequest("dataset_id", f"no dataset {body.dataset_id}", status_code=404)
-    if dataset.format is DatasetFormat.preference:
-        raise InvalidRequest("dataset_id", "preference datasets need DPO, which SFT cannot train on")
     params = resolve_hyperparameters(body, settings)
+    if dataset.format is DatasetFormat.preference and params.objective != "dpo":
+        raise InvalidRequest("dataset_id", "a preference dataset trains with objective dpo (hyperparameters.objective)")
+    if params.objective == "dpo" and dataset.format is not DatasetFormat.preference:
+        raise InvalidRequest(
+            "hyperparameters.objective", "dpo trains on a preference dataset (prompt, chosen, rejected)"
+        )
     queue_name = body.queue or settings.training.default_queue
     queue = settings.train_queue(queue_name)
     if queue is None:

@@ -78,6 +78,8 @@ def test_train_watch_deploy_and_chat(page: Page, stack: Stack, tiny_model: Path,
 
     row.get_by_role("button", name="Details").click()
     expect(page.locator("#detail-status")).to_contain_text("succeeded")
+    # The dataset repeats every row 4 times: the report's warning from the submit is on the page.
+    expect(page.locator("#detail-warnings")).to_contain_text("warning: 12 exact and 0 near-duplicate rows")
     points = page.locator("#loss-chart polyline").get_attribute("points") or ""
     assert len(points.split()) >= 5, points
 

@@ -19,7 +19,20 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from app.core.contracts.events import INTERRUPTIONS, TrainerEvent
 
 # Keys copied from the Trainer's training logs into a "metrics" event, under the same name.
-_TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "entropy")
+_TRAIN_KEYS = (
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "mean_token_accuracy",
+    "entropy",
+    # DPO: the implicit rewards of the chosen and rejected answers, their margin and how often it is positive.
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 def _jsonable(value: Any) -> Any:
@@ -98,6 +111,7 @@ class EventsCallback(TrainerCallback):
         self._last_log_time: float | None = None
         self._last_log_tokens = 0
         self.loss_tokens: LossTokenCounter | None = None
+        self.count_loss_tokens = True  # DPO batches have no labels: its recipe turns the count off
         self._last_loss_tokens = 0
 
     # ----------------------------------------------------------------------------------------------- stop control
@@ -134,7 +148,7 @@ class EventsCallback(TrainerCallback):
         self._last_log_tokens = state.num_input_tokens_seen
         # Count the loss's tokens on the training loader only (evaluation batches must not inflate them).
         loader = kwargs.get("train_dataloader")
-        if loader is not None and self.loss_tokens is None:
+        if loader is not None and self.loss_tokens is None and self.count_loss_tokens:
             self.loss_tokens = LossTokenCounter(loader.collate_fn)
             loader.collate_fn = self.loss_tokens
         self.writer.emit(

@@ -15,7 +15,7 @@ from app.core.contracts.training import RunConfig
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-    from trl import SFTConfig
+    from trl import DPOConfig, SFTConfig
 
 log = logging.getLogger("workers.training.run")
 
@@ -23,6 +23,7 @@ DATASET_FORMATS = {
     "messages": ("messages",),
     "text": ("text",),
     "prompt_completion": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
 }
 
 
@@ -51,7 +52,10 @@ def detect_format(columns: list[str]) -> str:
     for name, required in DATASET_FORMATS.items():
         if all(column in columns for column in required):
             return name
-    raise ValueError(f"rows must have 'messages', 'text', or 'prompt' and 'completion' fields; found columns {columns}")
+    raise ValueError(
+        "rows must have 'messages', 'text', 'prompt' and 'completion', or 'prompt', 'chosen' and 'rejected' "
+        f"fields; found columns {columns}"
+    )
 
 
 def load_rows(path: str | None, field_name: str) -> tuple[Dataset, str]:
@@ -158,11 +162,25 @@ def build_lora_config(cfg: RunConfig):  # -> peft.LoraConfig
 
 
 def build_sft_config(cfg: RunConfig, *, bf16: bool, has_eval: bool) -> SFTConfig:
-    import torch
     from trl import SFTConfig
 
+    return SFTConfig(**_trainer_args(cfg, bf16=bf16, has_eval=has_eval), packing=cfg.packing)
+
+
+def build_dpo_config(cfg: RunConfig, *, bf16: bool, has_eval: bool) -> DPOConfig:
+    """DPO on (prompt, chosen, rejected) rows: the same optimisation, logging and checkpoints as SFT, plus
+    beta. With an adapter, the reference model is the base with the adapter disabled (no second copy)."""
+    from trl import DPOConfig
+
+    return DPOConfig(**_trainer_args(cfg, bf16=bf16, has_eval=has_eval), beta=cfg.dpo_beta)
+
+
+def _trainer_args(cfg: RunConfig, *, bf16: bool, has_eval: bool) -> dict[str, Any]:
+    """What SFTConfig and DPOConfig share."""
+    import torch
+
     eval_during_training = has_eval and cfg.eval_steps is not None
-    return SFTConfig(
+    return dict(
         output_dir=str(cfg.checkpoints_dir),
         # Optimisation
         learning_rate=cfg.learning_rate,
@@ -187,7 +205,6 @@ def build_sft_config(cfg: RunConfig, *, bf16: bool, has_eval: bool) -> SFTConfig
         deepspeed=cfg.deepspeed,
         # Data
         max_length=cfg.max_seq_length,
-        packing=cfg.packing,
         # Logging: the events callback is the only reporter. Counting non-padding tokens gives the
         # tokens/s figure; with padding-free packing there is no attention mask and the pad id is used.
         report_to="none",

@@ -30,7 +30,7 @@ from workers.training import components
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-    from trl import SFTTrainer
+    from trl import DPOTrainer, SFTTrainer
 
     from workers.training.callbacks import EventsCallback, EventWriter
 
@@ -38,7 +38,8 @@ log = logging.getLogger("workers.training.run")
 
 
 class SFTRecipe:
-    """Supervised fine-tuning of a causal LM with LoRA, QLoRA or all weights, on top of TRL's SFTTrainer."""
+    """Fine-tuning of a causal LM with LoRA, QLoRA or all weights: supervised (TRL's SFTTrainer) or on
+    preferences (TRL's DPOTrainer), with the same events, checkpoints, stop and resume."""
 
     def __init__(self, cfg: RunConfig) -> None:
         from workers.training.callbacks import EventWriter, is_main_process
@@ -46,7 +47,7 @@ class SFTRecipe:
         self.cfg = cfg
         self.is_main = is_main_process()
         self.writer: EventWriter = EventWriter(cfg.events_file or "", enabled=self.is_main)
-        self.trainer: SFTTrainer | None = None
+        self.trainer: SFTTrainer | DPOTrainer | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.callback: EventsCallback | None = None
         # Facts about the run reported in the "started" event and the model card.
@@ -73,32 +74,41 @@ class SFTRecipe:
 
         train_rows, data_format = components.load_rows(cfg.train_file, "train_file")
         eval_rows = components.load_rows(cfg.eval_file, "eval_file")[0] if cfg.eval_file else None
+        dpo = cfg.objective == "dpo"
+        if dpo != (data_format == "preference"):
+            raise ValueError(f"train_file: objective {cfg.objective} cannot train on {data_format} rows")
         tokenizer = self.tokenizer = components.load_tokenizer(cfg.base_model, conversational=data_format == "messages")
-        train_dataset = components.tokenize_rows(
-            train_rows, data_format, tokenizer, train_on_prompt=cfg.train_on_prompt, field_name="train_file"
-        )
-        eval_dataset = None
-        if eval_rows is not None:
-            eval_dataset = components.tokenize_rows(
-                eval_rows, data_format, tokenizer, train_on_prompt=cfg.train_on_prompt, field_name="eval_file"
+        if dpo:  # DPOTrainer tokenizes its (prompt, chosen, rejected) rows itself
+            train_dataset, eval_dataset = train_rows, eval_rows
+        else:
+            train_dataset = components.tokenize_rows(
+                train_rows, data_format, tokenizer, train_on_prompt=cfg.train_on_prompt, field_name="train_file"
             )
-        # SFTConfig must exist before the model is loaded: with DeepSpeed ZeRO-3 it installs the hook that
-        # partitions weights while they are created.
-        args = components.build_sft_config(cfg, bf16=bf16, has_eval=eval_dataset is not None)
+            eval_dataset = None
+            if eval_rows is not None:
+                eval_dataset = components.tokenize_rows(
+                    eval_rows, data_format, tokenizer, train_on_prompt=cfg.train_on_prompt, field_name="eval_file"
+                )
+        # The trainer config must exist before the model is loaded: with DeepSpeed ZeRO-3 it installs the hook
+        # that partitions weights while they are created.
+        build_config = components.build_dpo_config if dpo else components.build_sft_config
+        args = build_config(cfg, bf16=bf16, has_eval=eval_dataset is not None)
         model = components.load_model(cfg, bf16=bf16)
         total_before_peft = components.count_params(model)
         # Trainer overwrites config.use_cache with TrainingArguments.use_cache (False) and that would be
         # saved with the final model, slowing generation; remember the model's own setting.
         self._use_cache = getattr(model.config, "use_cache", None)
 
-        from trl import SFTTrainer
+        from trl import DPOTrainer, SFTTrainer
 
         from workers.training.callbacks import EventsCallback
         from workers.training.masks import trained_share
         from workers.training.token_stats import summarize
 
         self.callback = EventsCallback(self.writer, cfg.stop_file)
-        self.trainer = SFTTrainer(
+        self.callback.count_loss_tokens = not dpo
+        trainer_class: Any = DPOTrainer if dpo else SFTTrainer  # same constructor for what is passed here
+        self.trainer = trainer_class(
             model=model,
             args=args,
             train_dataset=train_dataset,
@@ -121,12 +131,16 @@ class SFTRecipe:
             "trainable_params": trainable,
             "total_params": total,
             "resume_from_checkpoint": cfg.resume_from_checkpoint,
-            "train_tokens": summarize([len(ids) for ids in train_dataset["input_ids"]], cfg.max_seq_length),
-            # What the loss sees: answers only unless train_on_prompt (the share is of all tokens, before packing).
-            "train_on_prompt": cfg.train_on_prompt,
-            "loss_tokens": trained_share(train_dataset["labels"]),
+            "objective": cfg.objective,
         }
-        if over := self.info["train_tokens"]["rows_over_max_seq_length"]:
+        if not dpo:
+            self.info |= {
+                "train_tokens": summarize([len(ids) for ids in train_dataset["input_ids"]], cfg.max_seq_length),
+                # What the loss sees: answers only unless train_on_prompt (a share of all tokens, before packing).
+                "train_on_prompt": cfg.train_on_prompt,
+                "loss_tokens": trained_share(train_dataset["labels"]),
+            }
+        if not dpo and (over := self.info["train_tokens"]["rows_over_max_seq_length"]):
             log.warning(
                 "%d of %d train rows are longer than max_seq_length=%d and will be cut",
                 over,
@@ -164,7 +178,7 @@ class SFTRecipe:
             f", eval_loss {self.eval_metrics['eval_loss']:.4f}" if "eval_loss" in self.eval_metrics else "",
         )
 
-    def _final_eval_metrics(self, trainer: SFTTrainer) -> dict[str, Any]:
+    def _final_eval_metrics(self, trainer: SFTTrainer | DPOTrainer) -> dict[str, Any]:
         step = trainer.state.global_step
         for entry in reversed(trainer.state.log_history):
             if "eval_loss" in entry and entry.get("step") == step:
@@ -270,7 +284,7 @@ class SFTRecipe:
 
     # ============================================================================================== helpers
 
-    def _require_trainer(self) -> tuple[SFTTrainer, EventsCallback]:
+    def _require_trainer(self) -> tuple[SFTTrainer | DPOTrainer, EventsCallback]:
         if self.trainer is None or self.callback is None:
             raise RuntimeError("SFTRecipe.setup() must run first")
         return self.trainer, self.callback

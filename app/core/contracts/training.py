@@ -54,6 +54,12 @@ class Hyperparameters(BaseModel):
         description="lora: adapter on a full-precision base; qlora: adapter on a 4-bit NF4 base (CUDA only); "
         "full: all weights",
     )
+    objective: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft: learn the answers (supervised); dpo: prefer `chosen` over `rejected` answers (direct "
+        "preference optimization, trl's DPOTrainer) on a preference dataset",
+    )
+    dpo_beta: float = Field(0.1, gt=0, le=10, description="dpo: how far the policy may move from the reference model")
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank: higher = more capacity and memory")
     lora_alpha: int = Field(32, ge=1, le=1_000_000, description="LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout applied to the LoRA input")
@@ -91,6 +97,8 @@ class Hyperparameters(BaseModel):
             raise ValueError("merge_adapter only applies to lora and qlora (a full fine-tune has no adapter)")
         if self.max_steps == 0:
             raise ValueError("max_steps must be -1 (use epochs) or a positive number")
+        if self.objective == "dpo" and self.packing:
+            raise ValueError("packing does not apply to dpo (each row is a chosen/rejected pair)")
         return self
 
     @property

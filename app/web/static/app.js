@@ -190,6 +190,12 @@ async function showExperiment(id) {
   $("#detail-title").textContent = e.name;
   $("#detail-status").textContent = `${e.status}, attempt ${e.attempt}${e.error ? ` — ${e.error}` : ""}`;
   $("#detail-params").textContent = JSON.stringify(e.hyperparameters, null, 2);
+  // What the dataset report warned of at submit (text only: it quotes the user's data).
+  $("#detail-warnings").replaceChildren(...(e.warnings ?? []).map((warning) => {
+    const item = document.createElement("li");
+    item.textContent = `warning: ${warning}`;
+    return item;
+  }));
   drawLoss(metrics.data.filter((m) => "loss" in m.data).map((m) => [m.data.step, m.data.loss]));
 }
 
