@@ -38,7 +38,8 @@ def test_a_run_is_evaluated_after_it_succeeds(stack: Stack, tiny_model: Path) ->
         assert r.status_code == 201, r.text
         dataset = r.json()
         first = submit(http, dataset["id"], tiny_model, "evaluated")
-        spec = {"metrics": ["exact_match", "rouge_l", "bleu"], "max_tokens": 8}
+        judge = http.post("/api/deployments/", json={"base_model": str(tiny_model), "name": "eval-judge"}).json()
+        spec = {"metrics": ["exact_match", "rouge_l", "bleu"], "max_tokens": 8, "judge_deployment": judge["id"]}
         r = http.post(f"/api/experiments/{first['id']}/evaluation", json=spec)
         assert r.status_code == 201, r.text
         assert r.json()["status"] in ("waiting", "queued")  # queued only if the run already succeeded
@@ -56,6 +57,9 @@ def test_a_run_is_evaluated_after_it_succeeds(stack: Stack, tiny_model: Path) ->
         assert set(metrics) == {"exact_match", "rouge_l", "bleu"} and evaluation["results"]["items"] == 5
         assert 0 <= metrics["exact_match"] <= 1 and 0 <= metrics["rouge_l"] <= 1 and metrics["bleu"] >= 0
         assert {e["reference"] for e in evaluation["results"]["examples"]} <= {r["completion"] for r in ROWS}
+        # The judge (a random tiny model) graded each answer or was counted as not grading it.
+        verdicts = evaluation["results"]["judge"]
+        assert verdicts["model"] == "eval-judge" and verdicts["graded"] + verdicts["ungraded"] == 5
         card = http.get(f"/api/experiments/{first['id']}/artifacts/README.md").text
         assert "## Evaluation" in card and f"| rouge_l | {metrics['rouge_l']} |" in card
         # The model card and the lineage carry where the run came from, and what trained it.
