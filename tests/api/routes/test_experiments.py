@@ -133,8 +133,8 @@ def test_relay_delivers_to_the_broker(client: TestClient, dataset_id: str, tiny_
     r = redis.Redis.from_url(IN_PROCESS_REDIS)
     r.delete("train.cpu")
     exp = client.post("/api/experiments/", json=body(dataset_id, tiny_model)).json()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not r.llen("train.cpu"):
+    deadline = time.monotonic() + 60  # a wait, not a timing: the relay polls every api.relay_interval_s
+    while time.monotonic() < deadline and not any(exp["id"] in m.decode() for m in r.lrange("train.cpu", 0, -1)):
         time.sleep(0.1)
     messages = [m.decode() for m in r.lrange("train.cpu", 0, -1)]
     assert any(exp["id"] in m for m in messages)
