@@ -72,8 +72,21 @@ def get_report(
     max_seq_length: int,
     train_on_prompt: bool,
     sample_rows: int,
-    shape: TrainingShape,
+    method: str,
+    batch_size: int,
+    lora_r: int,
+    gradient_checkpointing: bool,
+    queue: str | None,
 ) -> DatasetReport:
+    """The report for this dataset, model and run shape: kept, computed now, or pending on a worker."""
+    shape = training_shape(
+        settings,
+        method=method,
+        batch_size=batch_size,
+        lora_r=lora_r,
+        gradient_checkpointing=gradient_checkpointing,
+        queue=queue,
+    )
     request = {
         "base_model": str(model_dir),
         "max_seq_length": max_seq_length,

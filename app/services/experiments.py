@@ -40,7 +40,7 @@ from app.models import (
 )
 from app.services import audit
 from app.services.crud import get_owned, paginate
-from app.services.dataset_reports import get_report, training_shape
+from app.services.dataset_reports import get_report
 from app.services.errors import Conflict, InvalidRequest
 from app.services.lineage import submit_lineage
 from app.services.principal import Principal
@@ -235,14 +235,6 @@ def _report_findings(
     model_dir = Path(base_model)
     if not (model_dir / "config.json").is_file():
         return []
-    shape = training_shape(
-        settings,
-        method=params.method,
-        batch_size=params.batch_size,
-        lora_r=params.lora_r,
-        gradient_checkpointing=params.gradient_checkpointing,
-        queue=queue,
-    )
     report = get_report(
         session=session,
         storage=storage,
@@ -253,7 +245,11 @@ def _report_findings(
         max_seq_length=params.max_seq_length,
         train_on_prompt=params.train_on_prompt,
         sample_rows=1,
-        shape=shape,
+        method=params.method,
+        batch_size=params.batch_size,
+        lora_r=params.lora_r,
+        gradient_checkpointing=params.gradient_checkpointing,
+        queue=queue,
     )
     if report.status is ReportStatus.pending:
         return ["the dataset report is still being computed; its checks were not applied to this run"]

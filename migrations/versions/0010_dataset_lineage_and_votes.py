@@ -1,7 +1,7 @@
 """dataset lineage and preference votes
 
 Revision ID: 0010
-Revises: 0009
+Revises: 0006
 Create Date: 2026-12-02 21:00:00.000000
 
 A dataset version links to the one it was made from (curation, or an A/B test's votes) and says how;
@@ -17,7 +17,7 @@ import sqlmodel  # noqa: F401  (autogenerate renders sqlmodel column types)
 
 # revision identifiers, used by Alembic.
 revision: str = '0010'
-down_revision: Union[str, Sequence[str], None] = '0009'
+down_revision: Union[str, Sequence[str], None] = '0006'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 

@@ -89,7 +89,7 @@ def render_model_card(
             "",
             "## Framework versions",
             "",
-            "\n".join(f"- {name}: {version}" for name, version in _framework_versions().items()),
+            "\n".join(f"- {name}: {version}" for name, version in framework_versions().items()),
             "",
             *_lineage(cfg.lineage),
         ]
@@ -182,9 +182,10 @@ def _table(rows: dict[str, Any], header: tuple[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _framework_versions() -> dict[str, str]:
+def framework_versions(names: tuple[str, ...] = _FRAMEWORKS) -> dict[str, str]:
+    """Installed versions of these packages (those not installed are left out)."""
     versions = {}
-    for name in _FRAMEWORKS:
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

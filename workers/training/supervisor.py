@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib.metadata
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from app.datasets.formats import to_training_record
 from app.datasets.split import split_indices
 from app.models import Dataset, Experiment, ExperimentEvent, ExperimentStatus
 from workers import jobs
+from workers.training.model_card import framework_versions
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -175,13 +175,7 @@ LIBRARIES = (
 
 def library_versions() -> dict[str, str]:
     """The training stack of this worker (the trainer child runs in the same environment)."""
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
+    return framework_versions(LIBRARIES)
 
 
 def _run_inputs(experiment: Experiment) -> tuple[Dataset, str | None]:

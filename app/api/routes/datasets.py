@@ -165,14 +165,6 @@ def dataset_report(
     model = Path(check_base_model(base_model, settings))
     if not model.is_dir():
         raise InvalidRequest("base_model", "the report renders with a local model directory; Hub ids are not fetched")
-    shape = dataset_reports.training_shape(
-        settings,
-        method=method,
-        batch_size=batch_size,
-        lora_r=lora_r,
-        gradient_checkpointing=gradient_checkpointing,
-        queue=queue,
-    )
     report = dataset_reports.get_report(
         session=session,
         storage=storage,
@@ -183,7 +175,11 @@ def dataset_report(
         max_seq_length=max_seq_length,
         train_on_prompt=train_on_prompt,
         sample_rows=rows,
-        shape=shape,
+        method=method,
+        batch_size=batch_size,
+        lora_r=lora_r,
+        gradient_checkpointing=gradient_checkpointing,
+        queue=queue,
     )
     if report.status is ReportStatus.pending:
         response.status_code = 202
