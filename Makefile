@@ -53,5 +53,5 @@ gpu:
 	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 	mkdir -p $(OUT)
 	PYTHONPATH=/tmp/site:. STUDIO_TEST_SERVICES=0 python3 -m pytest -q -m gpu -p no:cacheprovider tests/workers | tee $(OUT)/gpu-tests.txt
-	PYTHONPATH=/tmp/site:. python3 benchmarks/inference_engine.py --shape tinyllama --out $(OUT)/inference_engine.json | tee $(OUT)/inference_engine.txt
+	PYTHONPATH=/tmp/site:. python3 benchmarks/inference_engine.py --shape tinyllama --adapters 3 --out $(OUT)/inference_engine.json | tee $(OUT)/inference_engine.txt
 	PYTHONPATH=/tmp/site:. python3 benchmarks/training.py --shape tinyllama | tee $(OUT)/training.txt

@@ -13,7 +13,7 @@ and prefill are ignored, so the bound is optimistic), and the fraction of it rea
     python benchmarks/inference_engine.py                              # tiny random Llama, CPU, ~15 s
     python benchmarks/inference_engine.py --adapters 3                 # + an arm mixing 3 LoRA adapters
     python benchmarks/inference_engine.py --shape tinyllama            # random TinyLlama-1.1B shape, bf16, CUDA
-    python benchmarks/inference_engine.py --model PATH --hbm-gbps 4800 # an existing model (4800: H200)
+    python benchmarks/inference_engine.py --model PATH                 # an existing model
 """
 
 from __future__ import annotations
@@ -208,19 +208,25 @@ def run_engine(
         for i in range(concurrency)
     ]
     round_seconds: list[float] = []
+    forward_seconds: list[float] = []
+    timer = ForwardTimer(engine)
     outputs: list[list[int]] = []
     for _ in range(rounds):
         before = engine.stats()
+        timer.seconds = 0.0
         start = time.perf_counter()
         handles = [engine.submit(r) for r in requests]
         results = [h.result(timeout=3600) for h in handles]
         round_seconds.append(time.perf_counter() - start)
+        forward_seconds.append(timer.seconds)
         after = engine.stats()
         outputs = [list(r.token_ids) for r in results]
         tokens = after["generated_tokens"] - before["generated_tokens"]
         assert tokens == concurrency * new_tokens, (tokens, concurrency, new_tokens)
         steps = after["decode_steps"] - before["decode_steps"] + 1  # + the wave's prefill step
-    seconds = statistics.median(round_seconds)  # the median round: robust to a noisy neighbour
+    timer.remove()
+    median = sorted(range(rounds), key=lambda i: round_seconds[i])[rounds // 2]
+    seconds = round_seconds[median]  # the median round: robust to a noisy neighbour
     tokens = concurrency * new_tokens
     return {
         "arm": f"engine, {len(names)} adapters mixed" if names else "engine",
@@ -232,8 +238,65 @@ def run_engine(
         "best_tokens_per_s": tokens / min(round_seconds),
         "ms_per_step": 1000 * seconds / steps,
         "round_seconds": round_seconds,
+        # Everything but the model's forwards (scheduling, tensors to and from the device, sampling on the
+        # dynamic path, detokenizing, streaming), per engine step.
+        "host_ms_per_step": 1000 * (seconds - forward_seconds[median]) / steps,
         "outputs": outputs,
     }
+
+
+class ForwardTimer:
+    """Adds up the seconds an engine spends in model forwards (prefill and decode), synchronising on CUDA."""
+
+    def __init__(self, engine: InferenceEngine) -> None:
+        self.seconds = 0.0
+        self._patched: list[tuple[Any, str, Any]] = []
+        decoder = engine._scheduler._runner
+        runner = getattr(decoder, "_runner", decoder)  # the static decoder prefills through the ModelRunner
+        self._wrap(runner, "logits", engine.device)
+        if decoder is not runner:
+            self._wrap(decoder, "_step", engine.device)
+
+    def _wrap(self, owner: Any, name: str, device: torch.device) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            sync(device)
+            start = time.perf_counter()
+            result = original(*args, **kwargs)
+            sync(device)
+            self.seconds += time.perf_counter() - start
+            return result
+
+        self._patched.append((owner, name, vars(owner).get(name)))
+        setattr(owner, name, timed)
+
+    def remove(self) -> None:
+        for owner, name, own in self._patched:
+            if own is None:
+                delattr(owner, name)  # back to the class's method
+            else:
+                setattr(owner, name, own)  # an instance attribute (the static decoder's possibly compiled step)
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def copy_bandwidth_gbps(device: torch.device, gib: float = 1.0, repeats: int = 20) -> float:
+    """Device memory bandwidth measured by a copy kernel (read + write), GB/s."""
+    source = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    sync(device)
+    return 2 * source.numel() * repeats / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:
@@ -247,10 +310,16 @@ def main() -> None:
     parser.add_argument("--baseline-prompts", type=int, default=4, help="prompts HF generate runs, sequentially")
     parser.add_argument("--rounds", type=int, default=3, help="waves per concurrency level (the median is shown)")
     parser.add_argument("--adapters", type=int, default=0, help="also run an arm mixing N random LoRA adapters")
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=["dynamic", "static", "compiled"],
+        default=["dynamic", "static", "compiled"],
+        help="engine decode paths to run (InferenceEngine(decode=...))",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on CUDA")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 steadies CPU timings on a busy machine)")
-    parser.add_argument("--hbm-gbps", type=float, default=3350.0, help="GPU memory bandwidth (H100 SXM: 3350)")
     parser.add_argument(
         "--hf-batch-attn",
         default="sdpa",
@@ -275,7 +344,8 @@ def main() -> None:
 
         from transformers import AutoConfig
 
-        vocab_size = AutoConfig.from_pretrained(model_path).get_text_config(decoder=True).vocab_size
+        model_config = AutoConfig.from_pretrained(model_path).get_text_config(decoder=True)
+        vocab_size = model_config.vocab_size
         prompts = random_prompts(max(args.concurrency), args.prompt_tokens, vocab_size)
         baseline = run_hf_baseline(model_path, prompts[: args.baseline_prompts], args.new_tokens, device, dtype)
         library = []
@@ -291,27 +361,44 @@ def main() -> None:
 
         results = []
         arms = [{}, adapters] if adapters else [{}]
-        with InferenceEngine(model_path, max_batch_size=max(args.concurrency), device=device, dtype=dtype) as engine:
-            info = engine.info()
-            eos = engine.tokenizer.eos_token_id
-            for arm_adapters in arms:
-                run_engine(engine, prompts, max(args.concurrency), 4, arm_adapters, 1)  # warm-up, loads adapters
-                for concurrency in args.concurrency:
-                    results.append(run_engine(engine, prompts, concurrency, args.new_tokens, arm_adapters, args.rounds))
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        for path in args.paths:
+            with InferenceEngine(
+                model_path, max_batch_size=max(args.concurrency), device=device, dtype=dtype, decode=path
+            ) as engine:
+                info = engine.info()
+                eos = engine.tokenizer.eos_token_id
+                for arm_adapters in arms:
+                    run_engine(engine, prompts, max(args.concurrency), 4, arm_adapters, 1)  # warm-up, loads adapters
+                    for concurrency in args.concurrency:
+                        row = run_engine(engine, prompts, concurrency, args.new_tokens, arm_adapters, args.rounds)
+                        row["arm"] = f"{path}: {row['arm']}"
+                        results.append(row)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
+    bandwidth, kv_bytes = 0.0, 0
+    if device.type == "cuda":
+        bandwidth = copy_bandwidth_gbps(device)
+        kv_bytes = kv_bytes_per_token(model_config, dtype)
     # HF's min_new_tokens forbids EOS while ignore_eos lets the engine pick it: compare up to the first EOS.
-    single = next((r for r in results if r["concurrency"] == 1 and r["arm"] == "engine"), None)
+    single = next((r for r in results if r["concurrency"] == 1 and r["arm"].endswith(": engine")), None)
     matches = None
     if single is not None:
         ours = single["outputs"][0]
         end = next((i for i, t in enumerate(ours) if t == eos), len(ours))
         matches = ours[:end] == baseline["outputs"][0][:end]
     rows = [baseline, *library, *results]
+    dynamic = {(r["arm"].split(": ", 1)[1], r["concurrency"]): r for r in results if r["arm"].startswith("dynamic: ")}
     for row in rows:
         row["vs_hf"] = row["tokens_per_s"] / baseline["tokens_per_s"]
+        same = dynamic.get((row["arm"].split(": ", 1)[-1], row["concurrency"]))
+        if same is not None and ": " in row["arm"]:
+            row["vs_dynamic"] = row["tokens_per_s"] / same["tokens_per_s"]
         if device.type == "cuda":
-            row["bound_tokens_per_s"] = row["concurrency"] * args.hbm_gbps * 1e9 / info["parameter_bytes"]
+            # A decode step reads every weight once and each row's KV cache (average context C):
+            # B x BW / (W + B x C x kv_bytes_per_token).
+            context = args.prompt_tokens + args.new_tokens / 2
+            step_bytes = info["parameter_bytes"] + row["concurrency"] * context * kv_bytes
+            row["bound_tokens_per_s"] = row["concurrency"] * bandwidth * 1e9 / step_bytes
             row["fraction_of_bound"] = row["tokens_per_s"] / row["bound_tokens_per_s"]
         del row["outputs"]
 
@@ -319,18 +406,25 @@ def main() -> None:
         f"model: {shape} ({info['parameters'] / 1e6:.1f}M parameters, {info['parameter_bytes'] / 2**20:.0f} MiB), "
         f"{info['dtype']} on {info['device']}; prompt {args.prompt_tokens} + {args.new_tokens} new tokens"
     )
-    header = f"{'arm':<30} {'conc':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>10} {'ms/step':>8} {'vs HF':>7}"
+    header = (
+        f"{'arm':<36} {'conc':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>10} {'ms/step':>8} {'host ms':>8} "
+        f"{'vs HF':>7} {'vs dyn':>7}"
+    )
     if device.type == "cuda":
         header += f" {'bound tok/s':>12} {'of bound':>9}"
     print(header)
     for row in rows:
+        host = f"{row['host_ms_per_step']:>8.2f}" if "host_ms_per_step" in row else f"{'':>8}"
+        vs_dynamic = f"{row['vs_dynamic']:>6.2f}x" if "vs_dynamic" in row else f"{'':>7}"
         line = (
-            f"{row['arm']:<30} {row['concurrency']:>5} {row['tokens']:>7} {row['seconds']:>8.2f} "
-            f"{row['tokens_per_s']:>10.1f} {row['ms_per_step']:>8.2f} {row['vs_hf']:>6.2f}x"
+            f"{row['arm']:<36} {row['concurrency']:>5} {row['tokens']:>7} {row['seconds']:>8.2f} "
+            f"{row['tokens_per_s']:>10.1f} {row['ms_per_step']:>8.2f} {host} {row['vs_hf']:>6.2f}x {vs_dynamic}"
         )
         if device.type == "cuda":
             line += f" {row['bound_tokens_per_s']:>12.0f} {100 * row['fraction_of_bound']:>8.1f}%"
         print(line)
+    if device.type == "cuda":
+        print(f"copy-kernel bandwidth {bandwidth:.0f} GB/s; KV {kv_bytes} bytes/token")
     print(f"engine greedy output (concurrency 1, prompt 0) equals HF generate's: {matches}")
     if peak is not None:
         print(f"peak GPU memory of the engine runs: {peak / 2**30:.2f} GiB")

@@ -157,6 +157,18 @@ class InferenceSettings(BaseModel):
     max_adapters: int = Field(8, ge=1, description="LoRA adapters kept loaded per base model (LRU)")
     max_base_models: int = Field(1, ge=1, description="Base models one worker keeps loaded at once")
     device: str = Field("", description="cuda, cpu, ...; default cuda when available")
+    decode: Literal["dynamic", "static", "compiled"] = Field(
+        "static",
+        description="Decode path of the engines: 'static' (preallocated KV slots and stacked LoRA, eager), "
+        "'compiled' (the same step under torch.compile, CUDA graphs on CUDA; compiles at engine start), "
+        "'dynamic' (the padded DynamicCache path). Models outside the Llama family always use 'dynamic'",
+    )
+    static_max_len: int = Field(
+        4096,
+        ge=64,
+        description="Tokens (prompt + completion) one request may hold on the static/compiled paths: the KV slots "
+        "take max_batch_size x this x layers x kv_heads x head_dim x 2 x dtype bytes, allocated at engine start",
+    )
     cache_dir: str = Field("", description="Where workers keep downloaded adapters; default $STUDIO_DATA_DIR/adapters")
     heartbeat_interval_s: float = Field(1.0, description="How often a worker reports its stats")
     worker_stale_after_s: float = Field(10.0, description="A worker silent this long is lost; its requests fail")

@@ -23,7 +23,7 @@ import re
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,14 @@ class AdapterCapacityFull(AdapterError):
 class AdapterCache:
     """At most `capacity` LoRA adapters on `base_model`, evicting the least recently used idle one."""
 
-    def __init__(self, base_model: nn.Module, capacity: int, *, device: torch.device) -> None:
+    def __init__(
+        self,
+        base_model: nn.Module,
+        capacity: int,
+        *,
+        device: torch.device,
+        validate: Callable[[nn.Module, str], None] | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"adapter capacity must be >= 1, got {capacity}")
         self.capacity = capacity
@@ -81,6 +88,9 @@ class AdapterCache:
         self._lock = threading.Lock()  # guards `_paths` for readers on other threads
         self._hooks: list[RemovableHandle] = []
         self._rows: list[str] | None = None  # adapter per batch row during `forward`, read by the hooks
+        # Extra checks of a loaded adapter (the static decode path's); a failure unloads it again.
+        self._validate = validate
+        self.version = 0  # bumped on every load and unload: lets mirrors of the loaded set (LoRA stacks) resync
 
     @property
     def model(self) -> nn.Module:
@@ -150,6 +160,13 @@ class AdapterCache:
         self._load(name, directory, config)
         with self._lock:
             self._paths[name] = directory
+        if self._validate is not None:
+            try:
+                self._validate(self.model, name)
+            except Exception:
+                self._remove(name)
+                raise
+        self.version += 1
         log.info("loaded adapter %s from %s (evicted: %s)", name, directory, evicted or "none")
         return evicted
 
@@ -237,6 +254,7 @@ class AdapterCache:
             self._base = self._peft.unload()
             self._peft = None
         self._install_hooks()
+        self.version += 1
         log.info("unloaded adapter %s", name)
 
     def _install_hooks(self) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -50,14 +50,20 @@ from workers.inference.request import (
 )
 from workers.inference.runner import ModelRunner
 from workers.inference.sampling import RowSampling
-from workers.inference.scheduler import Scheduler, SequenceState
+from workers.inference.scheduler import Decoder, Scheduler, SequenceState
 from workers.inference.scoring import ScoreJob, Scorer, plan_chunks, prepare_items, set_exception, set_result
+from workers.inference.static.decoder import StaticDecoder
+from workers.inference.static.llama import unsupported_reason
+from workers.inference.static.lora import check_adapter_targets
 from workers.inference.stats import EngineStats
 from workers.inference.text import IncrementalDecoder, StopMatcher
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# "dynamic": the padded DynamicCache path (any causal LM); "static": KV slots + stacked LoRA, eager;
+# "compiled": the static step under torch.compile (CUDA graphs on CUDA). See `static/decoder.py`.
+DecodePath = Literal["dynamic", "static", "compiled"]
 # Bounded tokenization of prompts (`InferenceEngine._encode`).
 PREFIX_CHARS_PER_TOKEN = 8  # the first prefix tried: 8 characters per token that fits (text averages ~4)
 PREFIX_SLACK_TOKENS = 16  # what cutting a text can change in its last tokens
@@ -88,6 +94,8 @@ class InferenceEngine:
         max_prefill_tokens: int = 16384,
         stats_window_s: float = 10.0,
         on_step: Callable[[StepInfo], None] | None = None,
+        decode: DecodePath = "static",
+        static_max_len: int = 4096,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -105,7 +113,16 @@ class InferenceEngine:
         self._parameter_bytes = loaded.parameter_bytes
         self._tokenizer_lock = threading.Lock()  # fast tokenizers raise "Already borrowed" when shared by threads
         self._backend_decode = loaded.backend_decode
-        self._adapters = AdapterCache(loaded.model, max_adapters, device=self.device)
+        self.decode_path = _choose_decode_path(decode, loaded.model)
+        if self.decode_path != "dynamic":
+            # KV slots are allocated for the whole context up front: bound it (see `static_max_len`).
+            self.max_context = min(self.max_context, static_max_len)
+        self._adapters = AdapterCache(
+            loaded.model,
+            max_adapters,
+            device=self.device,
+            validate=check_adapter_targets if self.decode_path != "dynamic" else None,
+        )
         self._stats = EngineStats(stats_window_s)
         self._on_step = on_step
 
@@ -118,8 +135,17 @@ class InferenceEngine:
         runner = ModelRunner(
             self._adapters, device=self.device, pad_id=loaded.pad_id, logits_to_keep=loaded.logits_to_keep
         )
+        decoder: Decoder = runner
+        if self.decode_path != "dynamic":
+            decoder = StaticDecoder(
+                runner,
+                loaded.model,
+                max_batch_size=max_batch_size,
+                max_len=self.max_context,
+                compiled=self.decode_path == "compiled",
+            )
         self._scheduler = Scheduler(
-            runner,
+            decoder,
             self._stats,
             self._cond,
             eos=loaded.eos,
@@ -130,6 +156,8 @@ class InferenceEngine:
 
         with torch.inference_mode():
             runner.probe()
+            if isinstance(decoder, StaticDecoder) and decoder.compiled:
+                decoder.warm_up()  # compiles every bucket now, not on the first requests
         self._thread = threading.Thread(target=self._run, name="inference-engine", daemon=True)
         self._thread.start()
 
@@ -310,6 +338,7 @@ class InferenceEngine:
             "vocab_size": self._vocab_size,
             "max_batch_size": self.max_batch_size,
             "max_prefill_tokens": self.max_prefill_tokens,
+            "decode_path": self.decode_path,
             "adapter_capacity": self._adapters.capacity,
             "parameters": self._parameters,
             "parameter_bytes": self._parameter_bytes,  # base model weights, adapters not included
@@ -428,6 +457,17 @@ class InferenceEngine:
             if self._backend_decode is not None:
                 return self._backend_decode(list(ids), skip_special_tokens=True)
             return str(self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
+def _choose_decode_path(wanted: DecodePath, model: nn.Module) -> DecodePath:
+    """`wanted`, or "dynamic" (logged) when the model is not one the static path covers."""
+    if wanted == "dynamic":
+        return wanted
+    reason = unsupported_reason(model)
+    if reason is not None:
+        log.warning("decode path %r unavailable (%s); using the dynamic path", wanted, reason)
+        return "dynamic"
+    return wanted
 
 
 def _run_into(operation: Callable[[], Any], future: Future[Any]) -> None:

@@ -70,8 +70,8 @@ class PaddedKV:
             mine.values = torch.cat([_pad_seq(mine.values, pad_self), _pad_seq(theirs.values, pad_other)], dim=0)
         self.mask = torch.cat([F.pad(self.mask, (pad_self, 0)), F.pad(other.mask, (pad_other, 0))], dim=0)
 
-    def select(self, rows: list[int]) -> None:
-        """Keep only `rows` (in that order), then drop leading columns that no remaining row uses."""
+    def select(self, rows: list[int]) -> list[int]:
+        """Keep only `rows` (in that order), then drop leading columns that no remaining row uses; returns `rows`."""
         index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         mask = self.mask.index_select(0, index)
         used = mask.any(dim=0)
@@ -81,6 +81,7 @@ class PaddedKV:
             assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
             layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[:, :, start:]
             layer.values = layer.values.index_select(0, index.to(layer.values.device))[:, :, start:]
+        return rows
 
 
 def _pad_seq(states: torch.Tensor, amount: int) -> torch.Tensor:

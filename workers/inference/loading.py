@@ -49,6 +49,7 @@ def load_model(model_path: Path, *, device: torch.device, dtype: torch.dtype, ma
         model_path, use_safetensors=True, dtype=dtype, trust_remote_code=False
     )
     base = base.to(device).eval()  # type: ignore[arg-type]  # transformers types `to` oddly
+    base.requires_grad_(False)  # serving only; also what peft sets when it wraps the model (no recompile then)
     eos = eos_ids(base, tokenizer)
     pad = tokenizer.pad_token_id
     return LoadedModel(

@@ -83,6 +83,9 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     token_ids: tuple[int, ...]
+    # Natural-log probability of each token in `token_ids` under the model's distribution at its step (before
+    # temperature and top-p), computed in float32 from the same logits the token was chosen from.
+    token_logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

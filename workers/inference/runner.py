@@ -4,24 +4,13 @@ It holds no batch state: the scheduler owns the running rows and their `PaddedKV
 forward gets left-padded rows (`left_pad`), explicit position ids and one adapter name per row, which
 `AdapterCache.forward` routes to the LoRA layers ("__base__" for the base model).
 
-Not done yet: the GPU lever
----------------------------
-Every decode step here re-launches the whole model eagerly and `DynamicCache` re-concatenates each layer's
-keys and values (O(batch x length) copies per step). On an H100 with a 7B model at batch 64, that per-step
-overhead (kernel launches, Python, allocation) dominates the step, not the FLOPs. The fix is a static KV
-cache (`transformers.StaticCache`-style: preallocated (max_batch, heads, max_len, head_dim) slots, a row
-keeps its slot while it runs, writes at per-row positions instead of concatenating) plus capturing the
-decode step in CUDA graphs (`torch.compile(mode="reduce-overhead")` or manual `torch.cuda.CUDAGraph`) for a
-few padded batch sizes (1, 2, 4, ..., 64). Mixed adapters would then need the per-row LoRA as graph-friendly
-ops (a gathered per-row A/B bmm, as in punica/S-LoRA) instead of peft's Python loop over sub-batches. On CPU
-the dynamic approach is fine: the step is compute-bound.
-
-Per-step Python already trimmed: adapter names reach the LoRA layers through hooks registered once per adapter
-change (`adapters.py`), not by peft walking the model every forward, and streaming detokenization calls the
-Rust decoder directly. What remains with adapters is peft's `_mixed_batch_forward` (per LoRA layer: Python
-index lists per adapter, advanced indexing, index_put); replacing it with per-step device index tensors and
-`index_select`/`index_add_` (or a punica-style kernel) is the next step (`benchmarks/inference_engine.py
---adapters 3` measures it).
+This is the "dynamic" decode path: every decode step re-launches the whole model eagerly, `DynamicCache`
+re-concatenates each layer's keys and values (O(batch x length) copies per step) and peft loops over adapter
+sub-batches in Python in every LoRA layer. It serves any causal LM. For Llama-family models the engine's default
+is the static path (`static/`: preallocated KV slots, stacked LoRA, one fixed-shape step that can be compiled
+and captured as CUDA graphs), which still prefills through `prefill` here. Per-step Python already trimmed on
+this path: adapter names reach the LoRA layers through hooks registered once per adapter change
+(`adapters.py`), and streaming detokenization calls the Rust decoder directly.
 """
 
 from __future__ import annotations
@@ -35,7 +24,7 @@ from transformers import DynamicCache
 from workers.inference.adapters import AdapterCache
 from workers.inference.kv import PaddedKV, check_supported, new_cache
 from workers.inference.request import BASE_ADAPTER
-from workers.inference.sampling import RowSampling, next_tokens
+from workers.inference.sampling import RowSampling, Sampled, next_tokens
 
 
 class ModelRunner:
@@ -90,9 +79,14 @@ class ModelRunner:
         return logits[:, -keep:, :]
 
     def prefill(
-        self, prompts: list[list[int]], adapters: list[str], sampling: list[RowSampling]
-    ) -> tuple[list[int], PaddedKV]:
-        """Run `prompts` together into a fresh cache; returns their first tokens and that cache with its mask."""
+        self,
+        prompts: list[list[int]],
+        adapters: list[str],
+        sampling: list[RowSampling],
+        after: PaddedKV | None = None,
+    ) -> tuple[Sampled, PaddedKV]:
+        """Run `prompts` together into a fresh cache; returns their first tokens and that cache with its mask.
+        (`after`, the batch it will join, does not matter here: `PaddedKV.merge` aligns any two caches.)"""
         ids, mask, positions = self.left_pad(prompts)
         cache = new_cache()
         logits = self.logits(ids, mask, positions, adapters, cache=cache)[:, -1, :].float()
@@ -106,7 +100,7 @@ class ModelRunner:
         positions: list[int],
         adapters: list[str],
         sampling: list[RowSampling],
-    ) -> list[int]:
+    ) -> Sampled:
         """One step for every row of `kv`: feed each row's last token at its own position, return the next."""
         ids = torch.tensor([[t] for t in last_tokens], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([[p] for p in positions], dtype=torch.long, device=self.device)

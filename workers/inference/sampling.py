@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+Sampled = tuple[list[int], list[float]]  # each row's token and its log-probability
+
 
 @dataclass(frozen=True, slots=True)
 class RowSampling:
@@ -34,8 +36,9 @@ class RowSampling:
         return cls(temperature, top_p, generator)
 
 
-def next_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]:
-    """Pick one token per row of `logits` (batch, vocab); one device->host sync in total."""
+def next_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> tuple[list[int], list[float]]:
+    """Pick one token per row of float32 `logits` (batch, vocab); returns the tokens and their log-probabilities
+    under the model's distribution. One device->host sync in total."""
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if row.generator is not None]
     if sampled:
@@ -54,4 +57,6 @@ def next_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]:
         # First position whose cumulative mass exceeds the target (cumulative is non-decreasing).
         position = (cumulative <= target).sum(dim=-1).clamp_(max=probs.shape[-1] - 1)
         chosen[index] = sorted_ids.gather(-1, position[:, None]).squeeze(-1)
-    return [int(t) for t in chosen.tolist()]
+    logprobs = logits.log_softmax(dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
+    picked = torch.stack([chosen.to(logprobs.dtype), logprobs]).tolist()  # token ids < 2**24: exact in float32
+    return [int(t) for t in picked[0]], picked[1]

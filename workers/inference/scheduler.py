@@ -30,17 +30,43 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from workers.inference.adapters import AdapterCache
 from workers.inference.handle import GenerationHandle
-from workers.inference.kv import PaddedKV
 from workers.inference.request import BASE_ADAPTER, FinishReason, GenerationError, GenerationRequest, GenerationResult
-from workers.inference.runner import ModelRunner
-from workers.inference.sampling import RowSampling
+from workers.inference.sampling import RowSampling, Sampled
 from workers.inference.stats import EngineStats
 from workers.inference.text import IncrementalDecoder, StopMatcher
 
 log = logging.getLogger(__name__)
+
+
+class BatchKV(Protocol):
+    """The running rows' KV state: `kv.PaddedKV` (dynamic path) or `static.slots.SlotBatch`."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    def select(self, rows: list[int]) -> list[int]:
+        """Keep `rows`; returns the kept rows in their new order."""
+        ...
+
+    def merge(self, other: Any) -> None: ...
+
+
+class Decoder(Protocol):
+    """What the scheduler runs forwards with: `runner.ModelRunner` or `static.decoder.StaticDecoder`."""
+
+    adapters: AdapterCache
+
+    def prefill(
+        self, prompts: list[list[int]], adapters: list[str], sampling: list[RowSampling], after: Any = None
+    ) -> tuple[Sampled, Any]: ...
+
+    def decode(
+        self, kv: Any, last_tokens: list[int], positions: list[int], adapters: list[str], sampling: list[RowSampling]
+    ) -> Sampled: ...
 
 
 @dataclass(eq=False)
@@ -55,6 +81,7 @@ class SequenceState:
     decoder: IncrementalDecoder
     matcher: StopMatcher
     generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
     position: int = 0  # position id of the next token fed to the model
     done: bool = False  # finished or failed (its handle may be released only at the end of the iteration)
 
@@ -72,7 +99,7 @@ class Scheduler:
 
     def __init__(
         self,
-        runner: ModelRunner,
+        runner: Decoder,
         stats: EngineStats,
         cond: threading.Condition,
         *,
@@ -89,7 +116,7 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[SequenceState] = deque()
         self.running: list[SequenceState] = []  # row order of `kv`
-        self.kv: PaddedKV | None = None
+        self.kv: BatchKV | None = None
         self._finished: list[tuple[GenerationHandle, GenerationResult]] = []
 
     def adapters_in_use(self) -> set[str]:
@@ -175,34 +202,36 @@ class Scheduler:
     def _prefill(self, sequences: list[SequenceState]) -> None:
         """Run the prompts of `sequences` together, sample their first tokens and merge them into the batch."""
         try:
-            tokens, joined = self._runner.prefill(
-                [s.prompt for s in sequences], [s.adapter for s in sequences], [s.sampling for s in sequences]
+            (tokens, logprobs), joined = self._runner.prefill(
+                [s.prompt for s in sequences],
+                [s.adapter for s in sequences],
+                [s.sampling for s in sequences],
+                after=self.kv,
             )
         except Exception as exc:
             self.fail(sequences, exc)
             return
         self._stats.record_prefill(len(sequences), len(sequences))
         keep = []
-        for row, (sequence, token) in enumerate(zip(sequences, tokens, strict=True)):
+        for row, (sequence, token, logprob) in enumerate(zip(sequences, tokens, logprobs, strict=True)):
             sequence.position = len(sequence.prompt)
-            if not self._accept(sequence, token):
+            if not self._accept(sequence, token, logprob):
                 keep.append(row)
         if not keep:
             return
-        if len(keep) < len(sequences):
-            joined.select(keep)
+        order = joined.select(keep) if len(keep) < len(sequences) else keep
         if self.kv is None:
             self.kv = joined
         else:
             self.kv.merge(joined)
-        self.running.extend(sequences[row] for row in keep)
+        self.running.extend(sequences[row] for row in order)
 
     def _decode(self) -> None:
         """One token for every running row."""
         rows = self.running
         assert self.kv is not None and self.kv.batch_size == len(rows)
         try:
-            tokens = self._runner.decode(
+            tokens, logprobs = self._runner.decode(
                 self.kv,
                 [s.generated[-1] for s in rows],
                 [s.position for s in rows],
@@ -216,19 +245,20 @@ class Scheduler:
             return
         self._stats.record_decode(len(rows), len(rows))
         keep = []
-        for row, (sequence, token) in enumerate(zip(rows, tokens, strict=True)):
+        for row, (sequence, token, logprob) in enumerate(zip(rows, tokens, logprobs, strict=True)):
             sequence.position += 1
-            if not self._accept(sequence, token):
+            if not self._accept(sequence, token, logprob):
                 keep.append(row)
         if len(keep) < len(rows):
             self._retain(keep)
 
     # --- finishing ---------------------------------------------------------------------------------------
 
-    def _accept(self, sequence: SequenceState, token: int) -> bool:
+    def _accept(self, sequence: SequenceState, token: int, logprob: float) -> bool:
         """Record a sampled token and stream its text; True when the sequence finished (and was resolved)."""
         try:
             sequence.generated.append(token)
+            sequence.logprobs.append(logprob)
             if token in self._eos and not sequence.request.ignore_eos:
                 return self._finish(sequence, "stop")
             sequence.handle.push(sequence.matcher.feed(sequence.decoder.push(token)))
@@ -256,6 +286,7 @@ class Scheduler:
             prompt_tokens=len(sequence.prompt),
             completion_tokens=len(sequence.generated),
             token_ids=tuple(sequence.generated),
+            token_logprobs=tuple(sequence.logprobs),
         )
         sequence.done = True
         self._stats.record_finished(ok=True)
@@ -278,9 +309,9 @@ class Scheduler:
 
     def _retain(self, rows: list[int]) -> None:
         """Keep only `rows` of the running batch (finished ones leave right away)."""
-        self.running = [self.running[row] for row in rows]
         if not rows:
-            self.kv = None
-        else:
-            assert self.kv is not None
-            self.kv.select(rows)
+            self.running, self.kv = [], None
+            return
+        assert self.kv is not None
+        order = self.kv.select(rows)  # the batch may reorder its rows (static slots move the last into gaps)
+        self.running = [self.running[row] for row in order]

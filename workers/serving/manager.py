@@ -131,6 +131,8 @@ class EngineManager:
             max_batch_size=self.settings.max_batch_size,
             max_adapters=self.settings.max_adapters,
             device=self.settings.device or None,
+            decode=self.settings.decode,
+            static_max_len=self.settings.static_max_len,
         )
 
     def _make_room(self, base_model: str) -> list[InferenceEngine]:

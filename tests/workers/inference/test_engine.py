@@ -81,7 +81,10 @@ def make_adapter(base_path: Path, out: Path, seed: int, targets: tuple[str, ...]
 
 
 class FlakyForward:
-    """Wraps a model's forward; `on_call(n, output)` may raise or edit the output of the n-th call (from 1)."""
+    """Wraps a model's forward; `on_call(n, output)` may raise or edit the output of the n-th call (from 1).
+
+    Tests using it run the engine with `decode="dynamic"`: the static path's decode steps do not call the
+    Hugging Face forward (its own failure handling is tested in test_static_decode.py)."""
 
     def __init__(self, model: torch.nn.Module, on_call: Callable[[int, Any], None]) -> None:
         self.original = model.forward
@@ -243,7 +246,7 @@ def test_max_tokens_finishes_with_length_and_counts_usage(engine: InferenceEngin
 
 
 def test_eos_finishes_with_stop(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with InferenceEngine(tiny_model) as engine:
+    with InferenceEngine(tiny_model, decode="dynamic") as engine:
         eos = engine.tokenizer.eos_token_id
 
         def force_eos_on_third_token(call: int, output: Any) -> None:
@@ -310,7 +313,7 @@ def test_prompt_too_long_and_bad_arguments_fail_at_submit(engine: InferenceEngin
 def test_forward_errors_fail_the_affected_requests_and_the_engine_recovers(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with InferenceEngine(tiny_model, max_batch_size=8) as engine:
+    with InferenceEngine(tiny_model, decode="dynamic", max_batch_size=8) as engine:
         fail_on: set[int] = {2}  # call 1: prefill, call 2: first decode step
 
         def boom(call: int, output: Any) -> None:
@@ -357,7 +360,7 @@ def test_a_failure_between_forwards_fails_the_batch_not_the_engine(
     def broken_merge(self: PaddedKV, other: PaddedKV) -> None:
         raise RuntimeError("out of memory while merging")
 
-    with InferenceEngine(tiny_model, on_step=on_step) as engine:
+    with InferenceEngine(tiny_model, decode="dynamic", on_step=on_step) as engine:
         monkeypatch.setattr(PaddedKV, "merge", broken_merge)
         first = engine.submit(greedy(chat_prompt(engine, 0), 20, request_id="first"))
         assert paused.wait(WAIT_S)
@@ -600,7 +603,7 @@ def test_score_runs_between_steps_without_disturbing_generation(tiny_model: Path
             paused.set()  # generations are mid-decode: hold the loop until the score call is queued
             resume.wait(WAIT_S)
 
-    with InferenceEngine(tiny_model, max_batch_size=8, max_adapters=2, on_step=on_step) as engine:
+    with InferenceEngine(tiny_model, decode="dynamic", max_batch_size=8, max_adapters=2, on_step=on_step) as engine:
         items = score_items(engine, 24, seed=2)
 
         def request(i: int) -> GenerationRequest:
@@ -713,7 +716,7 @@ def test_info_describes_the_served_model(engine: InferenceEngine, tiny_model: Pa
 
 
 def test_ignore_eos_generates_max_tokens(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with InferenceEngine(tiny_model) as engine:
+    with InferenceEngine(tiny_model, decode="dynamic") as engine:
         eos = engine.tokenizer.eos_token_id
 
         def force_eos_on_third_token(call: int, output: Any) -> None:

@@ -1,5 +1,4 @@
-"""Fixed-shape decode path: static KV slots (`slots.py`) and gathered per-row LoRA (`lora.py`).
-
-Only these building blocks exist so far, each tested against the eager path; the engine does not use
-them yet (docs/architecture.md, "Decode path").
-"""
+"""The static decode path: KV slots (`slots.py`), stacked per-row LoRA (`lora.py`), a functional Llama-family
+decode forward (`llama.py`), in-graph sampling (`sampling.py`), and `decoder.py`, which the engine's scheduler
+drives instead of `runner.ModelRunner` when `decode` is "static" or "compiled" (docs/architecture.md, "Decode
+path")."""

@@ -1,0 +1,314 @@
+"""The static decode path (KV slots, stacked LoRA, one fixed-shape step) against the dynamic path and HF.
+
+Tolerances: float32 on CPU. Greedy tokens must be equal; log-probabilities agree within LOGPROB_ATOL (the
+static step sums attention in another order than SDPA, ~1e-6 relative on these logits).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from tests.workers.inference.test_engine import WAIT_S, chat_prompt, greedy, make_adapter
+from workers.inference import AdapterMismatch, GenerationError, GenerationRequest, InferenceEngine
+from workers.inference.adapters import AdapterCache
+from workers.inference.runner import ModelRunner
+from workers.inference.sampling import RowSampling
+from workers.inference.static.decoder import StaticDecoder
+from workers.inference.static.llama import unsupported_reason
+from workers.inference.static.lora import LoraStacks
+from workers.inference.static.slots import SlotBatch, SlotStore
+
+LOGPROB_ATOL = 1e-4
+GREEDY = RowSampling.create(0.0, 1.0, None)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("static-adapters")
+    targets = [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")]
+    return {
+        name: make_adapter(tiny_model, root / name, seed, tuple(target))
+        for seed, (name, target) in enumerate(zip(["A", "B", "C"], targets, strict=True), start=1)
+    }
+
+
+def _requests(engine: InferenceEngine, adapters: dict[str, Path], count: int) -> list[GenerationRequest]:
+    """Mixed adapters (and the base), prompts of different lengths, different max_tokens: rows leave mid-batch."""
+    names = [None, "A", "B", "C"]
+    out = []
+    for i in range(count):
+        name = names[i % 4]
+        out.append(
+            greedy(
+                chat_prompt(engine, i) + [5 + j for j in range(i % 5)],
+                4 + (i * 7) % 17,
+                adapter=name,
+                adapter_path=adapters[name] if name else None,
+            )
+        )
+    return out
+
+
+def test_every_row_equals_its_solo_answer_on_the_dynamic_path(tiny_model: Path, adapters: dict[str, Path]) -> None:
+    with InferenceEngine(tiny_model, max_batch_size=8, max_adapters=3, decode="dynamic") as dynamic:
+        requests = _requests(dynamic, adapters, 24)
+        solo = [dynamic.generate(r, timeout=WAIT_S) for r in requests]
+
+    with InferenceEngine(tiny_model, max_batch_size=8, max_adapters=3, decode="static") as static:
+        assert static.info()["decode_path"] == "static"
+        # Waves: a third submitted at once, the rest while those run (rows join a running batch and leave it
+        # as they finish, so slots are refilled by moving rows).
+        handles = [static.submit(r) for r in requests[:8]]
+        handles[0].result(WAIT_S)
+        handles += [static.submit(r) for r in requests[8:]]
+        results = [h.result(WAIT_S) for h in handles]
+        histogram = static.stats()["batch_size_histogram"]
+
+    assert [r.token_ids for r in results] == [r.token_ids for r in solo]
+    assert [r.text for r in results] == [r.text for r in solo]
+    for mine, theirs in zip(results, solo, strict=True):
+        torch.testing.assert_close(
+            torch.tensor(mine.token_logprobs), torch.tensor(theirs.token_logprobs), atol=LOGPROB_ATOL, rtol=0
+        )
+    assert max(histogram) > 1 and len(histogram) > 2, histogram  # batched, and the batch size changed
+
+
+def test_logprobs_match_a_teacher_forced_forward(tiny_model: Path, adapters: dict[str, Path]) -> None:
+    with InferenceEngine(tiny_model, max_batch_size=4, decode="static") as engine:
+        request = greedy(chat_prompt(engine, 3), 12, adapter="B", adapter_path=adapters["B"])
+        result = engine.generate(request, timeout=WAIT_S)
+    from peft import PeftModel
+
+    from tests.workers.inference.test_engine import load_base
+
+    model = PeftModel.from_pretrained(load_base(tiny_model), str(adapters["B"])).eval()
+    ids = torch.tensor([list(request.prompt_ids) + list(result.token_ids)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    start = len(request.prompt_ids) - 1
+    expected = logits[start : start + len(result.token_ids)].log_softmax(-1)
+    expected = expected.gather(-1, torch.tensor(result.token_ids)[:, None]).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(result.token_logprobs), expected, atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_sampled_rows_reproduce_the_dynamic_path_with_the_same_seed(tiny_model: Path) -> None:
+    def sampled(engine: InferenceEngine, seed: int) -> GenerationRequest:
+        return GenerationRequest(
+            prompt_ids=chat_prompt(engine, seed), max_tokens=10, temperature=0.9, top_p=0.9, seed=seed
+        )
+
+    with InferenceEngine(tiny_model, decode="dynamic") as dynamic:
+        expected = [dynamic.generate(sampled(dynamic, s), timeout=WAIT_S).token_ids for s in range(4)]
+    with InferenceEngine(tiny_model, decode="static") as static:
+        handles = [static.submit(sampled(static, s)) for s in range(4)]
+        handles += [static.submit(greedy(chat_prompt(static, 9), 10))]  # a greedy row in the same batch
+        got = [h.result(WAIT_S).token_ids for h in handles[:4]]
+    assert got == expected
+
+
+# ----------------------------------------------------------------------------------------- model families
+
+
+def _family(kind: str, tie: bool) -> PreTrainedModel:
+    common: dict[str, Any] = {
+        "vocab_size": 97,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": tie,
+    }
+    torch.manual_seed(7)
+    model: PreTrainedModel
+    if kind == "llama":
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                **common,
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 4.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                },
+            )
+        )
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=6))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=6, max_window_layers=1))
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16))
+    return model.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize(("kind", "tie"), [("llama", False), ("mistral", True), ("qwen2", False), ("qwen3", True)])
+def test_llama_family_shapes_decode_like_transformers(kind: str, tie: bool) -> None:
+    """GQA, llama3 RoPE scaling, sliding windows (all layers / some layers), q/k norms, biases, tied heads."""
+    model = _family(kind, tie)
+    assert unsupported_reason(model) is None
+    cache = AdapterCache(model, 1, device=torch.device("cpu"))
+    runner = ModelRunner(cache, device=torch.device("cpu"), pad_id=0, logits_to_keep=True)
+    decoder = StaticDecoder(runner, model, max_batch_size=4, max_len=64, compiled=False)
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24]]
+    steps = 20  # past the 6-token window
+    with torch.inference_mode():
+        (first, first_logprobs), batch = decoder.prefill(prompts, ["__base__"] * 3, [GREEDY] * 3)
+        generated = [[t] for t in first]
+        logprobs = [[lp] for lp in first_logprobs]
+        positions = [len(p) for p in prompts]
+        for _ in range(steps):
+            tokens, step_logprobs = decoder.decode(
+                batch, [g[-1] for g in generated], positions, ["__base__"] * 3, [GREEDY] * 3
+            )
+            for row, (token, logprob) in enumerate(zip(tokens, step_logprobs, strict=True)):
+                generated[row].append(token)
+                logprobs[row].append(logprob)
+            positions = [p + 1 for p in positions]
+        for prompt, tokens, row_logprobs in zip(prompts, generated, logprobs, strict=True):
+            ids = torch.tensor([prompt + tokens])
+            reference = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+            assert tokens == reference.argmax(-1).tolist()
+            expected = reference.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(row_logprobs), expected, atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_other_architectures_fall_back_to_the_dynamic_path_with_a_reason(
+    tmp_path: Path, tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    assert "gpt2" in (unsupported_reason(gpt2) or "")
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "gpt2")
+    with caplog.at_level(logging.WARNING), InferenceEngine(tmp_path / "gpt2", decode="static") as engine:
+        assert engine.info()["decode_path"] == "dynamic"
+        assert engine.generate(greedy([5, 6, 7], 3), timeout=WAIT_S).completion_tokens == 3
+    assert "using the dynamic path" in caplog.text and "gpt2" in caplog.text
+
+
+# --------------------------------------------------------------------------------------- pieces and failures
+
+
+def test_stacked_lora_delta_equals_peft_per_row() -> None:
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.self_attn = torch.nn.Module()
+            self.self_attn.q_proj = torch.nn.Linear(16, 12, bias=False)
+            self.mlp = torch.nn.Module()
+
+    class Stack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Block()])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layers[0].self_attn.q_proj(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Stack(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"], init_lora_weights=False))
+    model.eval()
+    layers = list(model.base_model.model.layers)
+    stacks = LoraStacks(3, device=torch.device("cpu"), dtype=torch.float32)
+    stacks.sync(layers, ["default", "b"])
+    names = ["default", "__base__", "b", "default", "b"]
+    ids = torch.tensor(stacks.slot_ids(names, "__base__"))
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = model(x[:, None, :], adapter_names=names)[:, 0]
+        base = layers[0].self_attn.q_proj.base_layer(x)
+        got = base + stacks.delta(0, "q_proj", x, stacks.row_mask(ids))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    stacks.sync(layers, ["b"])  # "default" unloaded: its slot is cleared, "b" keeps its own
+    with torch.no_grad():
+        only_b = base + stacks.delta(0, "q_proj", x, stacks.row_mask(torch.tensor(stacks.slot_ids(["b"] * 5, "_"))))
+        expected_b = model(x[:, None, :], adapter_names=["b"] * 5)[:, 0]
+    torch.testing.assert_close(only_b, expected_b, atol=1e-5, rtol=0)
+
+
+def test_finished_rows_are_refilled_by_moving_the_last_rows() -> None:
+    store = SlotStore(
+        layers=1, rows=6, kv_heads=1, max_len=4, head_dim=2, dtype=torch.float32, device=torch.device("cpu")
+    )
+    batch = SlotBatch(store, 0, 5)
+    for row in range(5):
+        store.write_prefill(row, torch.full((1, 1, 3, 2), float(row)), torch.full((1, 1, 3, 2), -float(row)))
+    storage = store.keys[0].data_ptr()
+    order = batch.select([0, 2, 4])  # rows 1 and 3 finished
+    assert order == [0, 4, 2]  # row 4 moved into the hole at 1; row 2 stayed
+    assert batch.size == 3 and store.keys[0].data_ptr() == storage
+    assert [float(store.keys[0][row, 0, 0, 0]) for row in range(3)] == [0.0, 4.0, 2.0]
+    assert float(store.values[0][1, 0, 2, 1]) == -4.0
+    with pytest.raises(ValueError):
+        batch.merge(SlotBatch(store, 4, 1))  # not the rows right after the batch
+
+
+def test_a_failing_step_fails_its_batch_and_the_engine_goes_on(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with InferenceEngine(tiny_model, max_batch_size=4, decode="static") as engine:
+        decoder = engine._scheduler._runner
+        assert isinstance(decoder, StaticDecoder)
+        original = decoder._step
+        calls = {"n": 0}
+
+        def flaky(*args: Any, **kwargs: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("boom")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(decoder, "_step", flaky)
+        doomed = [engine.submit(greedy(chat_prompt(engine, i), 6)) for i in range(3)]
+        for handle in doomed:
+            with pytest.raises(GenerationError):
+                handle.result(WAIT_S)
+        after = engine.generate(greedy(chat_prompt(engine, 0), 6), timeout=WAIT_S)
+    with InferenceEngine(tiny_model, decode="dynamic") as reference:
+        assert after.token_ids == reference.generate(greedy(chat_prompt(reference, 0), 6), timeout=WAIT_S).token_ids
+
+
+def test_an_adapter_on_the_output_head_is_refused_on_the_static_path(tiny_model: Path, tmp_path: Path) -> None:
+    head = make_adapter(tiny_model, tmp_path / "head", 5, ("q_proj", "lm_head"))
+    with InferenceEngine(tiny_model, decode="static") as engine:
+        with pytest.raises(AdapterMismatch, match="lm_head"):
+            engine.load_adapter("head", head)
+        assert engine.stats()["loaded_adapters"] == []
+        assert engine.generate(greedy([5, 6], 2), timeout=WAIT_S).completion_tokens == 2
+    with InferenceEngine(tiny_model, decode="dynamic") as engine:
+        engine.load_adapter("head", head)  # the dynamic path serves it
+
+
+def test_compiled_step_has_no_graph_break_and_matches_eager(tiny_model: Path, adapters: dict[str, Path]) -> None:
+    """torch.compile(fullgraph=True) with inductor on CPU: a graph break would raise here."""
+    with InferenceEngine(tiny_model, max_batch_size=4, max_adapters=3, decode="compiled") as compiled:
+        assert compiled.info()["decode_path"] == "compiled"
+        requests = _requests(compiled, adapters, 6)
+        got = [h.result(WAIT_S) for h in [compiled.submit(r) for r in requests]]
+    with InferenceEngine(tiny_model, max_batch_size=4, max_adapters=3, decode="dynamic") as dynamic:
+        expected = [dynamic.generate(r, timeout=WAIT_S) for r in requests]
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]

@@ -1,0 +1,232 @@
+"""The static decode path of the engine: prefill as before, then one fixed-shape step per decoded token.
+
+`StaticDecoder` has the scheduler-facing surface of `ModelRunner` (`adapters`, `prefill`, `decode`):
+
+- `prefill` runs the prompts through the Hugging Face model (peft adapters per row, left padding; the same
+  forward as the dynamic path, so first tokens are identical) and copies each row's keys/values into its slot
+  row (`slots.py`);
+- `decode` pads the running rows to the next batch bucket (1, 2, 4, ... up to `max_batch_size`) and the
+  attended columns to the next length bucket (powers of two from 64 up to `max_len`), turns the per-row
+  settings into tensors and runs `step`: `StaticLlama` over the slots with the stacked LoRA of `lora.py`,
+  then `sampling.choose_tokens`. Padded rows are free slot rows past the batch; what they compute is dropped.
+
+With `compiled=True` the step is `torch.compile(fullgraph=True)` (mode "reduce-overhead", i.e. CUDA graphs,
+on CUDA) and `warm_up` compiles it for every bucket before the engine takes requests, logging the time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from workers.inference.adapters import AdapterCache
+from workers.inference.request import BASE_ADAPTER
+from workers.inference.runner import ModelRunner
+from workers.inference.sampling import RowSampling, Sampled
+from workers.inference.static.llama import StaticLlama
+from workers.inference.static.lora import LoraStacks
+from workers.inference.static.sampling import choose_tokens
+from workers.inference.static.slots import SlotBatch, SlotStore
+
+log = logging.getLogger(__name__)
+
+MIN_LENGTH_BUCKET = 64
+
+
+def buckets(limit: int, start: int = 1) -> list[int]:
+    """Powers of two from `start` below `limit`, then `limit` itself."""
+    sizes, size = [], start
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, limit]
+
+
+def bucket_for(value: int, sizes: Sequence[int]) -> int:
+    return next(size for size in sizes if size >= value)
+
+
+class StaticDecoder:
+    """Prefill into KV slots and decode with `StaticLlama`; see the module docstring."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        model: nn.Module,
+        *,
+        max_batch_size: int,
+        max_len: int,
+        compiled: bool,
+    ) -> None:
+        self.adapters: AdapterCache = runner.adapters
+        self._runner = runner
+        self.device = runner.device
+        self._layers: list[nn.Module] = list(model.model.layers)  # type: ignore[union-attr,arg-type]
+        self.model = StaticLlama(model, max_len)
+        self.lora = LoraStacks(
+            self.adapters.capacity,
+            device=self.device,
+            dtype=self.model.dtype,
+            preallocate_for=self._layers if compiled else (),
+        )
+        self._lora_version = -1
+        # One row and one column more than any step reads: a slice that is never the whole tensor keeps the
+        # compiled graph from specialising on "the bucket is the maximum".
+        self.store = SlotStore(
+            layers=len(self._layers),
+            rows=max_batch_size + 1,
+            kv_heads=self.model.kv_heads,
+            max_len=max_len + 1,
+            head_dim=self.model.head_dim,
+            dtype=self.model.dtype,
+            device=self.device,
+        )
+        # Compiled: no bucket of 1, which dynamic shapes would specialise into a graph of its own.
+        log.info(
+            "static decode: KV slots for %d rows x %d tokens, %.2f GiB",
+            max_batch_size,
+            max_len,
+            sum(t.numel() * t.element_size() for t in (*self.store.keys, *self.store.values)) / 2**30,
+        )
+        self.batch_buckets = buckets(max(max_batch_size, 2), start=2 if compiled else 1)
+        self.length_buckets = buckets(max_len, start=min(MIN_LENGTH_BUCKET, max_len))
+        self.compiled = compiled
+        self._columns = torch.arange(max_len + 1, device=self.device)
+        self._step: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self.step
+        if compiled:
+            if self.device.type == "cuda":
+                for stored in (*self.store.keys, *self.store.values):
+                    torch._dynamo.mark_static_address(stored)
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._step = torch.compile(self.step, fullgraph=True, dynamic=True, mode=mode)
+
+    # --- the scheduler's surface ---------------------------------------------------------------------------
+
+    def prefill(
+        self,
+        prompts: list[list[int]],
+        adapters: list[str],
+        sampling: list[RowSampling],
+        after: SlotBatch | None = None,
+    ) -> tuple[Sampled, SlotBatch]:
+        """Run `prompts` through the model, store their keys/values in the slot rows after `after`'s."""
+        start = after.size if after is not None else 0
+        batch = SlotBatch(self.store, start, len(prompts))  # raises before any work if the rows do not fit
+        first, padded = self._runner.prefill(prompts, adapters, sampling)
+        layers: list[Any] = list(padded.cache.layers)  # plain DynamicLayers (`kv.check_supported`)
+        keys = torch.stack([layer.keys for layer in layers])  # [layers, B, kv_heads, T, head_dim]
+        values = torch.stack([layer.values for layer in layers])
+        width = keys.shape[-2]
+        for row, prompt in enumerate(prompts):
+            # Rows are right-aligned: row's prompt is the last len(prompt) columns, at positions 0..n-1.
+            self.store.write_prefill(
+                start + row, keys[:, row, :, width - len(prompt) :], values[:, row, :, width - len(prompt) :]
+            )
+        return first, batch
+
+    def decode(
+        self,
+        batch: SlotBatch,
+        last_tokens: list[int],
+        positions: list[int],
+        adapters: list[str],
+        sampling: list[RowSampling],
+    ) -> Sampled:
+        """One token for every row of `batch` (the running rows, slot rows 0..n-1)."""
+        rows = len(last_tokens)
+        assert batch.start == 0 and batch.size == rows
+        ids = self._slot_ids(adapters)
+        uniform = [float(torch.rand(1, generator=row.generator)) if row.generator else 0.0 for row in sampling]
+        ints, floats, columns = self._inputs(
+            bucket_for(rows, self.batch_buckets),
+            bucket_for(max(positions) + 1, self.length_buckets),
+            [last_tokens, positions, ids],
+            [[row.temperature for row in sampling], [row.top_p for row in sampling], uniform],
+        )
+        chosen, logprobs = self._step(
+            self.store.keys,
+            self.store.values,
+            ints,
+            floats,
+            columns,
+            sample=any(row.generator is not None for row in sampling),
+            with_lora=self.compiled or any(ids),  # compiled: one graph whatever the mix (zeros for base rows)
+        )
+        self.store.used_columns = max(self.store.used_columns, max(positions) + 1)
+        # token ids < 2**24 are exact in float32: one device->host copy for both.
+        picked = torch.stack([chosen[:rows].to(logprobs.dtype), logprobs[:rows]]).tolist()
+        return [int(token) for token in picked[0]], picked[1]
+
+    # --- the step ------------------------------------------------------------------------------------------
+
+    def step(
+        self,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        ints: torch.Tensor,
+        floats: torch.Tensor,
+        columns: torch.Tensor,
+        *,
+        sample: bool,
+        with_lora: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next token and its log-probability for each of the B rows; the graph that `torch.compile` captures.
+
+        `ints` [3, B]: last token, position, adapter slot; `floats` [3, B]: temperature, top-p, uniform draw;
+        `columns` [L]: the attended column indices (its length is the length bucket)."""
+        use_lora = with_lora and len(self.lora.a) > 0
+        logits = self.model(
+            keys, values, ints[0], ints[1], columns, self.lora if use_lora else None, ints[2] if use_lora else None
+        )
+        return choose_tokens(logits, floats[0], floats[1], floats[2], sample=sample)
+
+    def _inputs(
+        self, size: int, length: int, ints: list[list[int]], floats: list[list[float]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's tensors for `size` padded rows: padding rows are token 0 at position 0 on the base model,
+        greedy. Sizes are marked dynamic, so one compiled graph serves every bucket."""
+        padding = size - len(ints[0])
+        int_rows = torch.tensor([row + [0] * padding for row in ints], dtype=torch.long)
+        float_rows = torch.tensor(
+            [row + [fill] * padding for row, fill in zip(floats, (0.0, 1.0, 0.0), strict=True)], dtype=torch.float32
+        )
+        int_rows = int_rows.to(self.device, non_blocking=True)
+        float_rows = float_rows.to(self.device, non_blocking=True)
+        columns = self._columns[:length]
+        if self.compiled:
+            torch._dynamo.mark_dynamic(int_rows, 1)
+            torch._dynamo.mark_dynamic(float_rows, 1)
+            torch._dynamo.mark_dynamic(columns, 0)
+        return int_rows, float_rows, columns
+
+    def warm_up(self) -> float:
+        """Run (compile, when compiled) the step for every batch and length bucket, greedy and sampling; returns
+        the seconds taken."""
+        start = time.perf_counter()
+        for size, length, sample in itertools.product(self.batch_buckets, self.length_buckets, (False, True)):
+            ints, floats, columns = self._inputs(size, length, [[], [], []], [[], [], []])
+            self._step(
+                self.store.keys, self.store.values, ints, floats, columns, sample=sample, with_lora=self.compiled
+            )
+        self.store.clear()
+        seconds = time.perf_counter() - start
+        log.info(
+            "static decode step %s for batch sizes %s x lengths %s in %.1fs",
+            "compiled" if self.compiled else "warmed up",
+            self.batch_buckets,
+            self.length_buckets,
+            seconds,
+        )
+        return seconds
+
+    def _slot_ids(self, adapters: list[str]) -> list[int]:
+        if self.adapters.version != self._lora_version:
+            self.lora.sync(self._layers, [name for name in self.adapters.loaded()])
+            self._lora_version = self.adapters.version
+        return self.lora.slot_ids(adapters, BASE_ADAPTER)
