@@ -4,6 +4,7 @@ Reproducibility per request, whatever else is in the batch: each sampling row dr
 number per step from its own CPU `torch.Generator` and turns it into a token by inverse-CDF over the
 nucleus. The draw never depends on the batch (unlike `torch.multinomial` on a batched tensor), the same
 seed gives the same text on CPU and GPU, and the rest of the computation stays vectorized on the device.
+`choose_tokens` is the same rule without host reads, for the static decode graph.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ class RowSampling:
         return cls(temperature, top_p, generator)
 
 
-def next_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> tuple[list[int], list[float]]:
+def next_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> Sampled:
     """Pick one token per row of float32 `logits` (batch, vocab); returns the tokens and their log-probabilities
-    under the model's distribution. One device->host sync in total."""
+    under the model's distribution. Only the sampling rows are sorted. One device->host sync in total."""
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if row.generator is not None]
     if sampled:
@@ -46,17 +47,53 @@ def next_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> tuple[list
         index = torch.tensor(sampled, device=device)
         temperature = torch.tensor([rows[i].temperature for i in sampled], device=device, dtype=torch.float32)
         top_p = torch.tensor([rows[i].top_p for i in sampled], device=device, dtype=torch.float32)
-        uniform = torch.cat([torch.rand(1, generator=rows[i].generator) for i in sampled]).to(device)
-        probs = (logits.index_select(0, index).float() / temperature[:, None]).softmax(dim=-1)
-        # stable=True: equal probabilities keep vocabulary order, so ties resolve the same in any batch.
-        sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True, stable=True)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        kept = sorted_probs.masked_fill(before >= top_p[:, None], 0.0)  # the token crossing top_p stays in
-        cumulative = kept.cumsum(dim=-1)
-        target = uniform[:, None] * cumulative[:, -1:]
-        # First position whose cumulative mass exceeds the target (cumulative is non-decreasing).
-        position = (cumulative <= target).sum(dim=-1).clamp_(max=probs.shape[-1] - 1)
-        chosen[index] = sorted_ids.gather(-1, position[:, None]).squeeze(-1)
-    logprobs = logits.log_softmax(dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
-    picked = torch.stack([chosen.to(logprobs.dtype), logprobs]).tolist()  # token ids < 2**24: exact in float32
+        uniform = torch.tensor(uniform_draws([rows[i] for i in sampled]), device=device)
+        chosen[index] = nucleus_sample(logits.index_select(0, index), temperature, top_p, uniform)
+    return to_host(chosen, token_logprobs(logits, chosen))
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    uniform: torch.Tensor,
+    *,
+    sample: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`next_tokens` as tensor ops only, for the static decode graph: every row goes through the same ops
+    (rows with temperature 0 take the argmax). `sample=False` (every row greedy) skips the sort."""
+    chosen = logits.argmax(dim=-1)
+    if sample:
+        chosen = torch.where(temperature > 0, nucleus_sample(logits, temperature, top_p, uniform), chosen)
+    return chosen, token_logprobs(logits, chosen)
+
+
+def nucleus_sample(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
+    """The token whose nucleus CDF first exceeds each row's `uniform` draw (temperature > 0 rows)."""
+    probs = (logits / temperature.clamp(min=1e-6)[:, None]).softmax(dim=-1)
+    # stable=True: equal probabilities keep vocabulary order, so ties resolve the same in any batch.
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True, stable=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    kept = sorted_probs.masked_fill(before >= top_p[:, None], 0.0)  # the token crossing top_p stays in
+    cumulative = kept.cumsum(dim=-1)
+    target = uniform[:, None] * cumulative[:, -1:]
+    # First position whose cumulative mass exceeds the target (cumulative is non-decreasing).
+    position = (cumulative <= target).sum(dim=-1).clamp(max=probs.shape[-1] - 1)
+    return sorted_ids.gather(-1, position[:, None]).squeeze(-1)
+
+
+def uniform_draws(rows: Sequence[RowSampling]) -> list[float]:
+    """One draw per row from its own generator (0.0 for greedy rows, which draw nothing)."""
+    return [float(torch.rand(1, generator=row.generator)) if row.generator is not None else 0.0 for row in rows]
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    return logits.log_softmax(dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
+
+
+def to_host(chosen: torch.Tensor, logprobs: torch.Tensor) -> Sampled:
+    """Tokens and log-probabilities as lists, in one device->host copy (token ids < 2**24 are exact in float32)."""
+    picked = torch.stack([chosen.to(logprobs.dtype), logprobs]).tolist()
     return [int(t) for t in picked[0]], picked[1]

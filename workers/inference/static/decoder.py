@@ -28,10 +28,9 @@ from torch import nn
 from workers.inference.adapters import AdapterCache
 from workers.inference.request import BASE_ADAPTER
 from workers.inference.runner import ModelRunner
-from workers.inference.sampling import RowSampling, Sampled
+from workers.inference.sampling import RowSampling, Sampled, choose_tokens, to_host, uniform_draws
 from workers.inference.static.llama import StaticLlama
 from workers.inference.static.lora import LoraStacks
-from workers.inference.static.sampling import choose_tokens
 from workers.inference.static.slots import SlotBatch, SlotStore
 
 log = logging.getLogger(__name__)
@@ -142,7 +141,7 @@ class StaticDecoder:
         rows = len(last_tokens)
         assert batch.start == 0 and batch.size == rows
         ids = self._slot_ids(adapters)
-        uniform = [float(torch.rand(1, generator=row.generator)) if row.generator else 0.0 for row in sampling]
+        uniform = uniform_draws(sampling)
         ints, floats, columns = self._inputs(
             bucket_for(rows, self.batch_buckets),
             bucket_for(max(positions) + 1, self.length_buckets),
@@ -159,9 +158,7 @@ class StaticDecoder:
             with_lora=self.compiled or any(ids),  # compiled: one graph whatever the mix (zeros for base rows)
         )
         self.store.used_columns = max(self.store.used_columns, max(positions) + 1)
-        # token ids < 2**24 are exact in float32: one device->host copy for both.
-        picked = torch.stack([chosen[:rows].to(logprobs.dtype), logprobs[:rows]]).tolist()
-        return [int(token) for token in picked[0]], picked[1]
+        return to_host(chosen[:rows], logprobs[:rows])
 
     # --- the step ------------------------------------------------------------------------------------------
 
