@@ -20,6 +20,12 @@ class _Common(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Lowers a token's logit by this once it has appeared in the completion"
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Lowers a token's logit by this times its count in the completion"
+    )
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(1, ge=1, le=1, description="Only one choice per request")

@@ -88,6 +88,16 @@ def test_chat_with_the_adapter_differs_from_the_base(served: dict[str, Any]) -> 
     assert tuned.choices[0].finish_reason in ("stop", "length")
 
 
+def test_presence_and_frequency_penalties_reach_the_engine(served: dict[str, Any]) -> None:
+    client = served["client"]
+    kw: dict[str, Any] = {"max_tokens": 48, "extra_body": {"ignore_eos": True}}
+    plain = chat(client, "tiny-tuned", QUESTIONS[0], **dict(kw))
+    penalized = chat(client, "tiny-tuned", QUESTIONS[0], presence_penalty=2.0, frequency_penalty=2.0, **dict(kw))
+    # 48 greedy tokens of a tiny model repeat themselves; penalties of 2 on every repeat change the answer.
+    assert penalized.choices[0].message.content != plain.choices[0].message.content
+    assert penalized.usage.completion_tokens == plain.usage.completion_tokens == 48
+
+
 def test_streaming_chat_matches_the_whole_answer(served: dict[str, Any]) -> None:
     client = served["client"]
     whole = chat(client, "tiny-tuned", QUESTIONS[1], max_tokens=24)

@@ -236,7 +236,13 @@ class InferenceEngine:
             handle=GenerationHandle(request.request_id, len(prompt)),
             prompt=prompt,
             max_new=request.max_tokens if request.max_tokens is not None else room,
-            sampling=RowSampling.create(request.temperature, request.top_p, request.seed),
+            sampling=RowSampling.create(
+                request.temperature,
+                request.top_p,
+                request.seed,
+                presence=request.presence_penalty,
+                frequency=request.frequency_penalty,
+            ),
             decoder=IncrementalDecoder(self._detokenize),
             matcher=StopMatcher(request.stop),
         )

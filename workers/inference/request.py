@@ -36,6 +36,9 @@ class GenerationRequest:
     seeded with `seed` (random when None), so a seeded request samples the same text whatever else is batched.
     `adapter` names a LoRA adapter of the engine's base model (None: the base model itself); with
     `adapter_path` the engine loads it on demand, without it the adapter must already be loaded.
+    `presence_penalty` / `frequency_penalty` follow OpenAI's definition over the tokens generated so far:
+    each logit is lowered by `frequency_penalty * count + presence_penalty * (count > 0)` before the token is
+    chosen (greedy rows too); `token_logprobs` stay those of the model's own distribution.
     `ignore_eos=True` keeps generating past EOS tokens (stop strings and `max_tokens` still end the request):
     for benchmarks that must generate exactly `max_tokens` tokens.
     """
@@ -50,6 +53,8 @@ class GenerationRequest:
     adapter_path: str | Path | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def validate(self, vocab_size: int) -> None:
         """Reject bad arguments at submit time: inside the loop they would fail every request in the batch."""
@@ -63,6 +68,9 @@ class GenerationRequest:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if isinstance(self.stop, str):
             raise TypeError("stop must be a sequence of strings, not a string")
         if any(not s for s in self.stop):

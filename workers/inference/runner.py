@@ -100,13 +100,15 @@ class ModelRunner:
         positions: list[int],
         adapters: list[str],
         sampling: list[RowSampling],
+        history: Sequence[Sequence[int]] | None = None,
     ) -> Sampled:
-        """One step for every row of `kv`: feed each row's last token at its own position, return the next."""
+        """One step for every row of `kv`: feed each row's last token at its own position, return the next.
+        `history`: each row's generated tokens so far (its penalties count them)."""
         ids = torch.tensor([[t] for t in last_tokens], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([[p] for p in positions], dtype=torch.long, device=self.device)
         mask = kv.grow()
         logits = self.logits(ids, mask, position_ids, adapters, cache=kv.cache)[:, -1, :].float()
-        return next_tokens(logits, sampling)
+        return next_tokens(logits, sampling, history)
 
     def probe(self) -> None:
         """Fail at start-up, not on the first request, if the model's cache cannot be batched this way."""

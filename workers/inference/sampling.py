@@ -24,22 +24,46 @@ class RowSampling:
     temperature: float
     top_p: float
     generator: torch.Generator | None
+    presence: float = 0.0
+    frequency: float = 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence != 0 or self.frequency != 0
 
     @classmethod
-    def create(cls, temperature: float, top_p: float, seed: int | None) -> RowSampling:
+    def create(
+        cls, temperature: float, top_p: float, seed: int | None, *, presence: float = 0.0, frequency: float = 0.0
+    ) -> RowSampling:
         if temperature == 0:
-            return cls(0.0, top_p, None)
+            return cls(0.0, top_p, None, presence, frequency)
         generator = torch.Generator()  # CPU on purpose, see the module docstring
         if seed is None:
             generator.seed()
         else:
             generator.manual_seed(seed)
-        return cls(temperature, top_p, generator)
+        return cls(temperature, top_p, generator, presence, frequency)
 
 
-def next_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> Sampled:
+def next_tokens(
+    logits: torch.Tensor, rows: Sequence[RowSampling], history: Sequence[Sequence[int]] | None = None
+) -> Sampled:
     """Pick one token per row of float32 `logits` (batch, vocab); returns the tokens and their log-probabilities
-    under the model's distribution. Only the sampling rows are sorted. One device->host sync in total."""
+    under the model's distribution. `history`: each row's generated tokens, for its penalties. Only the
+    sampling rows are sorted. One device->host sync in total."""
+    model_logits = logits
+    penalized = [i for i, row in enumerate(rows) if row.penalized and history is not None and history[i]]
+    if penalized and history is not None:
+        counts = torch.zeros(len(penalized), logits.shape[-1], device=logits.device)
+        for slot, i in enumerate(penalized):
+            counts[slot].index_add_(
+                0, torch.tensor(history[i], device=logits.device), torch.ones(len(history[i]), device=logits.device)
+            )
+        index = torch.tensor(penalized, device=logits.device)
+        presence = torch.tensor([rows[i].presence for i in penalized], device=logits.device)
+        frequency = torch.tensor([rows[i].frequency for i in penalized], device=logits.device)
+        logits = logits.clone()
+        logits[index] = apply_penalties(logits.index_select(0, index), counts, presence, frequency)
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if row.generator is not None]
     if sampled:
@@ -49,7 +73,14 @@ def next_tokens(logits: torch.Tensor, rows: Sequence[RowSampling]) -> Sampled:
         top_p = torch.tensor([rows[i].top_p for i in sampled], device=device, dtype=torch.float32)
         uniform = torch.tensor(uniform_draws([rows[i] for i in sampled]), device=device)
         chosen[index] = nucleus_sample(logits.index_select(0, index), temperature, top_p, uniform)
-    return to_host(chosen, token_logprobs(logits, chosen))
+    return to_host(chosen, token_logprobs(model_logits, chosen))
+
+
+def apply_penalties(
+    logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI's presence/frequency penalties: logits [B, V] minus each row's over its token counts [B, V]."""
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
 
 
 def choose_tokens(
@@ -59,12 +90,15 @@ def choose_tokens(
     uniform: torch.Tensor,
     *,
     sample: bool,
+    penalties: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`next_tokens` as tensor ops only, for the static decode graph: every row goes through the same ops
-    (rows with temperature 0 take the argmax). `sample=False` (every row greedy) skips the sort."""
-    chosen = logits.argmax(dim=-1)
+    (rows with temperature 0 take the argmax). `sample=False` (every row greedy) skips the sort.
+    `penalties`: (counts [B, V], presence [B], frequency [B])."""
+    scores = logits if penalties is None else apply_penalties(logits, *penalties)
+    chosen = scores.argmax(dim=-1)
     if sample:
-        chosen = torch.where(temperature > 0, nucleus_sample(logits, temperature, top_p, uniform), chosen)
+        chosen = torch.where(temperature > 0, nucleus_sample(scores, temperature, top_p, uniform), chosen)
     return chosen, token_logprobs(logits, chosen)
 
 

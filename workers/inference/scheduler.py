@@ -65,7 +65,13 @@ class Decoder(Protocol):
     ) -> tuple[Sampled, Any]: ...
 
     def decode(
-        self, kv: Any, last_tokens: list[int], positions: list[int], adapters: list[str], sampling: list[RowSampling]
+        self,
+        kv: Any,
+        last_tokens: list[int],
+        positions: list[int],
+        adapters: list[str],
+        sampling: list[RowSampling],
+        history: list[list[int]] | None = None,
     ) -> Sampled: ...
 
 
@@ -237,6 +243,7 @@ class Scheduler:
                 [s.position for s in rows],
                 [s.adapter for s in rows],
                 [s.sampling for s in rows],
+                [s.generated for s in rows],
             )
         except Exception as exc:
             # The cache may hold this step for some layers only: the whole batch is lost.

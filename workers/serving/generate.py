@@ -46,6 +46,8 @@ def run_generate(request: GenerateMessage, worker: str) -> None:
                 seed=request.seed,
                 stop=tuple(request.stop),
                 ignore_eos=request.ignore_eos,
+                presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty,
                 request_id=request.request_id,
                 **_adapter(manager, request),
             )

@@ -252,6 +252,8 @@ def _sampling(settings: Settings, body: CompletionRequest | ChatCompletionReques
         stop=body.stops,
         seed=body.seed,
         ignore_eos=body.ignore_eos,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
     )
 
 

@@ -37,6 +37,8 @@ class Sampling(BaseModel):
     stop: list[str] = []
     seed: int | None = None
     ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
 
 
 class GenerateMessage(ModelTarget, Sampling):

@@ -80,6 +80,16 @@ def test_openai_errors_have_openai_shape(anonymous: TestClient, trainer: Member,
         ({"model": "base-2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400, "max_tokens"),
         ({"model": "base-2", "messages": [{"role": "user", "content": "x"}], "temperature": 5}, 400, "temperature"),
         ({"model": "base-2", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+        (
+            {"model": "base-2", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 3},
+            400,
+            "presence_penalty",
+        ),
+        (
+            {"model": "base-2", "messages": [{"role": "user", "content": "x"}], "frequency_penalty": -2.5},
+            400,
+            "frequency_penalty",
+        ),
     ]
     for body, status, param in cases:
         r = anonymous.post("/v1/chat/completions", json=body, headers=h)

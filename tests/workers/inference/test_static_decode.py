@@ -312,3 +312,50 @@ def test_compiled_step_has_no_graph_break_and_matches_eager(tiny_model: Path, ad
     with InferenceEngine(tiny_model, max_batch_size=4, max_adapters=3, decode="dynamic") as dynamic:
         expected = [dynamic.generate(r, timeout=WAIT_S) for r in requests]
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+
+
+# ------------------------------------------------------------------------------------------------- penalties
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_presence_and_frequency_penalties_apply_as_openai_defines_them(tiny_model: Path, decode: str) -> None:
+    """Each chosen token is the argmax of `logit - frequency * count - presence * (count > 0)` over the tokens
+    generated before it (checked against a teacher-forced forward); logprobs stay the model's own. Plain rows
+    batched with it are unchanged, and a penalized row admitted after plain rows starts from zero counts."""
+    from tests.workers.inference.test_engine import load_base
+
+    presence, frequency = 1.5, 0.75
+    with InferenceEngine(tiny_model, max_batch_size=4, decode=decode) as engine:  # type: ignore[arg-type]
+        prompt = chat_prompt(engine, 2)
+        plain_request = greedy(prompt, 40, ignore_eos=True)
+        plain_alone = engine.generate(plain_request, timeout=WAIT_S)
+        running = [engine.submit(greedy(chat_prompt(engine, i), 30, ignore_eos=True)) for i in range(2)]
+        penalized = engine.generate(
+            GenerationRequest(
+                prompt_ids=prompt,
+                max_tokens=40,
+                temperature=0.0,
+                ignore_eos=True,
+                presence_penalty=presence,
+                frequency_penalty=frequency,
+            ),
+            timeout=WAIT_S,
+        )
+        plain_again = engine.submit(plain_request)
+        assert plain_again.result(WAIT_S).token_ids == plain_alone.token_ids
+        [h.result(WAIT_S) for h in running]
+        with pytest.raises(ValueError, match="presence_penalty"):
+            engine.submit(GenerationRequest(prompt_ids=prompt, max_tokens=2, presence_penalty=2.5))
+
+    assert penalized.token_ids != plain_alone.token_ids
+    model = load_base(tiny_model)
+    ids = torch.tensor([prompt + list(penalized.token_ids)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+    counts = torch.zeros(logits.shape[-1])
+    for step, token in enumerate(penalized.token_ids):
+        adjusted = logits[step] - frequency * counts - presence * (counts > 0).float()
+        assert int(adjusted.argmax()) == token, f"step {step}"
+        expected = float(logits[step].log_softmax(-1)[token])
+        assert abs(penalized.token_logprobs[step] - expected) < LOGPROB_ATOL
+        counts[token] += 1

@@ -85,6 +85,7 @@ class StaticDecoder:
             head_dim=self.model.head_dim,
             dtype=self.model.dtype,
             device=self.device,
+            vocab_size=self.model.lm_head.out_features,
         )
         # Compiled: no bucket of 1, which dynamic shapes would specialise into a graph of its own.
         log.info(
@@ -127,6 +128,10 @@ class StaticDecoder:
             self.store.write_prefill(
                 start + row, keys[:, row, :, width - len(prompt) :], values[:, row, :, width - len(prompt) :]
             )
+        if any(row.penalized for row in sampling):
+            counts = self.store.counts[start : start + len(prompts)]
+            counts.zero_()
+            counts[torch.arange(len(prompts)), torch.tensor(first[0], device=self.device)] = 1.0
         return first, batch
 
     def decode(
@@ -136,8 +141,10 @@ class StaticDecoder:
         positions: list[int],
         adapters: list[str],
         sampling: list[RowSampling],
+        history: list[list[int]] | None = None,
     ) -> Sampled:
-        """One token for every row of `batch` (the running rows, slot rows 0..n-1)."""
+        """One token for every row of `batch` (the running rows, slot rows 0..n-1). Penalties read the token
+        counts the slots keep (`history` is the dynamic path's way to the same numbers)."""
         rows = len(last_tokens)
         assert batch.start == 0 and batch.size == rows
         ids = self._slot_ids(adapters)
@@ -146,7 +153,13 @@ class StaticDecoder:
             bucket_for(rows, self.batch_buckets),
             bucket_for(max(positions) + 1, self.length_buckets),
             [last_tokens, positions, ids],
-            [[row.temperature for row in sampling], [row.top_p for row in sampling], uniform],
+            [
+                [row.temperature for row in sampling],
+                [row.top_p for row in sampling],
+                uniform,
+                [row.presence for row in sampling],
+                [row.frequency for row in sampling],
+            ],
         )
         chosen, logprobs = self._step(
             self.store.keys,
@@ -154,7 +167,9 @@ class StaticDecoder:
             ints,
             floats,
             columns,
+            self.store.counts,
             sample=any(row.generator is not None for row in sampling),
+            penalize=self.compiled or any(row.penalized for row in sampling),
             with_lora=self.compiled or any(ids),  # compiled: one graph whatever the mix (zeros for base rows)
         )
         self.store.used_columns = max(self.store.used_columns, max(positions) + 1)
@@ -169,19 +184,28 @@ class StaticDecoder:
         ints: torch.Tensor,
         floats: torch.Tensor,
         columns: torch.Tensor,
+        counts: torch.Tensor,
         *,
         sample: bool,
+        penalize: bool,
         with_lora: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Next token and its log-probability for each of the B rows; the graph that `torch.compile` captures.
 
-        `ints` [3, B]: last token, position, adapter slot; `floats` [3, B]: temperature, top-p, uniform draw;
-        `columns` [L]: the attended column indices (its length is the length bucket)."""
+        `ints` [3, B]: last token, position, adapter slot; `floats` [5, B]: temperature, top-p, uniform draw,
+        presence and frequency penalty; `columns` [L]: the attended column indices (its length is the length
+        bucket); `counts` [rows, V]: generated-token counts, updated here when `penalize`."""
         use_lora = with_lora and len(self.lora.a) > 0
         logits = self.model(
             keys, values, ints[0], ints[1], columns, self.lora if use_lora else None, ints[2] if use_lora else None
         )
-        return choose_tokens(logits, floats[0], floats[1], floats[2], sample=sample)
+        rows = ints.shape[1]
+        penalties = (counts[:rows], floats[3], floats[4]) if penalize else None
+        chosen, logprobs = choose_tokens(logits, floats[0], floats[1], floats[2], sample=sample, penalties=penalties)
+        if penalize:
+            ones = torch.ones(rows, dtype=counts.dtype, device=counts.device)
+            counts.index_put_((torch.arange(rows, device=counts.device), chosen), ones, accumulate=True)
+        return chosen, logprobs
 
     def _inputs(
         self, size: int, length: int, ints: list[list[int]], floats: list[list[float]]
@@ -191,7 +215,8 @@ class StaticDecoder:
         padding = size - len(ints[0])
         int_rows = torch.tensor([row + [0] * padding for row in ints], dtype=torch.long)
         float_rows = torch.tensor(
-            [row + [fill] * padding for row, fill in zip(floats, (0.0, 1.0, 0.0), strict=True)], dtype=torch.float32
+            [row + [fill] * padding for row, fill in zip(floats, (0.0, 1.0, 0.0, 0.0, 0.0), strict=True)],
+            dtype=torch.float32,
         )
         int_rows = int_rows.to(self.device, non_blocking=True)
         float_rows = float_rows.to(self.device, non_blocking=True)
@@ -207,9 +232,17 @@ class StaticDecoder:
         the seconds taken."""
         start = time.perf_counter()
         for size, length, sample in itertools.product(self.batch_buckets, self.length_buckets, (False, True)):
-            ints, floats, columns = self._inputs(size, length, [[], [], []], [[], [], []])
+            ints, floats, columns = self._inputs(size, length, [[], [], []], [[]] * 5)
             self._step(
-                self.store.keys, self.store.values, ints, floats, columns, sample=sample, with_lora=self.compiled
+                self.store.keys,
+                self.store.values,
+                ints,
+                floats,
+                columns,
+                self.store.counts,
+                sample=sample,
+                penalize=self.compiled,
+                with_lora=self.compiled,
             )
         self.store.clear()
         seconds = time.perf_counter() - start

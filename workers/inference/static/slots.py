@@ -28,8 +28,11 @@ class SlotStore:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        vocab_size: int = 0,
     ) -> None:
         shape = (rows, kv_heads, max_len, head_dim)
+        # Generated-token counts per row, for presence/frequency penalties (kept only while a row needs them).
+        self.counts = torch.zeros(rows, vocab_size, dtype=torch.float32, device=device)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.rows = rows
@@ -49,9 +52,10 @@ class SlotStore:
         columns = self.used_columns
         for stored in (*self.keys, *self.values):
             stored[target, :, :columns].copy_(stored[source, :, :columns])
+        self.counts[target].copy_(self.counts[source])
 
     def clear(self) -> None:
-        for stored in (*self.keys, *self.values):
+        for stored in (*self.keys, *self.values, self.counts):
             stored.zero_()
 
 
