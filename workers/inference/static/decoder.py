@@ -35,7 +35,7 @@ from workers.inference.static.slots import SlotBatch, SlotStore
 
 log = logging.getLogger(__name__)
 
-MIN_LENGTH_BUCKET = 64
+LENGTH_STEP = 64
 
 
 def buckets(limit: int, start: int = 1) -> list[int]:
@@ -72,7 +72,9 @@ class StaticDecoder:
             self.adapters.capacity,
             device=self.device,
             dtype=self.model.dtype,
-            preallocate_for=self._layers if compiled else (),
+            # CUDA graphs: final shapes before the first adapter (no re-capture for it). On CPU the stacks cost
+            # every step, so they grow with the adapters actually loaded (one recompile when that changes).
+            preallocate_for=self._layers if compiled and self.device.type == "cuda" else (),
         )
         self._lora_version = -1
         # One row and one column more than any step reads: a slice that is never the whole tensor keeps the
@@ -95,7 +97,12 @@ class StaticDecoder:
             sum(t.numel() * t.element_size() for t in (*self.store.keys, *self.store.values)) / 2**30,
         )
         self.batch_buckets = buckets(max(max_batch_size, 2), start=2 if compiled else 1)
-        self.length_buckets = buckets(max_len, start=min(MIN_LENGTH_BUCKET, max_len))
+        # Attention reads every column of the bucket, so buckets are fine-grained (multiples of 64), except
+        # for CUDA graphs, where each bucket is a captured graph: powers of two keep those few.
+        if compiled and self.device.type == "cuda":
+            self.length_buckets = buckets(max_len, start=min(LENGTH_STEP, max_len))
+        else:
+            self.length_buckets = [*range(LENGTH_STEP, max_len, LENGTH_STEP), max_len]
         self.compiled = compiled
         self._columns = torch.arange(max_len + 1, device=self.device)
         self._step: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self.step

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from workers.inference.static.lora import PROJECTIONS, LoraStacks
@@ -172,14 +173,18 @@ class StaticLlama(nn.Module):
             values[index].index_put_(write_at, v)
             past_keys = keys[index][:rows, :, :length]  # [B, kv_heads, L, head_dim], a view
             past_values = values[index][:rows, :, :length]
-            grouped = q.view(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
-            scores = torch.matmul(grouped, past_keys.transpose(-1, -2)).float() * self.scale  # [B, kv_heads, G, L]
             allowed = (
                 causal if layer.window is None else causal & (columns[None, :] > positions[:, None] - layer.window)
             )
-            scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
-            probs = scores.softmax(dim=-1).to(past_values.dtype)
-            attended = torch.matmul(probs, past_values).reshape(rows, self.heads * self.head_dim)
+            # One query per row against its own first L columns; the fused kernel groups heads itself (GQA).
+            attended = F.scaled_dot_product_attention(
+                q[:, :, None, :],
+                past_keys,
+                past_values,
+                attn_mask=allowed[:, None, None, :],
+                scale=self.scale,
+                enable_gqa=self.heads != self.kv_heads,
+            ).reshape(rows, self.heads * self.head_dim)
             x = x + project("o_proj", attended)
             h = layer.post_norm(x)
             gated = layer.act(project("gate_proj", h)) * project("up_proj", h)
