@@ -88,8 +88,14 @@ def install_error_handlers(app: FastAPI) -> None:
             return await request_validation_exception_handler(request, exc)
         first: dict[str, Any] = exc.errors()[0]
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        return openai_error(400, message, param, "invalid_value")
+        text = str(first.get("msg")).removeprefix("Value error, ")
+        code = "invalid_value"
+        if first.get("type") == "extra_forbidden":  # OpenAI's own words for an argument it does not know
+            text, code = "unrecognized request argument", "unknown_parameter"
+        elif "supported by this server" in text:
+            code = "unsupported_parameter"
+        message = f"{param}: {text}" if param else text
+        return openai_error(400, message, param, code)
 
     @app.exception_handler(sqlalchemy.exc.TimeoutError)
     async def pool_exhausted(request: Request, exc: sqlalchemy.exc.TimeoutError) -> JSONResponse:

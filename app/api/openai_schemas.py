@@ -1,18 +1,52 @@
-"""Request bodies of the OpenAI-compatible endpoints (the fields we honour; unknown ones are ignored,
-as the OpenAI SDK sends some by default)."""
+"""Request bodies of the OpenAI-compatible endpoints.
+
+Nothing is silently ignored. A field outside OpenAI's request schema is a 400 naming it, as OpenAI answers
+("Unrecognized request argument supplied"). A field OpenAI defines that this server does not honour yet
+(tools, response_format, logprobs, logit_bias, n > 1, ...) is accepted only at its no-op value (`n: 1`,
+`logprobs: false`, `response_format: {"type": "text"}`, an empty `logit_bias`, ...); any other value is a
+400 naming it. So a caller asking for JSON mode or log-probabilities never gets something else with a 200.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_STOP = 4
 MAX_STOP_CHARS = 1000  # each stop string is matched against the text after every token
 
 
+UNSUPPORTED = "is not supported by this server yet"
+
+
+def _unsupported(value: Any) -> Any:
+    raise ValueError(UNSUPPORTED)
+
+
+# Chat fields OpenAI defines that this server does not honour yet, with their no-op values.
+_CHAT_NO_OP: dict[str, Callable[[Any], bool]] = {
+    "store": lambda v: v in (None, False),
+    "logprobs": lambda v: v in (None, False),
+    "top_logprobs": lambda v: v in (None, 0),
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "tools": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none"),
+    "parallel_tool_calls": lambda v: True,  # only meaningful with tools, which are refused
+    "functions": lambda v: not v,
+    "function_call": lambda v: v in (None, "none"),
+    "modalities": lambda v: v in (None, ["text"]),
+    "audio": lambda v: v is None,
+    "prediction": lambda v: v is None,
+    "web_search_options": lambda v: v is None,
+    "reasoning_effort": lambda v: v is None,
+    "verbosity": lambda v: v is None,
+}
+
+
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, max_length=200)
     max_tokens: int | None = Field(None, ge=1)
@@ -28,9 +62,28 @@ class _Common(BaseModel):
     )
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request")
+    n: int = Field(1, ge=1, description="Only 1: one choice per request")
     ignore_eos: bool = Field(False, description="vLLM's extension: generate past EOS (benchmarks)")
     user: str | None = None
+    # Defined by OpenAI, no effect on the answer: accepted.
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    # Defined by OpenAI, not honoured yet: accepted only at their no-op values (see the module docstring).
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("only n=1 is supported by this server yet")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        return _unsupported(value) if value else value
 
     @field_validator("stop")
     @classmethod
@@ -50,10 +103,31 @@ class _Common(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
+    # Defined by OpenAI, not honoured yet (tool calling, participant names, audio): no-op values only.
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    refusal: str | None = None
+
+    @field_validator("name", "refusal")
+    @classmethod
+    def _no_extras(cls, value: str | None) -> str | None:
+        return _unsupported(value) if value is not None else value
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        return _unsupported(value) if value else value
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, value: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+        if isinstance(value, list) and any(part.get("type") != "text" for part in value):
+            raise ValueError("only text content parts are supported by this server yet")
+        return value
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: only text is supported
@@ -64,6 +138,29 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)
+    store: bool | None = None
+    # Not honoured yet: no-op values only.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+
+    @field_validator(*_CHAT_NO_OP)
+    @classmethod
+    def _no_op_values_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name is not None and not _CHAT_NO_OP[info.field_name](value):
+            raise ValueError(UNSUPPORTED)
+        return value
 
     @field_validator("messages")
     @classmethod
@@ -83,6 +180,25 @@ class CompletionRequest(_Common):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     echo: bool = False
+    # Not honoured yet: no-op values only.
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: int | None) -> int | None:
+        return _unsupported(value) if value else value
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: int | None) -> int | None:
+        return _unsupported(value) if value not in (None, 1) else value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        return _unsupported(value) if value else value
 
     @field_validator("prompt")
     @classmethod

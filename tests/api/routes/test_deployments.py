@@ -104,6 +104,78 @@ def test_openai_errors_have_openai_shape(anonymous: TestClient, trainer: Member,
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
+USER = [{"role": "user", "content": "x"}]
+# (endpoint, extra body fields, the param the 400 names, its code): nothing OpenAI defines is silently ignored.
+NOT_HONOURED = [
+    ("chat", {"n": 2}, "n", "unsupported_parameter"),
+    ("chat", {"logprobs": True}, "logprobs", "unsupported_parameter"),
+    ("chat", {"top_logprobs": 3}, "top_logprobs", "unsupported_parameter"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
+    ("chat", {"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
+    ("chat", {"logit_bias": {"5": -100}}, "logit_bias", "unsupported_parameter"),
+    ("chat", {"audio": {"voice": "alloy"}}, "audio", "unsupported_parameter"),
+    ("chat", {"store": True}, "store", "unsupported_parameter"),
+    (
+        "chat",
+        {"messages": [{"role": "user", "content": "x", "name": "bob"}]},
+        "messages.0.name",
+        "unsupported_parameter",
+    ),
+    (
+        "chat",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x"}}]}]},
+        "messages.0.content",
+        "unsupported_parameter",
+    ),
+    ("chat", {"made_up": 1}, "made_up", "unknown_parameter"),
+    ("completions", {"logprobs": 2}, "logprobs", "unsupported_parameter"),
+    ("completions", {"best_of": 3}, "best_of", "unsupported_parameter"),
+    ("completions", {"suffix": "end"}, "suffix", "unsupported_parameter"),
+    ("completions", {"n": 3}, "n", "unsupported_parameter"),
+    ("completions", {"made_up": 1}, "made_up", "unknown_parameter"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "extra", "param", "code"), NOT_HONOURED)
+def test_a_parameter_this_server_does_not_honour_is_a_400_naming_it(
+    anonymous: TestClient, trainer: Member, endpoint: str, extra: dict[str, Any], param: str, code: str
+) -> None:
+    body: dict[str, Any] = {"model": "any", **({"messages": USER} if endpoint == "chat" else {"prompt": "x"}), **extra}
+    url = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    r = anonymous.post(url, json=body, headers=trainer.headers)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+    assert error["message"].startswith(f"{param}: ")
+
+
+def test_no_op_values_of_those_parameters_are_accepted(
+    anonymous: TestClient, trainer: Member, tiny_model: Path
+) -> None:
+    h = trainer.headers
+    anonymous.post("/api/deployments/", json={"base_model": str(tiny_model), "name": "base-noop"}, headers=h)
+    chat = {
+        "model": "base-noop",
+        "messages": USER,
+        "n": 1,
+        "logprobs": False,
+        "top_logprobs": 0,
+        "response_format": {"type": "text"},
+        "logit_bias": {},
+        "tools": [],
+        "tool_choice": "none",
+        "store": False,
+        "metadata": {"run": "1"},
+        "user": "u",
+        "presence_penalty": 0.5,
+    }
+    completion = {"model": "base-noop", "prompt": "x", "n": 1, "best_of": 1, "logprobs": 0, "suffix": ""}
+    for url, body in (("/v1/chat/completions", chat), ("/v1/completions", completion)):
+        r = anonymous.post(url, json=body, headers=h)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_worker", r.text  # valid: it was dispatched
+
+
 def test_no_inference_worker_is_503_at_once(anonymous: TestClient, trainer: Member, tiny_model: Path) -> None:
     h = trainer.headers
     anonymous.post("/api/deployments/", json={"base_model": str(tiny_model), "name": "base-3"}, headers=h)
