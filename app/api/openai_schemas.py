@@ -2,9 +2,10 @@
 
 Nothing is silently ignored. A field outside OpenAI's request schema is a 400 naming it, as OpenAI answers
 ("Unrecognized request argument supplied"). A field OpenAI defines that this server does not honour yet
-(tools, response_format, logprobs, logit_bias, n > 1, ...) is accepted only at its no-op value (`n: 1`,
-`logprobs: false`, `response_format: {"type": "text"}`, an empty `logit_bias`, ...); any other value is a
-400 naming it. So a caller asking for JSON mode or log-probabilities never gets something else with a 200.
+(tools, response_format, logit_bias, n > 1, best_of, suffix, ...) is accepted only at its no-op value
+(`n: 1`, `response_format: {"type": "text"}`, an empty `logit_bias`, ...); any other value is a 400 naming
+it. So a caller asking for JSON mode never gets something else with a 200. Log-probabilities are honoured
+(not yet when streamed: that is a 400).
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ def _unsupported(value: Any) -> Any:
 # Chat fields OpenAI defines that this server does not honour yet, with their no-op values.
 _CHAT_NO_OP: dict[str, Callable[[Any], bool]] = {
     "store": lambda v: v in (None, False),
-    "logprobs": lambda v: v in (None, False),
-    "top_logprobs": lambda v: v in (None, 0),
     "response_format": lambda v: v is None or v == {"type": "text"},
     "tools": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none"),
@@ -139,9 +138,9 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)
     store: bool | None = None
+    logprobs: bool = Field(False, description="Return each generated token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: likeliest alternatives per token")
     # Not honoured yet: no-op values only.
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -154,6 +153,24 @@ class ChatCompletionRequest(_Common):
     web_search_options: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     verbosity: str | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _not_streamed(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("stream"):
+            raise ValueError(f"with stream: true {UNSUPPORTED}")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("requires logprobs: true")
+        return value
+
+    @property
+    def top(self) -> int:
+        return self.top_logprobs or 0
 
     @field_validator(*_CHAT_NO_OP)
     @classmethod
@@ -180,15 +197,23 @@ class CompletionRequest(_Common):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     echo: bool = False
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="Return each token's log-probability and this many likeliest alternatives"
+    )
     # Not honoured yet: no-op values only.
-    logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
 
     @field_validator("logprobs")
     @classmethod
-    def _no_logprobs(cls, value: int | None) -> int | None:
-        return _unsupported(value) if value else value
+    def _not_streamed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("stream"):
+            raise ValueError(f"with stream: true {UNSUPPORTED}")
+        return value
+
+    @property
+    def top(self) -> int:
+        return self.logprobs or 0
 
     @field_validator("best_of")
     @classmethod

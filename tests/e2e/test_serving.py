@@ -98,6 +98,29 @@ def test_presence_and_frequency_penalties_reach_the_engine(served: dict[str, Any
     assert penalized.usage.completion_tokens == plain.usage.completion_tokens == 48
 
 
+def test_logprobs_with_the_official_client(served: dict[str, Any]) -> None:
+    client = served["client"]
+    answer = chat(client, "tiny-tuned", QUESTIONS[0], max_tokens=12, logprobs=True, top_logprobs=3)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        # Greedy: the chosen token is the likeliest, with the same log-probability.
+        assert entry.top_logprobs[0].token == entry.token
+        assert abs(entry.top_logprobs[0].logprob - entry.logprob) < 1e-4
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+    assert "".join(entry.token for entry in content).startswith(answer.choices[0].message.content[:8])
+    assert chat(client, "tiny-tuned", QUESTIONS[0]).choices[0].logprobs is None
+
+    completion = client.completions.create(
+        model="tiny-base", prompt="The capital", max_tokens=5, logprobs=2, temperature=0
+    )
+    legacy = completion.choices[0].logprobs
+    assert len(legacy.tokens) == len(legacy.token_logprobs) == len(legacy.top_logprobs) == 5
+    assert all(len(alternatives) <= 2 for alternatives in legacy.top_logprobs)
+    assert legacy.text_offset == sorted(legacy.text_offset)
+
+
 def test_streaming_chat_matches_the_whole_answer(served: dict[str, Any]) -> None:
     client = served["client"]
     whole = chat(client, "tiny-tuned", QUESTIONS[1], max_tokens=24)

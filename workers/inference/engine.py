@@ -242,6 +242,7 @@ class InferenceEngine:
                 request.seed,
                 presence=request.presence_penalty,
                 frequency=request.frequency_penalty,
+                top=request.top_logprobs,
             ),
             decoder=IncrementalDecoder(self._detokenize),
             matcher=StopMatcher(request.stop),
@@ -456,6 +457,11 @@ class InferenceEngine:
     def _adapters_in_use(self) -> set[str]:
         """Adapters that must not be evicted or unloaded: running requests' and started score calls'."""
         return (self._scheduler.adapters_in_use() | self._scorer.adapters_in_use()) - {BASE_ADAPTER}
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """The text of each token on its own, special tokens included (for log-probability reports)."""
+        with self._tokenizer_lock:
+            return [str(self.tokenizer.decode([int(t)], skip_special_tokens=False)) for t in ids]
 
     def _detokenize(self, ids: Sequence[int]) -> str:
         """Text of `ids` without special tokens. Runs twice per generated token (streaming): keep it lean."""

@@ -55,6 +55,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    top_logprobs: int = 0
 
     def validate(self, vocab_size: int) -> None:
         """Reject bad arguments at submit time: inside the loop they would fail every request in the batch."""
@@ -68,6 +69,8 @@ class GenerationRequest:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
@@ -94,6 +97,8 @@ class GenerationResult:
     # Natural-log probability of each token in `token_ids` under the model's distribution at its step (before
     # temperature and top-p), computed in float32 from the same logits the token was chosen from.
     token_logprobs: tuple[float, ...] = ()
+    # With `top_logprobs=k`: per token, the k most likely tokens at that step and their log-probabilities.
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-Sampled = tuple[list[int], list[float]]  # each row's token and its log-probability
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit; the compiled step always computes this many
+
+
+@dataclass(frozen=True, slots=True)
+class Sampled:
+    """Each row's chosen token, its log-probability, and its requested most likely alternatives."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    tops: list[list[tuple[int, float]]]  # (token, log-probability), most likely first; empty when not asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +35,7 @@ class RowSampling:
     generator: torch.Generator | None
     presence: float = 0.0
     frequency: float = 0.0
+    top: int = 0  # alternatives (with their log-probabilities) to report per token
 
     @property
     def penalized(self) -> bool:
@@ -33,16 +43,23 @@ class RowSampling:
 
     @classmethod
     def create(
-        cls, temperature: float, top_p: float, seed: int | None, *, presence: float = 0.0, frequency: float = 0.0
+        cls,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        *,
+        presence: float = 0.0,
+        frequency: float = 0.0,
+        top: int = 0,
     ) -> RowSampling:
         if temperature == 0:
-            return cls(0.0, top_p, None, presence, frequency)
+            return cls(0.0, top_p, None, presence, frequency, top)
         generator = torch.Generator()  # CPU on purpose, see the module docstring
         if seed is None:
             generator.seed()
         else:
             generator.manual_seed(seed)
-        return cls(temperature, top_p, generator, presence, frequency)
+        return cls(temperature, top_p, generator, presence, frequency, top)
 
 
 def next_tokens(
@@ -73,7 +90,9 @@ def next_tokens(
         top_p = torch.tensor([rows[i].top_p for i in sampled], device=device, dtype=torch.float32)
         uniform = torch.tensor(uniform_draws([rows[i] for i in sampled]), device=device)
         chosen[index] = nucleus_sample(logits.index_select(0, index), temperature, top_p, uniform)
-    return to_host(chosen, token_logprobs(model_logits, chosen))
+    wanted = [row.top for row in rows]
+    top = top_logprobs(model_logits, max(wanted)) if max(wanted, default=0) else None
+    return to_host(chosen, token_logprobs(model_logits, chosen), top, wanted)
 
 
 def apply_penalties(
@@ -127,7 +146,27 @@ def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     return logits.log_softmax(dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
 
 
-def to_host(chosen: torch.Tensor, logprobs: torch.Tensor) -> Sampled:
-    """Tokens and log-probabilities as lists, in one device->host copy (token ids < 2**24 are exact in float32)."""
-    picked = torch.stack([chosen.to(logprobs.dtype), logprobs]).tolist()
-    return [int(t) for t in picked[0]], picked[1]
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens of each row and their log-probabilities, most likely first."""
+    values, ids = logits.log_softmax(dim=-1).topk(k, dim=-1)
+    return ids, values
+
+
+def to_host(
+    chosen: torch.Tensor,
+    logprobs: torch.Tensor,
+    top: tuple[torch.Tensor, torch.Tensor] | None = None,
+    wanted: Sequence[int] = (),
+) -> Sampled:
+    """Everything as lists, in one device->host copy (token ids < 2**24 are exact in float32). `wanted`: how
+    many of the `top` alternatives each row asked for."""
+    columns = [chosen[:, None].to(logprobs.dtype), logprobs[:, None]]
+    if top is not None:
+        columns += [top[0].to(logprobs.dtype), top[1]]
+    rows = torch.cat(columns, dim=1).tolist()
+    k = 0 if top is None else top[0].shape[1]
+    tops = [
+        [(int(row[2 + j]), row[2 + k + j]) for j in range(min(want, k))]
+        for row, want in zip(rows, list(wanted) or [0] * len(rows), strict=True)
+    ]
+    return Sampled([int(row[0]) for row in rows], [row[1] for row in rows], tops)

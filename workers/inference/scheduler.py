@@ -88,6 +88,7 @@ class SequenceState:
     matcher: StopMatcher
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    tops: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
     position: int = 0  # position id of the next token fed to the model
     done: bool = False  # finished or failed (its handle may be released only at the end of the iteration)
 
@@ -208,7 +209,7 @@ class Scheduler:
     def _prefill(self, sequences: list[SequenceState]) -> None:
         """Run the prompts of `sequences` together, sample their first tokens and merge them into the batch."""
         try:
-            (tokens, logprobs), joined = self._runner.prefill(
+            first, joined = self._runner.prefill(
                 [s.prompt for s in sequences],
                 [s.adapter for s in sequences],
                 [s.sampling for s in sequences],
@@ -219,9 +220,11 @@ class Scheduler:
             return
         self._stats.record_prefill(len(sequences), len(sequences))
         keep = []
-        for row, (sequence, token, logprob) in enumerate(zip(sequences, tokens, logprobs, strict=True)):
+        for row, (sequence, token, logprob, top) in enumerate(
+            zip(sequences, first.tokens, first.logprobs, first.tops, strict=True)
+        ):
             sequence.position = len(sequence.prompt)
-            if not self._accept(sequence, token, logprob):
+            if not self._accept(sequence, token, logprob, top):
                 keep.append(row)
         if not keep:
             return
@@ -237,7 +240,7 @@ class Scheduler:
         rows = self.running
         assert self.kv is not None and self.kv.batch_size == len(rows)
         try:
-            tokens, logprobs = self._runner.decode(
+            sampled = self._runner.decode(
                 self.kv,
                 [s.generated[-1] for s in rows],
                 [s.position for s in rows],
@@ -252,20 +255,24 @@ class Scheduler:
             return
         self._stats.record_decode(len(rows), len(rows))
         keep = []
-        for row, (sequence, token, logprob) in enumerate(zip(rows, tokens, logprobs, strict=True)):
+        for row, (sequence, token, logprob, top) in enumerate(
+            zip(rows, sampled.tokens, sampled.logprobs, sampled.tops, strict=True)
+        ):
             sequence.position += 1
-            if not self._accept(sequence, token, logprob):
+            if not self._accept(sequence, token, logprob, top):
                 keep.append(row)
         if len(keep) < len(rows):
             self._retain(keep)
 
     # --- finishing ---------------------------------------------------------------------------------------
 
-    def _accept(self, sequence: SequenceState, token: int, logprob: float) -> bool:
+    def _accept(self, sequence: SequenceState, token: int, logprob: float, top: list[tuple[int, float]]) -> bool:
         """Record a sampled token and stream its text; True when the sequence finished (and was resolved)."""
         try:
             sequence.generated.append(token)
             sequence.logprobs.append(logprob)
+            if sequence.sampling.top:
+                sequence.tops.append(tuple(top))
             if token in self._eos and not sequence.request.ignore_eos:
                 return self._finish(sequence, "stop")
             sequence.handle.push(sequence.matcher.feed(sequence.decoder.push(token)))
@@ -294,6 +301,7 @@ class Scheduler:
             completion_tokens=len(sequence.generated),
             token_ids=tuple(sequence.generated),
             token_logprobs=tuple(sequence.logprobs),
+            top_logprobs=tuple(sequence.tops),
         )
         sequence.done = True
         self._stats.record_finished(ok=True)

@@ -25,9 +25,11 @@ from app.core.contracts.inference import (
     Score,
     Scored,
     ScoreMessage,
+    TokenLogprob,
+    TopLogprob,
 )
 from app.core.replies import reply_channel
-from workers.inference import GenerationHandle, GenerationRequest, InferenceEngine, PromptTooLong
+from workers.inference import GenerationHandle, GenerationRequest, GenerationResult, InferenceEngine, PromptTooLong
 from workers.serving.manager import EngineManager, WorkerBusy, get_manager
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ def run_generate(request: GenerateMessage, worker: str) -> None:
                 ignore_eos=request.ignore_eos,
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
+                top_logprobs=request.top_logprobs if request.logprobs else 0,
                 request_id=request.request_id,
                 **_adapter(manager, request),
             )
@@ -66,8 +69,24 @@ def run_generate(request: GenerateMessage, worker: str) -> None:
                 finish_reason=result.finish_reason,
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
+                logprobs=_logprobs(engine, result) if request.logprobs else None,
             )
         )
+
+
+def _logprobs(engine: InferenceEngine, result: GenerationResult) -> list[TokenLogprob]:
+    """Each generated token with its text (special tokens shown), log-probability and top alternatives."""
+    ids = list(result.token_ids) + [token for top in result.top_logprobs for token, _ in top]
+    text = dict(zip(ids, engine.token_texts(ids), strict=True))
+
+    def entry(token: int, logprob: float) -> TopLogprob:
+        return TopLogprob(token=text[token], logprob=logprob, bytes=list(text[token].encode()))
+
+    tops = result.top_logprobs or ((),) * len(result.token_ids)
+    return [
+        TokenLogprob(**entry(token, logprob).model_dump(), top_logprobs=[entry(t, lp) for t, lp in top])
+        for token, logprob, top in zip(result.token_ids, result.token_logprobs, tops, strict=True)
+    ]
 
 
 def _relay(handle: GenerationHandle, request: GenerateMessage, send: Callable[[Reply], None]) -> bool:

@@ -61,7 +61,7 @@ async def chat_completions(
     """Chat with a deployment: its chat template is applied on the worker."""
     _check_size(settings, "messages", body.prompt_chars, len(body.messages))
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.inference.default_max_tokens
-    sampling = _sampling(settings, body, max_tokens)
+    sampling = _sampling(settings, body, max_tokens, logprobs=body.logprobs)
     messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
     slot = await Slot.take(settings, principal.team_id)
     try:
@@ -74,7 +74,10 @@ async def chat_completions(
 
     def respond(done: Done) -> dict[str, Any]:
         answer = {"role": "assistant", "content": done.text}
-        choice = {"index": 0, "message": answer, "finish_reason": done.finish_reason, "logprobs": None}
+        logprobs = None
+        if done.logprobs is not None:
+            logprobs = {"content": [entry.model_dump() for entry in done.logprobs], "refusal": None}
+        choice = {"index": 0, "message": answer, "finish_reason": done.finish_reason, "logprobs": logprobs}
         return {**meta, "object": "chat.completion", "choices": [choice], "usage": _usage(done)}
 
     return await _answer(request, settings, slot, message, _chat_chunks(meta, body.include_usage), respond)
@@ -86,7 +89,7 @@ async def completions(
 ) -> JSONResponse | EventSourceResponse:
     """Plain text completion (no chat template)."""
     _check_size(settings, "prompt", len(body.text), 1)
-    sampling = _sampling(settings, body, body.max_tokens or 16)
+    sampling = _sampling(settings, body, body.max_tokens or 16, logprobs=body.logprobs is not None)
     slot = await Slot.take(settings, principal.team_id)
     try:
         deployment = await slot.resolve(settings, body.model)
@@ -98,7 +101,8 @@ async def completions(
     echo = body.text if body.echo else ""
 
     def respond(done: Done) -> dict[str, Any]:
-        choice = {"index": 0, "text": echo + done.text, "finish_reason": done.finish_reason, "logprobs": None}
+        logprobs = _completion_logprobs(done, len(echo)) if done.logprobs is not None else None
+        choice = {"index": 0, "text": echo + done.text, "finish_reason": done.finish_reason, "logprobs": logprobs}
         return {**meta, "object": "text_completion", "choices": [choice], "usage": _usage(done)}
 
     return await _answer(request, settings, slot, message, _completion_chunks(meta, body.include_usage, echo), respond)
@@ -241,7 +245,24 @@ async def _answer(
     return JSONResponse(respond(done))
 
 
-def _sampling(settings: Settings, body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> Sampling:
+def _completion_logprobs(done: Done, offset: int) -> dict[str, Any]:
+    """The legacy completions shape: parallel lists, alternatives as {token: logprob}, character offsets."""
+    entries = done.logprobs or []
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return {
+        "tokens": [entry.token for entry in entries],
+        "token_logprobs": [entry.logprob for entry in entries],
+        "top_logprobs": [{top.token: top.logprob for top in entry.top_logprobs} for entry in entries],
+        "text_offset": offsets,
+    }
+
+
+def _sampling(
+    settings: Settings, body: CompletionRequest | ChatCompletionRequest, max_tokens: int, *, logprobs: bool
+) -> Sampling:
     cap = settings.inference.max_tokens_cap
     if max_tokens > cap:
         raise InferenceFailed(400, "invalid_value", f"max_tokens: must be <= {cap}", "max_tokens")
@@ -254,6 +275,8 @@ def _sampling(settings: Settings, body: CompletionRequest | ChatCompletionReques
         ignore_eos=body.ignore_eos,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
+        logprobs=logprobs,
+        top_logprobs=body.top if logprobs else 0,
     )
 
 

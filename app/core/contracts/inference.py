@@ -39,6 +39,8 @@ class Sampling(BaseModel):
     ignore_eos: bool = False
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logprobs: bool = False  # report each generated token's log-probability (in `Done`)
+    top_logprobs: int = Field(0, ge=0, le=20)  # ... and this many most likely alternatives per token
 
 
 class GenerateMessage(ModelTarget, Sampling):
@@ -84,12 +86,25 @@ class Delta(BaseModel):
     text: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    """One generated token: its text, natural-log probability under the model, and the likeliest alternatives."""
+
+    top_logprobs: list[TopLogprob] = []
+
+
 class Done(BaseModel):
     type: Literal["done"] = "done"
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # when the request asked for them
 
 
 class Score(BaseModel):

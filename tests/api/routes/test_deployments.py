@@ -108,8 +108,9 @@ USER = [{"role": "user", "content": "x"}]
 # (endpoint, extra body fields, the param the 400 names, its code): nothing OpenAI defines is silently ignored.
 NOT_HONOURED = [
     ("chat", {"n": 2}, "n", "unsupported_parameter"),
-    ("chat", {"logprobs": True}, "logprobs", "unsupported_parameter"),
-    ("chat", {"top_logprobs": 3}, "top_logprobs", "unsupported_parameter"),
+    ("chat", {"top_logprobs": 3}, "top_logprobs", "invalid_value"),  # requires logprobs: true
+    ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+    ("chat", {"logprobs": True, "stream": True}, "logprobs", "unsupported_parameter"),
     ("chat", {"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
     ("chat", {"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
@@ -129,7 +130,8 @@ NOT_HONOURED = [
         "unsupported_parameter",
     ),
     ("chat", {"made_up": 1}, "made_up", "unknown_parameter"),
-    ("completions", {"logprobs": 2}, "logprobs", "unsupported_parameter"),
+    ("completions", {"logprobs": 6}, "logprobs", "invalid_value"),
+    ("completions", {"logprobs": 1, "stream": True}, "logprobs", "unsupported_parameter"),
     ("completions", {"best_of": 3}, "best_of", "unsupported_parameter"),
     ("completions", {"suffix": "end"}, "suffix", "unsupported_parameter"),
     ("completions", {"n": 3}, "n", "unsupported_parameter"),

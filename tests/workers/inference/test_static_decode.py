@@ -39,6 +39,7 @@ from workers.inference.static.slots import SlotBatch, SlotStore
 
 LOGPROB_ATOL = 1e-4
 GREEDY = RowSampling.create(0.0, 1.0, None)
+TOP3 = RowSampling.create(0.0, 1.0, None, top=3)
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +93,14 @@ def test_every_row_equals_its_solo_answer_on_the_dynamic_path(tiny_model: Path, 
     assert max(histogram) > 1 and len(histogram) > 2, histogram  # batched, and the batch size changed
 
 
-def test_logprobs_match_a_teacher_forced_forward(tiny_model: Path, adapters: dict[str, Path]) -> None:
-    with InferenceEngine(tiny_model, max_batch_size=4, decode="static") as engine:
-        request = greedy(chat_prompt(engine, 3), 12, adapter="B", adapter_path=adapters["B"])
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_logprobs_match_a_teacher_forced_forward(tiny_model: Path, adapters: dict[str, Path], decode: str) -> None:
+    """The chosen tokens' log-probabilities and the top-4 alternatives of each step, against a peft forward."""
+    with InferenceEngine(tiny_model, max_batch_size=4, decode=decode) as engine:  # type: ignore[arg-type]
+        request = greedy(chat_prompt(engine, 3), 12, adapter="B", adapter_path=adapters["B"], top_logprobs=4)
+        others = [engine.submit(greedy(chat_prompt(engine, i), 8)) for i in range(2)]  # rows without tops
         result = engine.generate(request, timeout=WAIT_S)
+        assert all(h.result(WAIT_S).top_logprobs == () for h in others)
     from peft import PeftModel
 
     from tests.workers.inference.test_engine import load_base
@@ -105,9 +110,13 @@ def test_logprobs_match_a_teacher_forced_forward(tiny_model: Path, adapters: dic
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].float()
     start = len(request.prompt_ids) - 1
-    expected = logits[start : start + len(result.token_ids)].log_softmax(-1)
-    expected = expected.gather(-1, torch.tensor(result.token_ids)[:, None]).squeeze(-1)
+    reference = logits[start : start + len(result.token_ids)].log_softmax(-1)
+    expected = reference.gather(-1, torch.tensor(result.token_ids)[:, None]).squeeze(-1)
     torch.testing.assert_close(torch.tensor(result.token_logprobs), expected, atol=LOGPROB_ATOL, rtol=0)
+    values, top_ids = reference.topk(4, dim=-1)
+    assert [[token for token, _ in top] for top in result.top_logprobs] == top_ids.tolist()
+    got = torch.tensor([[logprob for _, logprob in top] for top in result.top_logprobs])
+    torch.testing.assert_close(got, values, atol=LOGPROB_ATOL, rtol=0)
 
 
 def test_sampled_rows_reproduce_the_dynamic_path_with_the_same_seed(tiny_model: Path) -> None:
@@ -174,24 +183,32 @@ def test_llama_family_shapes_decode_like_transformers(kind: str, tie: bool) -> N
     prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24]]
     steps = 20  # past the 6-token window
     with torch.inference_mode():
-        (first, first_logprobs), batch = decoder.prefill(prompts, ["__base__"] * 3, [GREEDY] * 3)
-        generated = [[t] for t in first]
-        logprobs = [[lp] for lp in first_logprobs]
+        rows = [GREEDY, TOP3, GREEDY]
+        first, batch = decoder.prefill(prompts, ["__base__"] * 3, rows)
+        generated = [[t] for t in first.tokens]
+        logprobs = [[lp] for lp in first.logprobs]
+        tops = [[top] for top in first.tops]
         positions = [len(p) for p in prompts]
         for _ in range(steps):
-            tokens, step_logprobs = decoder.decode(
-                batch, [g[-1] for g in generated], positions, ["__base__"] * 3, [GREEDY] * 3
-            )
-            for row, (token, logprob) in enumerate(zip(tokens, step_logprobs, strict=True)):
-                generated[row].append(token)
-                logprobs[row].append(logprob)
+            step = decoder.decode(batch, [g[-1] for g in generated], positions, ["__base__"] * 3, rows)
+            for row in range(3):
+                generated[row].append(step.tokens[row])
+                logprobs[row].append(step.logprobs[row])
+                tops[row].append(step.tops[row])
             positions = [p + 1 for p in positions]
-        for prompt, tokens, row_logprobs in zip(prompts, generated, logprobs, strict=True):
+        for prompt, tokens, row_logprobs, row_tops, row in zip(prompts, generated, logprobs, tops, rows, strict=True):
             ids = torch.tensor([prompt + tokens])
             reference = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
             assert tokens == reference.argmax(-1).tolist()
             expected = reference.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
             torch.testing.assert_close(torch.tensor(row_logprobs), expected, atol=LOGPROB_ATOL, rtol=0)
+            if row.top:
+                values, top_ids = reference.topk(row.top, dim=-1)
+                assert [[token for token, _ in top] for top in row_tops] == top_ids.tolist()
+                got = torch.tensor([[lp for _, lp in top] for top in row_tops])
+                torch.testing.assert_close(got, values, atol=LOGPROB_ATOL, rtol=0)
+            else:
+                assert row_tops == [[]] * len(tokens)
 
 
 def test_other_architectures_fall_back_to_the_dynamic_path_with_a_reason(

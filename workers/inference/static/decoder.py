@@ -28,7 +28,15 @@ from torch import nn
 from workers.inference.adapters import AdapterCache
 from workers.inference.request import BASE_ADAPTER
 from workers.inference.runner import ModelRunner
-from workers.inference.sampling import RowSampling, Sampled, choose_tokens, to_host, uniform_draws
+from workers.inference.sampling import (
+    MAX_TOP_LOGPROBS,
+    RowSampling,
+    Sampled,
+    choose_tokens,
+    to_host,
+    top_logprobs,
+    uniform_draws,
+)
 from workers.inference.static.llama import StaticLlama
 from workers.inference.static.lora import LoraStacks
 from workers.inference.static.slots import SlotBatch, SlotStore
@@ -36,6 +44,8 @@ from workers.inference.static.slots import SlotBatch, SlotStore
 log = logging.getLogger(__name__)
 
 LENGTH_STEP = 64
+# The step's outputs: chosen tokens, their log-probabilities, and (ids, log-probabilities) of the top_k.
+StepOutput = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
 
 
 def buckets(limit: int, start: int = 1) -> list[int]:
@@ -105,7 +115,7 @@ class StaticDecoder:
             self.length_buckets = [*range(LENGTH_STEP, max_len, LENGTH_STEP), max_len]
         self.compiled = compiled
         self._columns = torch.arange(max_len + 1, device=self.device)
-        self._step: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self.step
+        self._step: Callable[..., StepOutput] = self.step
         if compiled:
             if self.device.type == "cuda":
                 for stored in (*self.store.keys, *self.store.values):
@@ -138,7 +148,7 @@ class StaticDecoder:
         if any(row.penalized for row in sampling):
             counts = self.store.counts[start : start + len(prompts)]
             counts.zero_()
-            counts[torch.arange(len(prompts)), torch.tensor(first[0], device=self.device)] = 1.0
+            counts[torch.arange(len(prompts)), torch.tensor(first.tokens, device=self.device)] = 1.0
         return first, batch
 
     def decode(
@@ -168,7 +178,7 @@ class StaticDecoder:
                 [row.frequency for row in sampling],
             ],
         )
-        chosen, logprobs = self._step(
+        chosen, logprobs, top = self._step(
             self.store.keys,
             self.store.values,
             ints,
@@ -177,10 +187,14 @@ class StaticDecoder:
             self.store.counts,
             sample=any(row.generator is not None for row in sampling),
             penalize=self.compiled or any(row.penalized for row in sampling),
+            top_k=MAX_TOP_LOGPROBS if self.compiled else max(row.top for row in sampling),
             with_lora=self.compiled or any(ids),  # compiled: one graph whatever the mix (zeros for base rows)
         )
         self.store.used_columns = max(self.store.used_columns, max(positions) + 1)
-        return to_host(chosen[:rows], logprobs[:rows])
+        wanted = [row.top for row in sampling]
+        if top is not None:
+            top = (top[0][:rows], top[1][:rows])
+        return to_host(chosen[:rows], logprobs[:rows], top, wanted)
 
     # --- the step ------------------------------------------------------------------------------------------
 
@@ -196,7 +210,8 @@ class StaticDecoder:
         sample: bool,
         penalize: bool,
         with_lora: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        top_k: int = 0,
+    ) -> StepOutput:
         """Next token and its log-probability for each of the B rows; the graph that `torch.compile` captures.
 
         `ints` [3, B]: last token, position, adapter slot; `floats` [5, B]: temperature, top-p, uniform draw,
@@ -212,7 +227,7 @@ class StaticDecoder:
         if penalize:
             ones = torch.ones(rows, dtype=counts.dtype, device=counts.device)
             counts.index_put_((torch.arange(rows, device=counts.device), chosen), ones, accumulate=True)
-        return chosen, logprobs
+        return chosen, logprobs, top_logprobs(logits, top_k) if top_k else None
 
     def _inputs(
         self, size: int, length: int, ints: list[list[int]], floats: list[list[float]]
@@ -250,6 +265,7 @@ class StaticDecoder:
                 sample=sample,
                 penalize=self.compiled,
                 with_lora=self.compiled,
+                top_k=MAX_TOP_LOGPROBS if self.compiled else 0,
             )
         self.store.clear()
         seconds = time.perf_counter() - start
