@@ -178,17 +178,14 @@ class StaticDecoder:
                 [row.frequency for row in sampling],
             ],
         )
-        chosen, logprobs, top = self._step(
-            self.store.keys,
-            self.store.values,
+        chosen, logprobs, top = self._run_step(
             ints,
             floats,
             columns,
-            self.store.counts,
             sample=any(row.generator is not None for row in sampling),
             penalize=self.compiled or any(row.penalized for row in sampling),
-            top_k=MAX_TOP_LOGPROBS if self.compiled else max(row.top for row in sampling),
             with_lora=self.compiled or any(ids),  # compiled: one graph whatever the mix (zeros for base rows)
+            top_k=MAX_TOP_LOGPROBS if self.compiled else max(row.top for row in sampling),
         )
         self.store.used_columns = max(self.store.used_columns, max(positions) + 1)
         wanted = [row.top for row in sampling]
@@ -229,6 +226,10 @@ class StaticDecoder:
             counts.index_put_((torch.arange(rows, device=counts.device), chosen), ones, accumulate=True)
         return chosen, logprobs, top_logprobs(logits, top_k) if top_k else None
 
+    def _run_step(self, ints: torch.Tensor, floats: torch.Tensor, columns: torch.Tensor, **flags: Any) -> StepOutput:
+        """The (possibly compiled) step on this decoder's slots and token counts."""
+        return self._step(self.store.keys, self.store.values, ints, floats, columns, self.store.counts, **flags)
+
     def _inputs(
         self, size: int, length: int, ints: list[list[int]], floats: list[list[float]]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -255,13 +256,10 @@ class StaticDecoder:
         start = time.perf_counter()
         for size, length, sample in itertools.product(self.batch_buckets, self.length_buckets, (False, True)):
             ints, floats, columns = self._inputs(size, length, [[], [], []], [[]] * 5)
-            self._step(
-                self.store.keys,
-                self.store.values,
+            self._run_step(
                 ints,
                 floats,
                 columns,
-                self.store.counts,
                 sample=sample,
                 penalize=self.compiled,
                 with_lora=self.compiled,
