@@ -2,10 +2,10 @@
 
 Nothing is silently ignored. A field outside OpenAI's request schema is a 400 naming it, as OpenAI answers
 ("Unrecognized request argument supplied"). A field OpenAI defines that this server does not honour yet
-(tools, response_format, logit_bias, n > 1, best_of, suffix, ...) is accepted only at its no-op value
-(`n: 1`, `response_format: {"type": "text"}`, an empty `logit_bias`, ...); any other value is a 400 naming
-it. So a caller asking for JSON mode never gets something else with a 200. Log-probabilities are honoured
-(not yet when streamed: that is a 400).
+(tools, response_format, n > 1, best_of, suffix, ...) is accepted only at its no-op value (`n: 1`,
+`response_format: {"type": "text"}`, ...); any other value is a 400 naming it. So a caller asking for JSON
+mode never gets something else with a 200. Log-probabilities are honoured (not yet when streamed: that is a
+400), and so are penalties and `logit_bias`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_STOP = 4
-MAX_STOP_CHARS = 1000  # each stop string is matched against the text after every token
+MAX_STOP_CHARS = 1000
+MAX_LOGIT_BIAS = 300  # OpenAI's limit  # each stop string is matched against the text after every token
 
 
 UNSUPPORTED = "is not supported by this server yet"
@@ -69,8 +70,9 @@ class _Common(BaseModel):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     service_tier: Literal["auto", "default"] | None = None
-    # Defined by OpenAI, not honoured yet: accepted only at their no-op values (see the module docstring).
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias in [-100, 100] added to its logit before sampling"
+    )
 
     @field_validator("n")
     @classmethod
@@ -81,8 +83,17 @@ class _Common(BaseModel):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        return _unsupported(value) if value else value
+    def _token_ids_and_bounds(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit() or not -100 <= bias <= 100:
+                raise ValueError(f"keys are token ids and biases are in [-100, 100]; got {key!r}: {bias}")
+        if value and len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        return value
+
+    @property
+    def bias(self) -> dict[int, float]:
+        return {int(key): value for key, value in (self.logit_bias or {}).items()}
 
     @field_validator("stop")
     @classmethod

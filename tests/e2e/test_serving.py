@@ -74,6 +74,7 @@ def chat(client: openai.OpenAI, model: str, question: str, **kw: Any) -> Any:
 def test_models_list(served: dict[str, Any]) -> None:
     ids = {m.id for m in served["client"].models.list()}
     assert {"tiny-tuned", "tiny-base"} <= ids
+    assert served["client"].models.retrieve("tiny-tuned").id == "tiny-tuned"
 
 
 def test_chat_with_the_adapter_differs_from_the_base(served: dict[str, Any]) -> None:

@@ -243,6 +243,7 @@ class InferenceEngine:
                 presence=request.presence_penalty,
                 frequency=request.frequency_penalty,
                 top=request.top_logprobs,
+                bias=tuple((int(token), float(value)) for token, value in request.logit_bias.items()),
             ),
             decoder=IncrementalDecoder(self._detokenize),
             matcher=StopMatcher(request.stop),

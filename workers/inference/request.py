@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,6 +39,8 @@ class GenerationRequest:
     `presence_penalty` / `frequency_penalty` follow OpenAI's definition over the tokens generated so far:
     each logit is lowered by `frequency_penalty * count + presence_penalty * (count > 0)` before the token is
     chosen (greedy rows too); `token_logprobs` stay those of the model's own distribution.
+    `logit_bias` adds its value to the logit of its token id before the token is chosen (-100 bans a token,
+    +100 all but forces it), as OpenAI defines it.
     `ignore_eos=True` keeps generating past EOS tokens (stop strings and `max_tokens` still end the request):
     for benchmarks that must generate exactly `max_tokens` tokens.
     """
@@ -56,6 +58,7 @@ class GenerationRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     top_logprobs: int = 0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
 
     def validate(self, vocab_size: int) -> None:
         """Reject bad arguments at submit time: inside the loop they would fail every request in the batch."""
@@ -69,6 +72,8 @@ class GenerationRequest:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not 0 <= int(token) < vocab_size or not -100 <= bias <= 100 for token, bias in self.logit_bias.items()):
+            raise ValueError(f"logit_bias: token ids in [0, {vocab_size}) and biases in [-100, 100]")
         if not 0 <= self.top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         for name in ("presence_penalty", "frequency_penalty"):

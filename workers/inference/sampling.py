@@ -36,6 +36,7 @@ class RowSampling:
     presence: float = 0.0
     frequency: float = 0.0
     top: int = 0  # alternatives (with their log-probabilities) to report per token
+    bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit)
 
     @property
     def penalized(self) -> bool:
@@ -51,15 +52,16 @@ class RowSampling:
         presence: float = 0.0,
         frequency: float = 0.0,
         top: int = 0,
+        bias: tuple[tuple[int, float], ...] = (),
     ) -> RowSampling:
         if temperature == 0:
-            return cls(0.0, top_p, None, presence, frequency, top)
+            return cls(0.0, top_p, None, presence, frequency, top, bias)
         generator = torch.Generator()  # CPU on purpose, see the module docstring
         if seed is None:
             generator.seed()
         else:
             generator.manual_seed(seed)
-        return cls(temperature, top_p, generator, presence, frequency, top)
+        return cls(temperature, top_p, generator, presence, frequency, top, bias)
 
 
 def next_tokens(
@@ -81,6 +83,12 @@ def next_tokens(
         frequency = torch.tensor([rows[i].frequency for i in penalized], device=logits.device)
         logits = logits.clone()
         logits[index] = apply_penalties(logits.index_select(0, index), counts, presence, frequency)
+    biased = [i for i, row in enumerate(rows) if row.bias]
+    if biased:
+        logits = logits.clone() if logits is model_logits else logits
+        for i in biased:
+            ids = torch.tensor([token for token, _ in rows[i].bias], device=logits.device)
+            logits[i].index_add_(0, ids, torch.tensor([b for _, b in rows[i].bias], device=logits.device))
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if row.generator is not None]
     if sampled:
@@ -110,11 +118,14 @@ def choose_tokens(
     *,
     sample: bool,
     penalties: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`next_tokens` as tensor ops only, for the static decode graph: every row goes through the same ops
     (rows with temperature 0 take the argmax). `sample=False` (every row greedy) skips the sort.
-    `penalties`: (counts [B, V], presence [B], frequency [B])."""
+    `penalties`: (counts [B, V], presence [B], frequency [B]); `bias` [B, V] is added to the logits."""
     scores = logits if penalties is None else apply_penalties(logits, *penalties)
+    if bias is not None:
+        scores = scores + bias
     chosen = scores.argmax(dim=-1)
     if sample:
         chosen = torch.where(temperature > 0, nucleus_sample(scores, temperature, top_p, uniform), chosen)

@@ -51,6 +51,7 @@ def run_generate(request: GenerateMessage, worker: str) -> None:
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
                 top_logprobs=request.top_logprobs if request.logprobs else 0,
+                logit_bias=request.logit_bias,
                 request_id=request.request_id,
                 **_adapter(manager, request),
             )
@@ -190,7 +191,8 @@ def _as_error(exc: Exception, request: GenerateMessage | ScoreMessage) -> Error:
     if isinstance(exc, WorkerBusy):
         return Error(status=503, code="worker_busy", message=str(exc))
     if isinstance(exc, ValueError):
-        return Error(status=400, code="invalid_request_error", message=str(exc))
+        param = "logit_bias" if str(exc).startswith("logit_bias") else None
+        return Error(status=400, code="invalid_request_error", message=str(exc), param=param)
     log.exception("inference request %s failed", request.request_id)  # details stay in the worker log
     message = f"inference failed ({type(exc).__name__}); request {request.request_id}"
     return Error(status=500, code="inference_error", message=message)

@@ -15,6 +15,7 @@ from weakref import WeakKeyDictionary
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from sqlmodel import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.api.deps import SessionDep, SettingsDep, Viewer
@@ -44,13 +45,30 @@ def list_models(session: SessionDep, principal: Viewer) -> dict[str, Any]:
     rows, _ = deployments.list_deployments(
         session=session, team_id=principal.team_id, status=DeploymentStatus.active, skip=0, limit=MAX_MODELS_LISTED
     )
-    team = session.get(Team, principal.team_id)
-    owner = team.name if team else "studio"
+    owner = _owner(session, principal.team_id)
+    return {"object": "list", "data": [_model(d, owner) for d in rows]}
+
+
+@router.get("/models/{model_id}")
+def retrieve_model(model_id: str, session: SessionDep, principal: Viewer) -> dict[str, Any]:
+    """One of the team's active deployments, as an OpenAI model; 404 `model_not_found` otherwise."""
+    deployment = deployments.by_model_name(session=session, team_id=principal.team_id, name=model_id)
+    if deployment is None:
+        raise HTTPException(404, f"model {model_id!r} does not exist or is not deployed in your team")
+    return _model(deployment, _owner(session, principal.team_id))
+
+
+def _owner(session: Session, team_id: uuid.UUID) -> str:
+    team = session.get(Team, team_id)
+    return team.name if team else "studio"
+
+
+def _model(deployment: Deployment, owner: str) -> dict[str, Any]:
     return {
-        "object": "list",
-        "data": [
-            {"id": d.name, "object": "model", "created": int(d.created_at.timestamp()), "owned_by": owner} for d in rows
-        ],
+        "id": deployment.name,
+        "object": "model",
+        "created": int(deployment.created_at.timestamp()),
+        "owned_by": owner,
     }
 
 
@@ -277,6 +295,7 @@ def _sampling(
         frequency_penalty=body.frequency_penalty,
         logprobs=logprobs,
         top_logprobs=body.top if logprobs else 0,
+        logit_bias=body.bias,
     )
 
 

@@ -41,6 +41,7 @@ class Sampling(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logprobs: bool = False  # report each generated token's log-probability (in `Done`)
     top_logprobs: int = Field(0, ge=0, le=20)  # ... and this many most likely alternatives per token
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] = {}  # token id -> added to its logit
 
 
 class GenerateMessage(ModelTarget, Sampling):

@@ -33,6 +33,11 @@ def test_deploy_a_base_model_and_retire_it(anonymous: TestClient, trainer: Membe
     )
     models = anonymous.get("/v1/models", headers=h).json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["base-1"]
+    assert anonymous.get("/v1/models/base-1", headers=h).json() == models["data"][0]
+    other_team = make_member(make_team(), Role.admin).headers
+    for headers, name in ((h, "nope"), (other_team, "base-1")):  # another team's model does not exist for it
+        r = anonymous.get(f"/v1/models/{name}", headers=headers)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
 
     status = anonymous.get(f"/api/deployments/{deployment['id']}/status", headers=h).json()
     assert status["workers_alive"] == 0 and status["loaded_on"] == []
@@ -40,6 +45,7 @@ def test_deploy_a_base_model_and_retire_it(anonymous: TestClient, trainer: Membe
     assert anonymous.delete(f"/api/deployments/{deployment['id']}", headers=h).json()["status"] == "retired"
     assert anonymous.delete(f"/api/deployments/{deployment['id']}", headers=h).status_code == 409
     assert anonymous.get("/v1/models", headers=h).json()["data"] == []
+    assert anonymous.get("/v1/models/base-1", headers=h).status_code == 404  # retired
     r = anonymous.post(
         "/v1/chat/completions", json={"model": "base-1", "messages": [{"role": "user", "content": "x"}]}, headers=h
     )
@@ -114,7 +120,8 @@ NOT_HONOURED = [
     ("chat", {"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
     ("chat", {"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
-    ("chat", {"logit_bias": {"5": -100}}, "logit_bias", "unsupported_parameter"),
+    ("chat", {"logit_bias": {"the": -100}}, "logit_bias", "invalid_value"),  # keys are token ids
+    ("completions", {"logit_bias": {"5": 101}}, "logit_bias", "invalid_value"),
     ("chat", {"audio": {"voice": "alloy"}}, "audio", "unsupported_parameter"),
     ("chat", {"store": True}, "store", "unsupported_parameter"),
     (

@@ -69,7 +69,9 @@ def load_base(path: Path) -> PreTrainedModel:
 
 
 def make_adapter(base_path: Path, out: Path, seed: int, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
-    """A LoRA adapter without training: random lora_B (peft initialises it to zero, i.e. a no-op adapter)."""
+    """A LoRA adapter without training: random lora_B (peft initialises it to zero, i.e. a no-op adapter).
+    Seeded whole (peft draws lora_A from the global generator), so an adapter is the same in every run."""
+    torch.manual_seed(seed)
     model = get_peft_model(load_base(base_path), LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

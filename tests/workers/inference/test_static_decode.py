@@ -376,3 +376,31 @@ def test_presence_and_frequency_penalties_apply_as_openai_defines_them(tiny_mode
         expected = float(logits[step].log_softmax(-1)[token])
         assert abs(penalized.token_logprobs[step] - expected) < LOGPROB_ATOL
         counts[token] += 1
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_logit_bias_bans_and_forces_tokens_per_row(tiny_model: Path, decode: str) -> None:
+    """-100 on a token means it never appears; +100 makes it the only choice; rows without a bias (even in a
+    slot a biased request used before) answer as they do alone; an id outside the vocabulary is refused."""
+    with InferenceEngine(tiny_model, max_batch_size=4, decode=decode) as engine:  # type: ignore[arg-type]
+        prompt = chat_prompt(engine, 4)
+        plain = engine.generate(greedy(prompt, 16, ignore_eos=True), timeout=WAIT_S)
+        banned = set(plain.token_ids)
+        forced_token = 77 if 77 not in banned else 78
+
+        def biased(bias: dict[int, float]) -> GenerationRequest:
+            return greedy(prompt, 16, ignore_eos=True, logit_bias=bias)
+
+        first = engine.generate(biased({forced_token: 100.0}), timeout=WAIT_S)
+        handles = [
+            engine.submit(biased({token: -100.0 for token in banned})),
+            engine.submit(greedy(prompt, 16, ignore_eos=True)),  # may take the slot the forced request used
+            engine.submit(biased({forced_token: 100.0})),
+        ]
+        without, again, forced = (h.result(WAIT_S) for h in handles)
+        with pytest.raises(ValueError, match="logit_bias"):
+            engine.submit(biased({10**6: 1.0}))
+
+    assert set(first.token_ids) == set(forced.token_ids) == {forced_token}
+    assert not banned & set(without.token_ids)
+    assert again.token_ids == plain.token_ids

@@ -145,6 +145,12 @@ class StaticDecoder:
             self.store.write_prefill(
                 start + row, keys[:, row, :, width - len(prompt) :], values[:, row, :, width - len(prompt) :]
             )
+        # Always reset: a slot row may still hold the bias of an earlier request.
+        bias = self.store.bias[start : start + len(prompts)]
+        bias.zero_()
+        for row, settings in enumerate(sampling):
+            for token, value in settings.bias:
+                bias[row, token] += value
         if any(row.penalized for row in sampling):
             counts = self.store.counts[start : start + len(prompts)]
             counts.zero_()
@@ -184,6 +190,7 @@ class StaticDecoder:
             columns,
             sample=any(row.generator is not None for row in sampling),
             penalize=self.compiled or any(row.penalized for row in sampling),
+            biased=self.compiled or any(row.bias for row in sampling),
             with_lora=self.compiled or any(ids),  # compiled: one graph whatever the mix (zeros for base rows)
             top_k=MAX_TOP_LOGPROBS if self.compiled else max(row.top for row in sampling),
         )
@@ -203,9 +210,11 @@ class StaticDecoder:
         floats: torch.Tensor,
         columns: torch.Tensor,
         counts: torch.Tensor,
+        bias: torch.Tensor,
         *,
         sample: bool,
         penalize: bool,
+        biased: bool,
         with_lora: bool,
         top_k: int = 0,
     ) -> StepOutput:
@@ -213,14 +222,23 @@ class StaticDecoder:
 
         `ints` [3, B]: last token, position, adapter slot; `floats` [5, B]: temperature, top-p, uniform draw,
         presence and frequency penalty; `columns` [L]: the attended column indices (its length is the length
-        bucket); `counts` [rows, V]: generated-token counts, updated here when `penalize`."""
+        bucket); `counts` [rows, V]: generated-token counts, updated here when `penalize`; `bias` [rows, V]: each
+        row's logit_bias, added when `biased`."""
         use_lora = with_lora and len(self.lora.a) > 0
         logits = self.model(
             keys, values, ints[0], ints[1], columns, self.lora if use_lora else None, ints[2] if use_lora else None
         )
         rows = ints.shape[1]
         penalties = (counts[:rows], floats[3], floats[4]) if penalize else None
-        chosen, logprobs = choose_tokens(logits, floats[0], floats[1], floats[2], sample=sample, penalties=penalties)
+        chosen, logprobs = choose_tokens(
+            logits,
+            floats[0],
+            floats[1],
+            floats[2],
+            sample=sample,
+            penalties=penalties,
+            bias=bias[:rows] if biased else None,
+        )
         if penalize:
             ones = torch.ones(rows, dtype=counts.dtype, device=counts.device)
             counts.index_put_((torch.arange(rows, device=counts.device), chosen), ones, accumulate=True)
@@ -228,7 +246,8 @@ class StaticDecoder:
 
     def _run_step(self, ints: torch.Tensor, floats: torch.Tensor, columns: torch.Tensor, **flags: Any) -> StepOutput:
         """The (possibly compiled) step on this decoder's slots and token counts."""
-        return self._step(self.store.keys, self.store.values, ints, floats, columns, self.store.counts, **flags)
+        store = self.store
+        return self._step(store.keys, store.values, ints, floats, columns, store.counts, store.bias, **flags)
 
     def _inputs(
         self, size: int, length: int, ints: list[list[int]], floats: list[list[float]]
@@ -262,6 +281,7 @@ class StaticDecoder:
                 columns,
                 sample=sample,
                 penalize=self.compiled,
+                biased=self.compiled,
                 with_lora=self.compiled,
                 top_k=MAX_TOP_LOGPROBS if self.compiled else 0,
             )

@@ -33,6 +33,7 @@ class SlotStore:
         shape = (rows, kv_heads, max_len, head_dim)
         # Generated-token counts per row, for presence/frequency penalties (kept only while a row needs them).
         self.counts = torch.zeros(rows, vocab_size, dtype=torch.float32, device=device)
+        self.bias = torch.zeros(rows, vocab_size, dtype=torch.float32, device=device)  # logit_bias per row
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.rows = rows
@@ -53,9 +54,10 @@ class SlotStore:
         for stored in (*self.keys, *self.values):
             stored[target, :, :columns].copy_(stored[source, :, :columns])
         self.counts[target].copy_(self.counts[source])
+        self.bias[target].copy_(self.bias[source])
 
     def clear(self) -> None:
-        for stored in (*self.keys, *self.values, self.counts):
+        for stored in (*self.keys, *self.values, self.counts, self.bias):
             stored.zero_()
 
 
