@@ -99,8 +99,8 @@ def next_tokens(
         uniform = torch.tensor(uniform_draws([rows[i] for i in sampled]), device=device)
         chosen[index] = nucleus_sample(logits.index_select(0, index), temperature, top_p, uniform)
     wanted = [row.top for row in rows]
-    top = top_logprobs(model_logits, max(wanted)) if max(wanted, default=0) else None
-    return to_host(chosen, token_logprobs(model_logits, chosen), top, wanted)
+    logprobs, top = logprob_report(model_logits, chosen, max(wanted, default=0))
+    return to_host(chosen, logprobs, top, wanted)
 
 
 def apply_penalties(
@@ -119,17 +119,19 @@ def choose_tokens(
     sample: bool,
     penalties: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    top_k: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """`next_tokens` as tensor ops only, for the static decode graph: every row goes through the same ops
     (rows with temperature 0 take the argmax). `sample=False` (every row greedy) skips the sort.
-    `penalties`: (counts [B, V], presence [B], frequency [B]); `bias` [B, V] is added to the logits."""
+    `penalties`: (counts [B, V], presence [B], frequency [B]); `bias` [B, V] is added to the logits.
+    Returns the chosen tokens, their log-probabilities and the `top_k` report of `logprob_report`."""
     scores = logits if penalties is None else apply_penalties(logits, *penalties)
     if bias is not None:
         scores = scores + bias
     chosen = scores.argmax(dim=-1)
     if sample:
         chosen = torch.where(temperature > 0, nucleus_sample(scores, temperature, top_p, uniform), chosen)
-    return chosen, token_logprobs(logits, chosen)
+    return chosen, *logprob_report(logits, chosen, top_k)
 
 
 def nucleus_sample(
@@ -153,14 +155,17 @@ def uniform_draws(rows: Sequence[RowSampling]) -> list[float]:
     return [float(torch.rand(1, generator=row.generator)) if row.generator is not None else 0.0 for row in rows]
 
 
-def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    return logits.log_softmax(dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
-
-
-def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most likely tokens of each row and their log-probabilities, most likely first."""
-    values, ids = logits.log_softmax(dim=-1).topk(k, dim=-1)
-    return ids, values
+def logprob_report(
+    logits: torch.Tensor, chosen: torch.Tensor, k: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The log-probability of each row's chosen token under the model's distribution, and with `k` > 0 the k
+    most likely tokens and their log-probabilities (ids, values; most likely first). One log-softmax."""
+    log_probs = logits.log_softmax(dim=-1)
+    chosen_logprobs = log_probs.gather(-1, chosen[:, None]).squeeze(-1)
+    if not k:
+        return chosen_logprobs, None
+    values, ids = log_probs.topk(k, dim=-1)
+    return chosen_logprobs, (ids, values)
 
 
 def to_host(

@@ -5,10 +5,11 @@
 - `prefill` runs the prompts through the Hugging Face model (peft adapters per row, left padding; the same
   forward as the dynamic path, so first tokens are identical) and copies each row's keys/values into its slot
   row (`slots.py`);
-- `decode` pads the running rows to the next batch bucket (1, 2, 4, ... up to `max_batch_size`) and the
-  attended columns to the next length bucket (powers of two from 64 up to `max_len`), turns the per-row
-  settings into tensors and runs `step`: `StaticLlama` over the slots with the stacked LoRA of `lora.py`,
-  then `sampling.choose_tokens`. Padded rows are free slot rows past the batch; what they compute is dropped.
+- `decode` pads the running rows to the next batch bucket (powers of two up to `max_batch_size`, from 2 when
+  compiled) and the attended columns to the next length bucket (multiples of 64; powers of two under CUDA
+  graphs, where each bucket is a captured graph), turns the per-row settings into tensors and runs
+  `step`: `StaticLlama` over the slots with the stacked LoRA of `lora.py`, then `sampling.choose_tokens`.
+  Padded rows are free slot rows past the batch; what they compute is dropped.
 
 With `compiled=True` the step is `torch.compile(fullgraph=True)` (mode "reduce-overhead", i.e. CUDA graphs,
 on CUDA) and `warm_up` compiles it for every bucket before the engine takes requests, logging the time.
@@ -34,7 +35,6 @@ from workers.inference.sampling import (
     Sampled,
     choose_tokens,
     to_host,
-    top_logprobs,
     uniform_draws,
 )
 from workers.inference.static.llama import StaticLlama
@@ -99,13 +99,13 @@ class StaticDecoder:
             device=self.device,
             vocab_size=self.model.lm_head.out_features,
         )
-        # Compiled: no bucket of 1, which dynamic shapes would specialise into a graph of its own.
         log.info(
             "static decode: KV slots for %d rows x %d tokens, %.2f GiB",
             max_batch_size,
             max_len,
             sum(t.numel() * t.element_size() for t in (*self.store.keys, *self.store.values)) / 2**30,
         )
+        # Compiled: no bucket of 1, which dynamic shapes would specialise into a graph of its own.
         self.batch_buckets = buckets(max(max_batch_size, 2), start=2 if compiled else 1)
         # Attention reads every column of the bucket, so buckets are fine-grained (multiples of 64), except
         # for CUDA graphs, where each bucket is a captured graph: powers of two keep those few.
@@ -142,9 +142,8 @@ class StaticDecoder:
         width = keys.shape[-2]
         for row, prompt in enumerate(prompts):
             # Rows are right-aligned: row's prompt is the last len(prompt) columns, at positions 0..n-1.
-            self.store.write_prefill(
-                start + row, keys[:, row, :, width - len(prompt) :], values[:, row, :, width - len(prompt) :]
-            )
+            first_column = width - len(prompt)
+            self.store.write_prefill(start + row, keys[:, row, :, first_column:], values[:, row, :, first_column:])
         # Always reset: a slot row may still hold the bias of an earlier request.
         bias = self.store.bias[start : start + len(prompts)]
         bias.zero_()
@@ -230,7 +229,7 @@ class StaticDecoder:
         )
         rows = ints.shape[1]
         penalties = (counts[:rows], floats[3], floats[4]) if penalize else None
-        chosen, logprobs = choose_tokens(
+        chosen, logprobs, top = choose_tokens(
             logits,
             floats[0],
             floats[1],
@@ -238,11 +237,12 @@ class StaticDecoder:
             sample=sample,
             penalties=penalties,
             bias=bias[:rows] if biased else None,
+            top_k=top_k,
         )
         if penalize:
             ones = torch.ones(rows, dtype=counts.dtype, device=counts.device)
             counts.index_put_((torch.arange(rows, device=counts.device), chosen), ones, accumulate=True)
-        return chosen, logprobs, top_logprobs(logits, top_k) if top_k else None
+        return chosen, logprobs, top
 
     def _run_step(self, ints: torch.Tensor, floats: torch.Tensor, columns: torch.Tensor, **flags: Any) -> StepOutput:
         """The (possibly compiled) step on this decoder's slots and token counts."""
@@ -298,6 +298,6 @@ class StaticDecoder:
 
     def _slot_ids(self, adapters: list[str]) -> list[int]:
         if self.adapters.version != self._lora_version:
-            self.lora.sync(self._layers, [name for name in self.adapters.loaded()])
+            self.lora.sync(self._layers, self.adapters.loaded())
             self._lora_version = self.adapters.version
         return self.lora.slot_ids(adapters, BASE_ADAPTER)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.inference.static.lora import PROJECTIONS, LoraStacks
+from workers.inference.static.lora import PROJECTIONS, LoraStacks, projection_module
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # RoPE variants whose cos/sin depend on the position alone; "dynamic" (and longrope) rescale with the length.
@@ -46,13 +46,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if getattr(config, "hidden_act", "silu") not in {"silu", "gelu", "gelu_pytorch_tanh", "relu"}:
         return f"activation {config.hidden_act!r}"
     for layer in layers:
-        attention, mlp = layer.self_attn, layer.mlp
-        for name in PROJECTIONS[:4]:
-            if not isinstance(_base(getattr(attention, name, None)), nn.Linear):
-                return f"attention has no linear {name}"
-        for name in PROJECTIONS[4:]:
-            if not isinstance(_base(getattr(mlp, name, None)), nn.Linear):
-                return f"MLP has no linear {name}"
+        for name in PROJECTIONS:
+            if not isinstance(_base(projection_module(layer, name)), nn.Linear):
+                return f"decoder layer has no linear {name}"
     return None
 
 
@@ -72,8 +68,7 @@ class StaticLayer(nn.Module):
     def __init__(self, layer: Any, window: int | None) -> None:
         super().__init__()
         attention, mlp = layer.self_attn, layer.mlp
-        self.projections = nn.ModuleDict({name: _base(getattr(attention, name)) for name in PROJECTIONS[:4]})
-        self.projections.update({name: _base(getattr(mlp, name)) for name in PROJECTIONS[4:]})
+        self.projections = nn.ModuleDict({name: _base(projection_module(layer, name)) for name in PROJECTIONS})
         self.input_norm = layer.input_layernorm
         self.post_norm = layer.post_attention_layernorm
         self.q_norm = getattr(attention, "q_norm", None)

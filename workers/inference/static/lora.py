@@ -130,13 +130,14 @@ def _frozen(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
 
 
-def _projection(layer: nn.Module, projection: str) -> Any:
-    owner = layer.self_attn if projection in {"q_proj", "k_proj", "v_proj", "o_proj"} else layer.mlp
+def projection_module(layer: Any, projection: str) -> Any:
+    """The module of `projection` in a Llama-family decoder layer (attention or MLP), None if it has none."""
+    owner = layer.self_attn if projection in PROJECTIONS[:4] else layer.mlp
     return getattr(owner, projection, None)
 
 
 def _base_linear(layer: nn.Module, projection: str) -> nn.Linear:
-    module = _projection(layer, projection)
+    module = projection_module(layer, projection)
     base = getattr(module, "base_layer", module)
     assert isinstance(base, nn.Linear)
     return base
@@ -149,7 +150,7 @@ def _lora_weights(
     found: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for index, layer in enumerate(decoder_layers):
         for projection in PROJECTIONS:
-            module = _projection(layer, projection)
+            module = projection_module(layer, projection)
             lora_a = getattr(module, "lora_A", None) or {}
             if name in lora_a:
                 found[f"{index}__{projection}"] = (
