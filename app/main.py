@@ -13,14 +13,14 @@ from fastapi.staticfiles import StaticFiles
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit, SecurityHeaders
 from app.api.main import api_router
-from app.api.routes import admin, health, openai
+from app.api.routes import admin, health, openai, openai_files, openai_fine_tuning
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.services.accounts import bootstrap_admin
 from app.services.relay import OutboxRelay, set_relay
 
 MULTIPART_OVERHEAD = 64 * 1024
-UPLOAD_PATH = "/api/datasets/upload"
+UPLOAD_PATHS = ("/api/datasets/upload", "/v1/files")
 WEB_DIR = Path(__file__).resolve().parent / "web" / "static"
 
 
@@ -45,12 +45,14 @@ def create_app() -> FastAPI:
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.api.max_request_bytes,
-        large={UPLOAD_PATH: settings.api.max_upload_bytes + MULTIPART_OVERHEAD},
+        large={path: settings.api.max_upload_bytes + MULTIPART_OVERHEAD for path in UPLOAD_PATHS},
     )
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(api_router, prefix="/api")
     app.include_router(openai.router)
+    app.include_router(openai_files.router)
+    app.include_router(openai_fine_tuning.router)
     app.include_router(admin.router)
     app.mount("/ui", StaticFiles(directory=WEB_DIR, html=True), name="ui")
 

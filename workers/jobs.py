@@ -85,6 +85,7 @@ class Orders:
 
     stop: bool  # the user asked to stop: end the run (cancelled)
     handoff: bool  # this worker is shutting down: checkpoint and give the job back
+    pause: bool  # the user paused the job: checkpoint and leave it paused
 
 
 def heartbeat(experiment_id: uuid.UUID, attempt: int, pid: int | None = None) -> Orders:
@@ -96,12 +97,14 @@ def heartbeat(experiment_id: uuid.UUID, attempt: int, pid: int | None = None) ->
         row = session.exec(  # type: ignore[call-overload]
             _owned(experiment_id, attempt)
             .values(**values)
-            .returning(col(Experiment.stop_requested), col(Experiment.handoff_requested))
+            .returning(
+                col(Experiment.stop_requested), col(Experiment.handoff_requested), col(Experiment.pause_requested)
+            )
         ).one_or_none()
         session.commit()
     if row is None:
         raise Fenced(f"experiment {experiment_id} attempt {attempt} lost ownership")
-    return Orders(stop=bool(row[0]), handoff=bool(row[1]))
+    return Orders(stop=bool(row[0]), handoff=bool(row[1]), pause=bool(row[2]))
 
 
 def request_handoff(worker: str) -> int:
@@ -195,11 +198,11 @@ def finish(
     log_tail: str | None = None,
     final_metrics: dict[str, Any] | None = None,
 ) -> bool:
-    """Move the owned job to a terminal status; False if this attempt no longer owns it."""
+    """Move the owned job to a terminal status (or paused); False if this attempt no longer owns it."""
     with session_scope() as session:
         values: dict[str, Any] = {
             "status": status,
-            "finished_at": utcnow(),
+            "finished_at": utcnow() if status.terminal else None,
             "pid": None,
             "error": error,
             "log_tail": log_tail,

@@ -110,12 +110,17 @@ def install_error_handlers(app: FastAPI) -> None:
             return _unavailable(request, "the database is unavailable; retry", OUTAGE_RETRY_AFTER_S)
 
     @app.exception_handler(DatasetInvalid)
-    async def invalid_dataset(_: Request, exc: DatasetInvalid) -> JSONResponse:
+    async def invalid_dataset(request: Request, exc: DatasetInvalid) -> JSONResponse:
+        if _is_openai(request):  # a JSONL row is a line: OpenAI's clients show the message as is
+            message = "; ".join(f"line {e.row}: {e.field}: {e.message}" for e in exc.errors)
+            return openai_error(400, message, "file", "invalid_file_format")
         errors = [{"row": e.row, "field": e.field, "message": e.message} for e in exc.errors]
         return JSONResponse({"detail": str(exc), "errors": errors}, status_code=422)
 
     @app.exception_handler(PayloadTooLarge)
-    async def too_large(_: Request, exc: PayloadTooLarge) -> JSONResponse:
+    async def too_large(request: Request, exc: PayloadTooLarge) -> JSONResponse:
+        if _is_openai(request):
+            return openai_error(413, exc.message, exc.message.split(":", 1)[0], "file_too_large")
         return JSONResponse({"detail": exc.message}, status_code=413)
 
 

@@ -2,10 +2,9 @@
 
 Nothing is silently ignored. A field outside OpenAI's request schema is a 400 naming it, as OpenAI answers
 ("Unrecognized request argument supplied"). A field OpenAI defines that this server does not honour yet
-(tools, response_format, n > 1, best_of, suffix, ...) is accepted only at its no-op value (`n: 1`,
-`response_format: {"type": "text"}`, ...); any other value is a 400 naming it. So a caller asking for JSON
-mode never gets something else with a 200. Log-probabilities are honoured (not yet when streamed: that is a
-400), and so are penalties and `logit_bias`.
+(tools, best_of, suffix, ...) is accepted only at its no-op value (`tools: []`, ...); any other value is a
+400 naming it. Honoured: log-probabilities (not yet when streamed: that is a 400), penalties, `logit_bias`,
+`n`, and `response_format` (json_object and json_schema, enforced by constrained decoding).
 """
 
 from __future__ import annotations
@@ -13,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_STOP = 4
 MAX_STOP_CHARS = 1000
+MAX_CHOICES = 16  # n: each choice is a row of the batch
 MAX_LOGIT_BIAS = 300  # OpenAI's limit  # each stop string is matched against the text after every token
 
 
@@ -30,7 +30,6 @@ def _unsupported(value: Any) -> Any:
 # Chat fields OpenAI defines that this server does not honour yet, with their no-op values.
 _CHAT_NO_OP: dict[str, Callable[[Any], bool]] = {
     "store": lambda v: v in (None, False),
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "tools": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none"),
     "parallel_tool_calls": lambda v: True,  # only meaningful with tools, which are refused
@@ -62,7 +61,7 @@ class _Common(BaseModel):
     )
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int = Field(1, ge=1, description="Only 1: one choice per request")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to sample for the prompt, side by side in the batch")
     ignore_eos: bool = Field(False, description="vLLM's extension: generate past EOS (benchmarks)")
     user: str | None = None
     # Defined by OpenAI, no effect on the answer: accepted.
@@ -73,13 +72,6 @@ class _Common(BaseModel):
     logit_bias: dict[str, float] | None = Field(
         None, description="Token id (as a string) -> bias in [-100, 100] added to its logit before sampling"
     )
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported by this server yet")
-        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -145,14 +137,47 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(None, max_length=10_000)
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = Field(None, description="Enforced either way: every token follows the schema")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.json_schema is not None) != (self.type == "json_schema"):
+            raise ValueError("give json_schema exactly when type is json_schema")
+        return self
+
+    @property
+    def schema_to_follow(self) -> dict[str, Any] | None:
+        """The JSON schema the answer must follow; None for free text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema" and self.json_schema is not None:
+            return self.json_schema.json_schema
+        return None
+
+
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)
     store: bool | None = None
     logprobs: bool = Field(False, description="Return each generated token's log-probability")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: likeliest alternatives per token")
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object or json_schema: the answer is constrained to it, token by token"
+    )
     # Not honoured yet: no-op values only.
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None

@@ -93,6 +93,21 @@ def stop(experiment_id: str) -> None:
 
 
 @app.command()
+def pause(experiment_id: str) -> None:
+    """Pause an experiment: it checkpoints at the end of its step and frees its worker."""
+    experiment = request("POST", f"/api/experiments/{experiment_id}/pause")
+    pausing = experiment["status"] == "running" and experiment["pause_requested"]
+    console.print(f"experiment {experiment_id}: {experiment['status']}" + (" (pausing)" if pausing else ""))
+
+
+@app.command()
+def resume(experiment_id: str) -> None:
+    """Queue a paused, failed or cancelled experiment again; it continues from its last checkpoint."""
+    experiment = request("POST", f"/api/experiments/{experiment_id}/start")
+    console.print(f"experiment {experiment_id}: {experiment['status']}")
+
+
+@app.command()
 def watch(experiment_id: str) -> None:
     """Follow an experiment live: progress bar, loss; exit code 0 only if it succeeds."""
     experiment = request("GET", f"/api/experiments/{experiment_id}")

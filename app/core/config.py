@@ -102,6 +102,12 @@ class TrainingSettings(BaseModel):
     db_retry_s: float = Field(
         120.0, ge=0, description="How long a running job retries database errors (with backoff) before giving up"
     )
+    fine_tuning_recipe: str = Field(
+        "tiny_lora_cpu",
+        description="Recipe behind /v1/fine_tuning jobs (method supervised): what `auto` and a "
+        "learning_rate_multiplier of 1 mean. Set llama_lora on a GPU fleet",
+    )
+    fine_tuning_dpo_recipe: str = Field("tiny_dpo_cpu", description="The same, for method dpo")
 
 
 class ApiSettings(BaseModel):

@@ -26,6 +26,7 @@ def queue_next_attempt(
     experiment.status = ExperimentStatus.queued
     experiment.stop_requested = False
     experiment.handoff_requested = False
+    experiment.pause_requested = False
     experiment.worker = None
     experiment.pid = None
     experiment.queued_at = now

@@ -12,7 +12,7 @@ from typing import Any
 from app.datasets.readers import DatasetInvalid, RowError
 from app.models import DatasetFormat
 
-__all__ = ["DatasetInvalid", "RowError", "detect_format", "to_training_record", "validate_rows"]
+__all__ = ["DatasetInvalid", "RowError", "detect_format", "preference_texts", "to_training_record", "validate_rows"]
 
 MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {
@@ -24,6 +24,9 @@ SHAREGPT_ROLES = {
     "tool": "tool",
 }
 MAX_REPORTED_ERRORS = 10
+# OpenAI's preference (DPO) rows: {"input": {"messages": [...]}, "preferred_output": [turn],
+# "non_preferred_output": [turn]}; stored as uploaded, trained as trl's conversational preference rows.
+OPENAI_PREFERENCE = {"input", "preferred_output", "non_preferred_output"}
 
 
 def detect_format(row: dict[str, Any]) -> DatasetFormat | None:
@@ -33,7 +36,7 @@ def detect_format(row: dict[str, Any]) -> DatasetFormat | None:
         return DatasetFormat.messages
     if "conversations" in keys:
         return DatasetFormat.sharegpt
-    if {"chosen", "rejected"} <= keys:
+    if {"chosen", "rejected"} <= keys or keys >= OPENAI_PREFERENCE:
         return DatasetFormat.preference
     if "instruction" in keys:
         return DatasetFormat.alpaca
@@ -84,7 +87,9 @@ def _problems(row: dict[str, Any], fmt: DatasetFormat) -> list[tuple[str, str]]:
         DatasetFormat.text: lambda: texts("text"),
         DatasetFormat.alpaca: lambda: texts("instruction", "output", optional=("input",)),
         DatasetFormat.prompt_completion: lambda: texts("prompt", "completion"),
-        DatasetFormat.preference: lambda: texts("prompt", "chosen", "rejected"),
+        DatasetFormat.preference: lambda: (
+            _openai_preference_problems(row) if set(row) >= OPENAI_PREFERENCE else texts("prompt", "chosen", "rejected")
+        ),
         DatasetFormat.messages: lambda: _check_turns(row.get("messages"), "messages", "role", "content", MESSAGE_ROLES),
         DatasetFormat.sharegpt: lambda: _check_turns(
             row.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES
@@ -141,6 +146,36 @@ def validate_rows(rows: Iterable[tuple[int, dict[str, Any]]], fmt: DatasetFormat
     return fmt
 
 
+def _openai_preference_problems(row: dict[str, Any]) -> list[tuple[str, str]]:
+    source = row["input"]
+    if not isinstance(source, dict):
+        return [("input", "must be an object with `messages`")]
+    turns = source.get("messages")
+    if not isinstance(turns, list) or not turns:
+        return [("input.messages", "must be a non-empty list of turns")]
+    problems: list[tuple[str, str]] = []
+    for i, turn in enumerate(turns):
+        if (
+            not isinstance(turn, dict)
+            or turn.get("role") not in MESSAGE_ROLES
+            or not isinstance(turn.get("content"), str)
+        ):
+            problems.append(
+                (f"input.messages[{i}]", f"must be {{role: one of {sorted(MESSAGE_ROLES)}, content: text}}")
+            )
+    for field in ("preferred_output", "non_preferred_output"):
+        answer = row[field]
+        if (
+            not isinstance(answer, list)
+            or len(answer) != 1
+            or not isinstance(answer[0], dict)
+            or answer[0].get("role") != "assistant"
+            or not isinstance(answer[0].get("content"), str)
+        ):
+            problems.append((field, "must be a list of one {role: assistant, content: text} turn"))
+    return problems
+
+
 def _valid_weight(turn: dict[str, Any], role_key: str) -> bool:
     """OpenAI's fine-tuning format: `weight` 0 or 1 on an assistant turn (0 leaves it out of the loss)."""
     weight = turn["weight"]
@@ -153,6 +188,17 @@ def _turn(role: str, content: str, weight: int | None) -> dict[str, Any]:
     if weight is not None:
         turn["weight"] = weight
     return turn
+
+
+def preference_texts(row: dict[str, Any]) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of a validated preference row as plain text, whatever its shape (turns
+    joined by newlines): what length and duplicate checks measure."""
+    record = to_training_record(row, DatasetFormat.preference)
+
+    def text(value: Any) -> str:
+        return "\n".join(str(t.get("content", "")) for t in value) if isinstance(value, list) else str(value)
+
+    return text(record["prompt"]), text(record["chosen"]), text(record["rejected"])
 
 
 def to_training_record(row: dict[str, Any], fmt: DatasetFormat) -> dict[str, Any]:
@@ -168,6 +214,12 @@ def to_training_record(row: dict[str, Any], fmt: DatasetFormat) -> dict[str, Any
         return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]}
     if fmt is DatasetFormat.prompt_completion:
         return {"prompt": row["prompt"], "completion": row["completion"]}
+    if fmt is DatasetFormat.preference and set(row) >= OPENAI_PREFERENCE:  # trl's conversational preference rows
+        return {
+            "prompt": [{"role": m["role"], "content": m["content"]} for m in row["input"]["messages"]],
+            "chosen": [{"role": "assistant", "content": row["preferred_output"][0]["content"]}],
+            "rejected": [{"role": "assistant", "content": row["non_preferred_output"][0]["content"]}],
+        }
     if fmt is DatasetFormat.preference:  # trl's standard preference format, for DPO
         return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
     raise ValueError(f"unknown dataset format {fmt}")

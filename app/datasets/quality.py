@@ -19,7 +19,7 @@ from typing import Any
 
 from datasketch import MinHash, MinHashLSH
 
-from app.datasets.formats import to_training_record
+from app.datasets.formats import preference_texts, to_training_record
 from app.models.datasets import DatasetFormat
 
 MINHASH_PERMUTATIONS = 128
@@ -34,7 +34,7 @@ SCRIPT_MAJORITY = 0.8  # a row's script is an anomaly only where one script hold
 def row_text(row: dict[str, Any], fmt: DatasetFormat) -> str:
     """All the text of a row, in reading order (what duplicates and anomalies are measured on)."""
     if fmt is DatasetFormat.preference:
-        return "\n".join(str(row.get(k, "")) for k in ("prompt", "chosen", "rejected"))
+        return "\n".join(preference_texts(row))
     record = to_training_record(row, fmt)
     if "messages" in record:
         return "\n".join(str(m.get("content", "")) for m in record["messages"])
@@ -47,7 +47,7 @@ def answer_text(row: dict[str, Any], fmt: DatasetFormat) -> str:
     """The part the model learns to write: the last assistant turn, the completion, the chosen answer,
     or the whole text of a plain-text row."""
     if fmt is DatasetFormat.preference:
-        return str(row.get("chosen", ""))
+        return preference_texts(row)[1]
     record = to_training_record(row, fmt)
     if "messages" in record:
         answers = [m for m in record["messages"] if m.get("role") == "assistant"]

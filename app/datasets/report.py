@@ -17,7 +17,7 @@ from typing import Any
 
 from app.core.chat_spans import SpansNotFound, assistant_spans
 from app.datasets.estimate import TrainingShape, estimate
-from app.datasets.formats import to_training_record
+from app.datasets.formats import preference_texts, to_training_record
 from app.datasets.quality import (
     answer_text,
     canonical,
@@ -164,8 +164,8 @@ def _token_lengths(
     lengths: list[tuple[int, int | None]] = []
     for row in rows:
         if fmt is DatasetFormat.preference:
-            prompt = str(row.get("prompt", ""))
-            longest = max(str(row.get("chosen", "")), str(row.get("rejected", "")), key=len)
+            prompt, chosen, rejected = preference_texts(row)
+            longest = max(chosen, rejected, key=len)
             lengths.append((count(prompt + longest + eos), count(prompt)))
             continue
         record = to_training_record(row, fmt)

@@ -7,11 +7,14 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from pydantic import field_validator
 from sqlalchemy import JSON, Boolean, Column, Index, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from app.models.common import utcnow
 from app.models.evaluation import EvalSpec
+
+MAX_LABELS = 16  # as OpenAI's `metadata`
 
 
 class ExperimentStatus(StrEnum):
@@ -21,6 +24,7 @@ class ExperimentStatus(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+    paused = "paused"  # checkpointed and off the GPU; /start (or the fine-tuning API's resume) continues it
 
     @property
     def terminal(self) -> bool:
@@ -45,6 +49,8 @@ class Experiment(ExperimentBase, table=True):
     # Attempt number of the run that owns the job; every worker write is fenced on it.
     attempt: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
     stop_requested: bool = False
+    # The user asked to pause: the supervisor checkpoints, ends the attempt and leaves the job paused.
+    pause_requested: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default="0"))
     # Set when the worker running the job is shutting down: its supervisor checkpoints and hands the job back.
     handoff_requested: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default="0"))
     # Attempts lost to a dead or silent worker since the user last (re)started the job; capped by
@@ -68,6 +74,12 @@ class Experiment(ExperimentBase, table=True):
     lineage: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     # What the dataset report found at submit that does not block training (duplicates, cut rows, ...).
     warnings: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    # Evaluate on this dataset's rows instead of a held-out share of the training dataset.
+    validation_dataset_id: uuid.UUID | None = Field(default=None, foreign_key="dataset.id")
+    # The caller's own key-value pairs (the fine-tuning API's `metadata`).
+    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON))
+    # The OpenAI `model` name the run answers to once it succeeds (jobs made through /v1/fine_tuning).
+    fine_tuned_model: str | None = Field(default=None, max_length=100, index=True)
 
 
 class ExperimentCreate(SQLModel):
@@ -80,6 +92,17 @@ class ExperimentCreate(SQLModel):
     queue: str | None = Field(None, max_length=100, description="Training queue (GPU class); default from settings")
     start: bool = Field(True, description="Queue the run now; false leaves it for /start")
     eval: EvalSpec | None = Field(None, description="Evaluate the run on its held-out rows once it succeeds")
+    validation_dataset_id: uuid.UUID | None = Field(
+        None, description="Evaluate on this dataset (same format) instead of a held-out share of dataset_id"
+    )
+    labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS, description="Your own key-value pairs")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _few_labels(cls, value: Any) -> Any:  # counted before the values are checked, so the 422 names `labels`
+        if isinstance(value, dict) and len(value) > MAX_LABELS:
+            raise ValueError(f"at most {MAX_LABELS} labels")
+        return value
 
 
 class ExperimentClone(SQLModel):
@@ -110,6 +133,10 @@ class ExperimentPublic(ExperimentBase):
     finished_at: datetime | None
     parent_experiment_id: uuid.UUID | None = None
     warnings: list[str] = Field(default_factory=list, description="What the dataset report found at submit")
+    pause_requested: bool = False
+    validation_dataset_id: uuid.UUID | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    fine_tuned_model: str | None = Field(None, description="The OpenAI model name it answers to once succeeded")
 
 
 class LineageNode(SQLModel):

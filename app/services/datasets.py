@@ -232,7 +232,8 @@ def create_from_rows(
 
 def delete_dataset(*, session: Session, storage: Storage, actor: Principal, dataset: Dataset) -> None:
     """Delete rows and files; refused while an experiment still points at the dataset."""
-    used = session.exec(select(func.count()).select_from(Experiment).where(Experiment.dataset_id == dataset.id)).one()
+    uses = (Experiment.dataset_id == dataset.id) | (Experiment.validation_dataset_id == dataset.id)
+    used = session.exec(select(func.count()).select_from(Experiment).where(uses)).one()
     if used:
         raise Conflict(f"dataset is used by {used} experiment(s); delete those first", field="dataset_id")
     for test in session.exec(select(AbTest).where(AbTest.dataset_id == dataset.id)).all():

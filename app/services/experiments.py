@@ -36,6 +36,7 @@ from app.models import (
     ExperimentEvent,
     ExperimentStatus,
     ReportStatus,
+    Team,
     utcnow,
 )
 from app.services import audit
@@ -43,6 +44,7 @@ from app.services.crud import get_owned, paginate
 from app.services.dataset_reports import get_report
 from app.services.errors import Conflict, InvalidRequest
 from app.services.lineage import submit_lineage
+from app.services.model_names import fine_tuned_model_name
 from app.services.principal import Principal
 from app.services.recipes import RecipeNotFound, resolve
 from app.services.teams import check_quota
@@ -153,8 +155,10 @@ def create_experiment(
     actor: Principal,
     body: ExperimentCreate,
     parent: Experiment | None = None,
+    fine_tuned_suffix: str | None = None,
 ) -> Experiment:
-    """Validate and record a run (queued unless ``start`` is false). ``parent`` is the run it was cloned from."""
+    """Validate and record a run (queued unless ``start`` is false). ``parent`` is the run it was cloned from;
+    ``fine_tuned_suffix`` goes into the OpenAI model name it will answer to, in place of the team's name."""
     dataset = get_owned(session=session, model=Dataset, team_id=actor.team_id, id=body.dataset_id)
     if dataset is None:
         raise InvalidRequest("dataset_id", f"no dataset {body.dataset_id}", status_code=404)
@@ -165,6 +169,8 @@ def create_experiment(
         raise InvalidRequest(
             "hyperparameters.objective", "dpo trains on a preference dataset (prompt, chosen, rejected)"
         )
+    validation = _validation_dataset(session, actor, body.validation_dataset_id, dataset)
+    _check_labels(body.labels)
     queue_name = body.queue or settings.training.default_queue
     queue = settings.train_queue(queue_name)
     if queue is None:
@@ -193,7 +199,12 @@ def create_experiment(
         parent_experiment_id=parent.id if parent else None,
         lineage=submit_lineage(dataset, recipe=body.recipe, base_model=base_model, parent=parent),
         warnings=warnings,
+        validation_dataset_id=validation.id if validation else None,
+        labels=body.labels,
     )
+    team = session.get(Team, actor.team_id)
+    owner = team.name if team else "team"
+    experiment.fine_tuned_model = fine_tuned_model_name(base_model, fine_tuned_suffix or owner, experiment.id)
     session.add(experiment)
     session.flush()
     if body.eval is not None:
@@ -218,6 +229,34 @@ def create_experiment(
     session.commit()
     session.refresh(experiment)
     return experiment
+
+
+MAX_LABEL_CHARS = 512
+
+
+def _validation_dataset(
+    session: Session, actor: Principal, dataset_id: uuid.UUID | None, training: Dataset
+) -> Dataset | None:
+    if dataset_id is None:
+        return None
+    validation = get_owned(session=session, model=Dataset, team_id=actor.team_id, id=dataset_id)
+    if validation is None:
+        raise InvalidRequest("validation_dataset_id", f"no dataset {dataset_id}", status_code=404)
+    conversational = training.format in CONVERSATIONAL and validation.format in CONVERSATIONAL
+    if validation.format is not training.format and not conversational:
+        raise InvalidRequest(
+            "validation_dataset_id",
+            f"is {validation.format.value} rows, the training dataset {training.format.value} rows",
+        )
+    return validation
+
+
+def _check_labels(labels: dict[str, str]) -> None:
+    for key, value in labels.items():
+        if not key or len(key) > 64:
+            raise InvalidRequest("labels", "keys are 1 to 64 characters")
+        if len(value) > MAX_LABEL_CHARS:
+            raise InvalidRequest(f"labels.{key}", f"must be at most {MAX_LABEL_CHARS} characters")
 
 
 def _report_findings(
@@ -281,17 +320,23 @@ def clone_experiment(
         queue=body.queue or source.queue,
         start=body.start,
         eval=None,
+        validation_dataset_id=source.validation_dataset_id,
+        labels=source.labels,
     )
     return create_experiment(
         session=session, settings=settings, storage=storage, actor=actor, body=create, parent=source
     )
 
 
+STARTABLE = (ExperimentStatus.created, ExperimentStatus.paused, ExperimentStatus.failed, ExperimentStatus.cancelled)
+
+
 def start_experiment(*, session: Session, settings: Settings, actor: Principal, experiment: Experiment) -> Experiment:
-    """Run again after a failure or cancel; resumes from the last stored checkpoint."""
-    if experiment.status not in (ExperimentStatus.created, ExperimentStatus.failed, ExperimentStatus.cancelled):
+    """Run again after a pause, failure or cancel; resumes from the last stored checkpoint."""
+    if experiment.status not in STARTABLE:
         raise Conflict(
-            f"experiment is {experiment.status.value}; only created, failed or cancelled experiments can be started"
+            f"experiment is {experiment.status.value}; only created, paused, failed or cancelled experiments "
+            "can be started"
         )
     check_quota(session=session, settings=settings, team_id=actor.team_id)
     experiment.error = None
@@ -317,13 +362,37 @@ def stop_experiment(*, session: Session, actor: Principal, experiment: Experimen
     session.refresh(experiment, with_for_update=is_postgres(session))
     if experiment.status.terminal:
         raise Conflict(f"experiment is already {experiment.status.value}")
-    if experiment.status in (ExperimentStatus.created, ExperimentStatus.queued):
-        end_job(session, experiment, ExperimentStatus.cancelled, reason="stopped before it started")
+    if experiment.status in (ExperimentStatus.created, ExperimentStatus.queued, ExperimentStatus.paused):
+        end_job(session, experiment, ExperimentStatus.cancelled, reason="stopped while not running")
     elif not experiment.stop_requested:
         experiment.stop_requested = True
         session.add(experiment)
     audit.record(
         session=session, actor=actor, action="experiment.stop", target_type="experiment", target_id=experiment.id
+    )
+    session.commit()
+    session.refresh(experiment)
+    return experiment
+
+
+def pause_experiment(*, session: Session, actor: Principal, experiment: Experiment) -> Experiment:
+    """A queued job waits as paused at once; a running one checkpoints at the end of its step, frees its
+    worker and waits as paused. /start resumes it from that checkpoint."""
+    session.refresh(experiment, with_for_update=is_postgres(session))
+    if experiment.status is ExperimentStatus.queued:
+        experiment.status = ExperimentStatus.paused  # its queued message finds nothing to claim
+        session.add(experiment)
+        session.flush()
+        status_event(session, experiment, reason="paused before it started")
+    elif experiment.status is ExperimentStatus.running:
+        if experiment.stop_requested:
+            raise Conflict("experiment is stopping")
+        experiment.pause_requested = True
+        session.add(experiment)
+    elif experiment.status is not ExperimentStatus.paused:
+        raise Conflict(f"experiment is {experiment.status.value}; only queued or running experiments can be paused")
+    audit.record(
+        session=session, actor=actor, action="experiment.pause", target_type="experiment", target_id=experiment.id
     )
     session.commit()
     session.refresh(experiment)
@@ -346,6 +415,12 @@ def requeue_stale(
     for experiment in session.exec(query).all():
         if experiment.stop_requested:
             end_job(session, experiment, ExperimentStatus.cancelled, reason="worker lost while stopping")
+        elif experiment.pause_requested:
+            experiment.status = ExperimentStatus.paused
+            experiment.worker = None
+            session.add(experiment)
+            session.flush()
+            status_event(session, experiment, reason="worker lost while pausing; resumes from its last checkpoint")
         else:
             what = f"worker {experiment.worker or '?'} stopped heartbeating"
             count_loss(session, experiment, what=what, max_attempts=max_attempts, backoff_s=backoff_s)

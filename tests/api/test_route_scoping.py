@@ -34,6 +34,7 @@ OWN_SCOPE_WRITES = {
     ("POST", "/api/datasets/upload"),
     ("PATCH", "/api/users/me"),
     ("POST", "/api/teams/"),
+    ("POST", "/v1/files"),
 }
 
 
@@ -87,6 +88,8 @@ def world(client: TestClient, tiny_model: Path) -> dict[str, Any]:
         "deployment_id": deployment["id"],
         "model_id": deployment["id"],
         "test_id": ab_test["id"],
+        "file_id": "file-" + uuid.UUID(dataset).hex,  # the OpenAI shapes of the same dataset and experiment
+        "job_id": "ftjob-" + uuid.UUID(experiment).hex,
     }
     secrets = ["b-secret-data", "b-secret-exp", "b-secret-model", "b-secret-ab", *ids.values()]
     return {"ids": ids, "secrets": secrets, "b_admin": b_admin}
@@ -113,6 +116,7 @@ def _body(method: str, path: str, ids: dict[str, str], model: Path) -> dict[str,
         },
         "/v1/chat/completions": {"model": "b-secret-model", "messages": [{"role": "user", "content": "hi"}]},
         "/v1/completions": {"model": "b-secret-model", "prompt": "hi"},
+        "/v1/fine_tuning/jobs": {"model": str(model), "training_file": ids["file_id"]},
         "/api/experiments/": {"name": "x", "base_model": str(model), "dataset_id": ids["dataset_id"]},
         "/api/teams/{team_id}/quota": {"max_queued_jobs": 1000},
         "/api/teams/{team_id}/members/{user_id}": {"role": "viewer"},
@@ -180,6 +184,8 @@ def test_every_non_public_route_needs_credentials(anonymous: TestClient) -> None
         "deployment_id",
         "model_id",
         "test_id",
+        "file_id",
+        "job_id",
     )
     ids = {name: str(uuid.uuid4()) for name in names} | {"path": "x"}
     for method, path, _ in _routes():

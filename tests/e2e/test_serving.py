@@ -65,7 +65,7 @@ def chat(client: openai.OpenAI, model: str, question: str, **kw: Any) -> Any:
     return client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": question}],
-        temperature=0,
+        temperature=kw.pop("temperature", 0),
         max_tokens=kw.pop("max_tokens", 16),
         **kw,
     )
@@ -155,6 +155,91 @@ def test_completions_plain_and_streaming(served: dict[str, Any]) -> None:
         for _ in range(2)
     ]
     assert seeded[0] == seeded[1]
+
+
+def test_n_choices_sample_side_by_side(served: dict[str, Any]) -> None:
+    client = served["client"]
+    solo = chat(client, "tiny-tuned", QUESTIONS[0], max_tokens=12)
+    greedy = chat(client, "tiny-tuned", QUESTIONS[0], max_tokens=12, n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert {c.message.content for c in greedy.choices} == {solo.choices[0].message.content}  # greedy: all alike
+    assert greedy.usage.prompt_tokens == solo.usage.prompt_tokens  # the prompt counts once
+    assert greedy.usage.completion_tokens == 3 * solo.usage.completion_tokens
+
+    sampled = chat(client, "tiny-base", "Tell me", max_tokens=16, temperature=1.0, seed=11, n=4)
+    texts = [c.message.content for c in sampled.choices]
+    assert len(set(texts)) > 1, texts  # seed + i per choice: different samples
+    again = chat(client, "tiny-base", "Tell me", max_tokens=16, temperature=1.0, seed=11, n=4)
+    assert [c.message.content for c in again.choices] == texts  # and reproducible
+    for i, text in enumerate(texts):  # choice i is the solo answer with seed + i
+        assert (
+            chat(client, "tiny-base", "Tell me", max_tokens=16, temperature=1.0, seed=11 + i).choices[0].message.content
+            == text
+        )
+
+    stream = chat(
+        client,
+        "tiny-base",
+        "Tell me",
+        max_tokens=16,
+        temperature=1.0,
+        seed=11,
+        n=4,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts: dict[int, str] = {}
+    chunks = list(stream)
+    for chunk in chunks:
+        for c in chunk.choices:
+            parts[c.index] = parts.get(c.index, "") + (c.delta.content or "")
+    assert [parts[i] for i in range(4)] == texts
+    assert chunks[-1].usage.completion_tokens == sampled.usage.completion_tokens
+    completions = client.completions.create(model="tiny-base", prompt="A dog", max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in completions.choices] == [0, 1] and completions.choices[0].text == completions.choices[
+        1
+    ].text
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "likes": {"type": "array", "items": {"enum": ["tea", "cats", "rain"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "likes"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_answers_validate_beside_free_rows(served: dict[str, Any]) -> None:
+    import json
+
+    import jsonschema
+
+    client = served["client"]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    free = [("tiny-tuned" if i % 2 else "tiny-base", QUESTIONS[i % 3]) for i in range(6)]
+    solo = [chat(client, model, q, max_tokens=12).choices[0].message.content for model, q in free]
+
+    def constrained(i: int) -> Any:
+        model = "tiny-tuned" if i % 2 else "tiny-base"
+        return chat(client, model, QUESTIONS[i % 3], max_tokens=150, temperature=1.0, seed=i, response_format=fmt)
+
+    with ThreadPoolExecutor(26) as pool:  # one continuous batch: 20 constrained rows, 6 free ones
+        shaped = [pool.submit(constrained, i) for i in range(20)]
+        plain = [pool.submit(chat, client, model, q, max_tokens=12) for model, q in free]
+        answers = [f.result().choices[0] for f in shaped]
+        assert [f.result().choices[0].message.content for f in plain] == solo
+    for answer in answers:
+        assert answer.finish_reason == "stop", answer.message.content
+        jsonschema.validate(json.loads(answer.message.content), PERSON)
+    assert len({a.message.content for a in answers}) > 10
+    mode = chat(client, "tiny-base", "hi", max_tokens=300, temperature=0.5, response_format={"type": "json_object"})
+    if mode.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(mode.choices[0].message.content), dict)
+    assert mode.choices[0].message.content.startswith("{")
 
 
 def test_32_concurrent_requests_are_batched_and_match_their_solo_answers(stack: Stack, served: dict[str, Any]) -> None:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from workers.inference.adapters import AdapterCache
+from workers.inference.constraints import Grammars
 from workers.inference.handle import GenerationHandle
 from workers.inference.loading import default_device, default_dtype, load_model
 from workers.inference.request import (
@@ -112,6 +113,7 @@ class InferenceEngine:
         self._parameters = loaded.parameters
         self._parameter_bytes = loaded.parameter_bytes
         self._tokenizer_lock = threading.Lock()  # fast tokenizers raise "Already borrowed" when shared by threads
+        self._grammars = Grammars(self.tokenizer, self._vocab_size, self._tokenizer_lock)
         self._backend_decode = loaded.backend_decode
         self.decode_path = _choose_decode_path(decode, loaded.model)
         if self.decode_path != "dynamic":
@@ -244,6 +246,7 @@ class InferenceEngine:
                 frequency=request.frequency_penalty,
                 top=request.top_logprobs,
                 bias=tuple((int(token), float(value)) for token, value in request.logit_bias.items()),
+                constraint=self._grammars.constraint(request.grammar) if request.grammar else None,
             ),
             decoder=IncrementalDecoder(self._detokenize),
             matcher=StopMatcher(request.stop),

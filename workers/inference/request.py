@@ -41,6 +41,8 @@ class GenerationRequest:
     chosen (greedy rows too); `token_logprobs` stay those of the model's own distribution.
     `logit_bias` adds its value to the logit of its token id before the token is chosen (-100 bans a token,
     +100 all but forces it), as OpenAI defines it.
+    `grammar` (an llguidance grammar, e.g. from `app.core.contracts.grammar.json_schema_grammar`) restricts every
+    token to what the grammar allows next; the request ends ("stop") once the grammar is complete.
     `ignore_eos=True` keeps generating past EOS tokens (stop strings and `max_tokens` still end the request):
     for benchmarks that must generate exactly `max_tokens` tokens.
     """
@@ -59,6 +61,7 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     top_logprobs: int = 0
     logit_bias: Mapping[int, float] = field(default_factory=dict)
+    grammar: str | None = None
 
     def validate(self, vocab_size: int) -> None:
         """Reject bad arguments at submit time: inside the loop they would fail every request in the batch."""

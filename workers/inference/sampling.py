@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from workers.inference.constraints import TokenConstraint
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit; the compiled step always computes this many
 
@@ -37,6 +41,7 @@ class RowSampling:
     frequency: float = 0.0
     top: int = 0  # alternatives (with their log-probabilities) to report per token
     bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit)
+    constraint: TokenConstraint | None = None  # a grammar the tokens must follow (its state changes per token)
 
     @property
     def penalized(self) -> bool:
@@ -53,15 +58,16 @@ class RowSampling:
         frequency: float = 0.0,
         top: int = 0,
         bias: tuple[tuple[int, float], ...] = (),
+        constraint: TokenConstraint | None = None,
     ) -> RowSampling:
         if temperature == 0:
-            return cls(0.0, top_p, None, presence, frequency, top, bias)
+            return cls(0.0, top_p, None, presence, frequency, top, bias, constraint)
         generator = torch.Generator()  # CPU on purpose, see the module docstring
         if seed is None:
             generator.seed()
         else:
             generator.manual_seed(seed)
-        return cls(temperature, top_p, generator, presence, frequency, top, bias)
+        return cls(temperature, top_p, generator, presence, frequency, top, bias, constraint)
 
 
 def next_tokens(
@@ -89,6 +95,11 @@ def next_tokens(
         for i in biased:
             ids = torch.tensor([token for token, _ in rows[i].bias], device=logits.device)
             logits[i].index_add_(0, ids, torch.tensor([b for _, b in rows[i].bias], device=logits.device))
+    constrained = [(i, row.constraint) for i, row in enumerate(rows) if row.constraint is not None]
+    if constrained:
+        logits = logits.clone() if logits is model_logits else logits
+        for i, constraint in constrained:
+            logits[i] += constraint.mask().to(logits.device)
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if row.generator is not None]
     if sampled:

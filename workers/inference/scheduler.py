@@ -273,10 +273,12 @@ class Scheduler:
             sequence.logprobs.append(logprob)
             if sequence.sampling.top:
                 sequence.tops.append(tuple(top))
+            if constraint := sequence.sampling.constraint:
+                constraint.consume(token)
             if token in self._eos and not sequence.request.ignore_eos:
                 return self._finish(sequence, "stop")
             sequence.handle.push(sequence.matcher.feed(sequence.decoder.push(token)))
-            if sequence.matcher.stopped:
+            if sequence.matcher.stopped or (constraint and constraint.finished):
                 return self._finish(sequence, "stop")
             if len(sequence.generated) >= sequence.max_new:
                 return self._finish(sequence, "length")

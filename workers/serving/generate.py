@@ -13,6 +13,7 @@ from typing import Any
 from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
 from app.core.config import get_settings
+from app.core.contracts.grammar import GrammarError
 from app.core.contracts.inference import (
     Accepted,
     ChatMessage,
@@ -52,6 +53,7 @@ def run_generate(request: GenerateMessage, worker: str) -> None:
                 frequency_penalty=request.frequency_penalty,
                 top_logprobs=request.top_logprobs if request.logprobs else 0,
                 logit_bias=request.logit_bias,
+                grammar=request.grammar,
                 request_id=request.request_id,
                 **_adapter(manager, request),
             )
@@ -190,6 +192,8 @@ def _as_error(exc: Exception, request: GenerateMessage | ScoreMessage) -> Error:
         return Error(status=400, code="invalid_request_error", message=message, param="messages")
     if isinstance(exc, WorkerBusy):
         return Error(status=503, code="worker_busy", message=str(exc))
+    if isinstance(exc, GrammarError):
+        return Error(status=400, code="invalid_request_error", message=str(exc), param="response_format")
     if isinstance(exc, ValueError):
         param = "logit_bias" if str(exc).startswith("logit_bias") else None
         return Error(status=400, code="invalid_request_error", message=str(exc), param=param)

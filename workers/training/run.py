@@ -77,7 +77,8 @@ class SFTRecipe:
         dpo = cfg.objective == "dpo"
         if dpo != (data_format == "preference"):
             raise ValueError(f"train_file: objective {cfg.objective} cannot train on {data_format} rows")
-        tokenizer = self.tokenizer = components.load_tokenizer(cfg.base_model, conversational=data_format == "messages")
+        conversational = data_format == "messages" or (dpo and isinstance(train_rows[0]["prompt"], list))
+        tokenizer = self.tokenizer = components.load_tokenizer(cfg.base_model, conversational=conversational)
         if dpo:  # DPOTrainer tokenizes its (prompt, chosen, rejected) rows itself
             train_dataset, eval_dataset = train_rows, eval_rows
         else:

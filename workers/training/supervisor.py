@@ -29,7 +29,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import col, select
 
 from app.core.config import Settings, get_settings
-from app.core.contracts.events import HANDOFF, INTERRUPTIONS, USER_STOP, CheckpointSaved, Completed, Failed
+from app.core.contracts.events import HANDOFF, INTERRUPTIONS, PAUSE, USER_STOP, CheckpointSaved, Completed, Failed
 from app.core.contracts.training import Hyperparameters, RunConfig, TrainMessage
 from app.core.db import session_scope
 from app.core.event_log import Fenced
@@ -127,25 +127,30 @@ def prepare_run(experiment: Experiment, files: RunFiles, settings: Settings, sto
         shutil.rmtree(files.root)
     files.root.mkdir(parents=True)
     params = Hyperparameters.model_validate(experiment.hyperparameters)
-    dataset, resume_key = jobs.with_db_retries(
+    dataset, validation, resume_key = jobs.with_db_retries(
         "read the run's inputs", lambda: _run_inputs(experiment), settings.training.db_retry_s
     )
     rows = read_dataset_rows(storage, dataset.id)
-    eval_fraction = dataset.eval_fraction if params.eval_fraction is None else params.eval_fraction
-    train_idx, eval_idx = split_indices(rows, eval_fraction)
+    if validation is not None:  # a separate validation dataset: train on every row, evaluate on its rows
+        train_idx = list(range(len(rows)))
+        eval_records = [to_training_record(r, validation.format) for r in read_dataset_rows(storage, validation.id)]
+    else:
+        eval_fraction = dataset.eval_fraction if params.eval_fraction is None else params.eval_fraction
+        train_idx, eval_idx = split_indices(rows, eval_fraction)
+        eval_records = [to_training_record(rows[i], dataset.format) for i in eval_idx]
     _write_jsonl(files.root / "train.jsonl", (to_training_record(rows[i], dataset.format) for i in train_idx))
-    if eval_idx:
-        _write_jsonl(files.root / "eval.jsonl", (to_training_record(rows[i], dataset.format) for i in eval_idx))
+    if eval_records:
+        _write_jsonl(files.root / "eval.jsonl", eval_records)
     resume_dir = None
     if resume_key:
         resume_dir = files.root / "resume" / resume_key.rsplit("/", 1)[-1]
         download_prefix(storage, resume_key, resume_dir)
     config = RunConfig(
         **params.model_dump(exclude={"eval_steps"}),
-        eval_steps=params.eval_steps if eval_idx else None,  # nothing held out, so nothing to evaluate
+        eval_steps=params.eval_steps if eval_records else None,  # nothing held out, so nothing to evaluate
         base_model=experiment.base_model,
         train_file=str(files.root / "train.jsonl"),
-        eval_file=str(files.root / "eval.jsonl") if eval_idx else None,
+        eval_file=str(files.root / "eval.jsonl") if eval_records else None,
         output_dir=str(files.output),
         events_file=str(files.events),
         stop_file=str(files.stop),
@@ -178,12 +183,15 @@ def library_versions() -> dict[str, str]:
     return framework_versions(LIBRARIES)
 
 
-def _run_inputs(experiment: Experiment) -> tuple[Dataset, str | None]:
-    """The experiment's dataset, and the storage key of its last complete checkpoint (to resume from)."""
+def _run_inputs(experiment: Experiment) -> tuple[Dataset, Dataset | None, str | None]:
+    """The experiment's dataset, its validation dataset if it has one, and the storage key of its last
+    complete checkpoint (to resume from)."""
     with session_scope() as session:
         dataset = session.get(Dataset, experiment.dataset_id)
         assert dataset is not None
-        return dataset, _last_checkpoint_key(session, experiment.id)
+        validation_id = experiment.validation_dataset_id
+        validation = session.get(Dataset, validation_id) if validation_id else None
+        return dataset, validation, _last_checkpoint_key(session, experiment.id)
 
 
 def _last_checkpoint_key(session: Any, experiment_id: uuid.UUID) -> str | None:
@@ -240,6 +248,7 @@ class Supervision:
     stopped: dict[str, Any] | None = None  # the child's "stopped" event: why and at which step
     stop_requested: bool = False
     handoff: threading.Event = field(default_factory=threading.Event)
+    pause: threading.Event = field(default_factory=threading.Event)  # the user paused the job
     _events_offset: int = 0
     _stored_checkpoints: list[str] = field(default_factory=list)
 
@@ -289,8 +298,9 @@ class Supervision:
 
     def _conclude(self, returncode: int) -> str:
         """Record the end truthfully: the user's stop → cancelled; a run that trained to its end →
-        succeeded; one the platform interrupted (SIGTERM, a handoff) → the next attempt, queued now;
-        anything else → failed with the child's own error."""
+        succeeded; the user's pause → paused (resumes from its checkpoint when started); one the platform
+        interrupted (SIGTERM, a handoff) → the next attempt, queued now; anything else → failed with the
+        child's own error."""
         job, attempt = self.experiment_id, self.attempt
         try:
             self._relay_events()
@@ -307,6 +317,10 @@ class Supervision:
                     lambda: jobs.finish(job, attempt, ExperimentStatus.succeeded, final_metrics=metrics),
                 )
                 return "succeeded"
+            if self.pause.is_set():  # checkpointed at the stop step (or the last one, if killed at the grace)
+                self._db("pause", lambda: jobs.finish(job, attempt, ExperimentStatus.paused))
+                log.info("experiment %s paused at %s", job, self._resume_point())
+                return "paused"
             if interruption := self._interruption(returncode):
                 reason = f"{interruption}; resumes from {self._resume_point()} as attempt {attempt + 1}"
                 handed = self._db("hand off", lambda: jobs.hand_off(job, attempt, reason))
@@ -339,6 +353,8 @@ class Supervision:
         """Why the run ended early without the user asking, if it did: it must not count as a success."""
         if self.handoff.is_set():
             return "handed off: its worker is shutting down"
+        if self.pause.is_set():
+            return "paused"
         reason = (self.stopped or {}).get("reason")
         if reason in INTERRUPTIONS or (self.completed is not None and self.completed.stopped):
             return f"interrupted ({reason or 'stopped early'}) at step {(self.stopped or {}).get('step')}"
@@ -444,9 +460,13 @@ class Heartbeat(threading.Thread):
                 return
             except Exception:  # a database blip: the next beat tries again (the reaper allows stale_after_s)
                 log.exception("heartbeat for experiment %s failed", self.job.experiment_id)
-                orders = jobs.Orders(stop=False, handoff=False)
+                orders = jobs.Orders(stop=False, handoff=False, pause=False)
             if orders.handoff:
                 self.job.handoff.set()
+            if orders.pause and not self.job.pause.is_set() and not self.job.handoff.is_set():
+                self.job.pause.set()  # checkpoint at the end of the step, then the job waits as paused
+                self._ask_trainer_to_stop(PAUSE)
+                kill_at = now + self.limits.handoff_grace_s
             if orders.stop and not self.stop_requested.is_set():
                 self.stop_requested.set()
                 self._ask_trainer_to_stop(USER_STOP)

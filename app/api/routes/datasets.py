@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Annotated, Literal
@@ -13,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from app.api.deps import Page, SessionDep, SettingsDep, StorageDep, Trainer, Viewer, get_owned_or_404
 from app.api.errors import PayloadTooLarge
 from app.api.idempotency import idempotent
-from app.datasets.readers import sniff_kind
+from app.api.uploads import spooled_upload
 from app.models import (
     Dataset,
     DatasetCreate,
@@ -52,18 +51,7 @@ def upload_dataset(
     `api.max_json_depth` and `api.max_dataset_bytes`; a file beyond one is a 422 naming the row (and the
     field), and stores nothing.
     """
-    limit = settings.api.max_upload_bytes
-    with tempfile.TemporaryDirectory(prefix="studio-upload-") as tmp:
-        path = Path(tmp) / "upload"  # the client's filename never reaches the filesystem
-        size = 0
-        with path.open("wb") as out:
-            while chunk := file.file.read(CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"file: larger than the {limit}-byte upload limit")
-                out.write(chunk)
-        with path.open("rb") as f:
-            kind = sniff_kind(file.filename, f.read(8))
+    with spooled_upload(file, settings.api.max_upload_bytes) as (path, kind):
         dataset = service.create_from_file(
             session=session,
             storage=storage,

@@ -1,4 +1,4 @@
-"""Experiments: submit, list, read, start again, stop, metrics, live events (SSE), artifacts."""
+"""Experiments: submit, list, read, start again, pause, stop, metrics, live events (SSE), artifacts."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def read_experiment(session: SessionDep, principal: Viewer, experiment_id: uuid.
 def start_experiment(
     session: SessionDep, settings: SettingsDep, principal: Trainer, experiment_id: uuid.UUID
 ) -> ExperimentPublic:
-    """Queue a created, failed or cancelled experiment; it resumes from its last checkpoint."""
+    """Queue a created, paused, failed or cancelled experiment; it resumes from its last checkpoint."""
     experiment = service.start_experiment(
         session=session, settings=settings, actor=principal, experiment=_get(session, principal.team_id, experiment_id)
     )
@@ -87,6 +87,16 @@ def start_experiment(
 def stop_experiment(session: SessionDep, principal: Trainer, experiment_id: uuid.UUID) -> ExperimentPublic:
     """Cancel: a queued job at once, a running one as soon as its worker sees the flag."""
     experiment = service.stop_experiment(
+        session=session, actor=principal, experiment=_get(session, principal.team_id, experiment_id)
+    )
+    _after_commit(experiment)
+    return ExperimentPublic.model_validate(experiment)
+
+
+@router.post("/{experiment_id}/pause", response_model=ExperimentPublic)
+def pause_experiment(session: SessionDep, principal: Trainer, experiment_id: uuid.UUID) -> ExperimentPublic:
+    """Pause: a running job checkpoints at the end of its step and frees its worker; /start resumes it."""
+    experiment = service.pause_experiment(
         session=session, actor=principal, experiment=_get(session, principal.team_id, experiment_id)
     )
     _after_commit(experiment)

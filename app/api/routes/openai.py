@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -23,16 +24,19 @@ from app.api.limits import reject_unstorable_text
 from app.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from app.api.responses import OPENAI_ERRORS
 from app.core.config import Settings
+from app.core.contracts.grammar import GrammarError, json_schema_grammar
 from app.core.contracts.inference import ChatMessage, Delta, Done, GenerateMessage, Sampling, Scored, new_request_id
 from app.core.db import session_scope
 from app.core.inflight import inflight_limiter
+from app.core.storage import get_storage
 from app.models import Deployment, DeploymentStatus, Team
-from app.services import deployments
+from app.services import deployments, fine_tuning
 from app.services.inference import InferenceFailed, cleanup, complete, generation, replies
+from app.services.principal import Principal
 from app.services.teams import quota_limits
 
-# Turns a reply into OpenAI stream chunks; None asks for the chunks that open the stream.
-ChunkMaker = Callable[[Delta | Done | None], list[dict[str, Any]]]
+# Turns a reply of choice `index` into OpenAI stream chunks; None asks for the chunks that open its stream.
+ChunkMaker = Callable[[int, Delta | Done | None], list[dict[str, Any]]]
 router = APIRouter(
     prefix="/v1", tags=["openai"], responses=OPENAI_ERRORS, dependencies=[Depends(reject_unstorable_text)]
 )
@@ -80,25 +84,27 @@ async def chat_completions(
     _check_size(settings, "messages", body.prompt_chars, len(body.messages))
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.inference.default_max_tokens
     sampling = _sampling(settings, body, max_tokens, logprobs=body.logprobs)
+    if body.response_format is not None and (schema := body.response_format.schema_to_follow) is not None:
+        sampling.grammar = await run_in_threadpool(_grammar, schema)
     messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
     slot = await Slot.take(settings, principal.team_id)
     try:
-        deployment = await slot.resolve(settings, body.model)
-        message = generation(deployment, sampling, messages=messages, stream=body.stream)
+        deployment = await slot.resolve(settings, principal, body.model)
+        batch = [generation(deployment, s, messages=messages, stream=body.stream) for s in _samples(sampling, body.n)]
     except BaseException:
         await slot.release()
         raise
-    meta = {"id": f"chatcmpl-{message.request_id}", "created": int(time.time()), "model": body.model}
+    meta = {"id": f"chatcmpl-{batch[0].request_id}", "created": int(time.time()), "model": body.model}
 
-    def respond(done: Done) -> dict[str, Any]:
+    def choice(index: int, done: Done) -> dict[str, Any]:
         answer = {"role": "assistant", "content": done.text}
         logprobs = None
         if done.logprobs is not None:
             logprobs = {"content": [entry.model_dump() for entry in done.logprobs], "refusal": None}
-        choice = {"index": 0, "message": answer, "finish_reason": done.finish_reason, "logprobs": logprobs}
-        return {**meta, "object": "chat.completion", "choices": [choice], "usage": _usage(done)}
+        return {"index": index, "message": answer, "finish_reason": done.finish_reason, "logprobs": logprobs}
 
-    return await _answer(request, settings, slot, message, _chat_chunks(meta, body.include_usage), respond)
+    reply = Reply(meta, "chat.completion", choice, _chat_chunks(meta), body.include_usage)
+    return await _answer(request, settings, slot, batch, reply)
 
 
 @router.post("/completions", response_model=None)
@@ -110,20 +116,54 @@ async def completions(
     sampling = _sampling(settings, body, body.max_tokens or 16, logprobs=body.logprobs is not None)
     slot = await Slot.take(settings, principal.team_id)
     try:
-        deployment = await slot.resolve(settings, body.model)
-        message = generation(deployment, sampling, prompt=body.text, stream=body.stream)
+        deployment = await slot.resolve(settings, principal, body.model)
+        batch = [generation(deployment, s, prompt=body.text, stream=body.stream) for s in _samples(sampling, body.n)]
     except BaseException:
         await slot.release()
         raise
-    meta = {"id": f"cmpl-{message.request_id}", "created": int(time.time()), "model": body.model}
+    meta = {"id": f"cmpl-{batch[0].request_id}", "created": int(time.time()), "model": body.model}
     echo = body.text if body.echo else ""
 
-    def respond(done: Done) -> dict[str, Any]:
+    def choice(index: int, done: Done) -> dict[str, Any]:
         logprobs = _completion_logprobs(done, len(echo)) if done.logprobs is not None else None
-        choice = {"index": 0, "text": echo + done.text, "finish_reason": done.finish_reason, "logprobs": logprobs}
-        return {**meta, "object": "text_completion", "choices": [choice], "usage": _usage(done)}
+        return {"index": index, "text": echo + done.text, "finish_reason": done.finish_reason, "logprobs": logprobs}
 
-    return await _answer(request, settings, slot, message, _completion_chunks(meta, body.include_usage, echo), respond)
+    reply = Reply(meta, "text_completion", choice, _completion_chunks(meta, echo), body.include_usage)
+    return await _answer(request, settings, slot, batch, reply)
+
+
+def _grammar(schema: dict[str, Any]) -> str:
+    try:
+        return json_schema_grammar(schema)
+    except GrammarError as exc:
+        raise InferenceFailed(400, "invalid_value", f"response_format: {exc}", "response_format") from None
+
+
+def _samples(sampling: Sampling, n: int) -> list[Sampling]:
+    """One generation per choice, all on the continuous batch together. With a seed, choice i samples
+    with seed + i, so the n choices differ from each other and each is reproducible."""
+    if sampling.seed is None:
+        return [sampling] * n
+    return [sampling.model_copy(update={"seed": sampling.seed + i}) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """How the answers of one request become OpenAI's response: the whole body, or stream chunks."""
+
+    meta: dict[str, Any]
+    kind: str  # the response's `object`
+    choice: Callable[[int, Done], dict[str, Any]]  # one finished choice
+    chunks: ChunkMaker  # stream chunks of one choice
+    include_usage: bool  # stream: a last chunk with the usage of all choices
+
+    def body(self, dones: list[Done]) -> dict[str, Any]:
+        choices = [self.choice(i, done) for i, done in enumerate(dones)]
+        return {**self.meta, "object": self.kind, "choices": choices, "usage": _usage(dones)}
+
+    def usage_chunk(self, dones: list[Done]) -> dict[str, Any]:
+        chunk_kind = "chat.completion.chunk" if self.kind == "chat.completion" else self.kind
+        return {**self.meta, "object": chunk_kind, "choices": [], "usage": _usage(dones)}
 
 
 # ---------------------------------------------------------------- in-flight slots
@@ -184,9 +224,9 @@ class Slot:
             raise _quota_exceeded(slot.limit)
         return slot
 
-    async def resolve(self, settings: Settings, model: str) -> Deployment:
+    async def resolve(self, settings: Settings, principal: Principal, model: str) -> Deployment:
         """The deployment behind ``model``; re-checks the slot when the team's quota turns out lower."""
-        deployment, limit = await run_in_threadpool(_resolve, settings, self.team_id, model)
+        deployment, limit = await run_in_threadpool(_resolve, settings, principal, model)
         team_limits.remember(self.team_id, limit)
         if limit < self.limit:
             self.limit = limit
@@ -217,12 +257,17 @@ def _read_team_limit(settings: Settings, team_id: uuid.UUID) -> int:
         return quota_limits(team=team, settings=settings)["max_inflight_requests"] if team else 0
 
 
-def _resolve(settings: Settings, team_id: uuid.UUID, model: str) -> tuple[Deployment | None, int]:
-    """The deployment behind ``model`` and the team's in-flight limit, in one short session: generation
-    can take minutes, so no connection (or SQLite read) is held meanwhile."""
+def _resolve(settings: Settings, principal: Principal, model: str) -> tuple[Deployment | None, int]:
+    """The deployment behind ``model`` (a fine-tuned run's `ft:` name is deployed on its first use) and the
+    team's in-flight limit, in one short session: generation can take minutes, so no connection (or
+    SQLite read) is held meanwhile."""
     with session_scope() as session:
-        deployment = deployments.by_model_name(session=session, team_id=team_id, name=model)
-        team = session.get(Team, team_id)
+        deployment = deployments.by_model_name(session=session, team_id=principal.team_id, name=model)
+        if deployment is None:
+            deployment = fine_tuning.deploy_on_first_use(
+                session=session, settings=settings, storage=get_storage(), actor=principal, name=model
+            )
+        team = session.get(Team, principal.team_id)
         return deployment, quota_limits(team=team, settings=settings)["max_inflight_requests"] if team else 0
 
 
@@ -246,21 +291,19 @@ def _check_size(settings: Settings, field: str, chars: int, messages: int) -> No
 
 
 async def _answer(
-    request: Request,
-    settings: Settings,
-    slot: Slot,
-    message: GenerateMessage,
-    chunks: ChunkMaker,
-    respond: Callable[[Done], dict[str, Any]],
+    request: Request, settings: Settings, slot: Slot, batch: list[GenerateMessage], reply: Reply
 ) -> JSONResponse | EventSourceResponse:
-    """The answer, streamed or not; the slot is held until it ends (or the client leaves)."""
-    if message.stream:
-        return await _stream(request, settings, message, chunks, slot.release)
+    """The answers, streamed or not; the slot is held until they end (or the client leaves)."""
+    if batch[0].stream:
+        return await _stream(request, settings, batch, reply, slot.release)
     try:
-        done = await complete(settings, message, request.is_disconnected)
+        async with asyncio.TaskGroup() as group:  # one failing choice cancels the others
+            tasks = [group.create_task(complete(settings, m, request.is_disconnected)) for m in batch]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
     finally:
         await slot.release()
-    return JSONResponse(respond(done))
+    return JSONResponse(reply.body([t.result() for t in tasks]))
 
 
 def _completion_logprobs(done: Done, offset: int) -> dict[str, Any]:
@@ -299,41 +342,77 @@ def _sampling(
     )
 
 
-def _usage(done: Done) -> dict[str, int]:
-    total = done.prompt_tokens + done.completion_tokens
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens, "total_tokens": total}
+def _usage(dones: list[Done]) -> dict[str, int]:
+    """The prompt counts once (every choice has the same); completions add up, as OpenAI counts them."""
+    prompt, completion = dones[0].prompt_tokens, sum(d.completion_tokens for d in dones)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 async def _stream(
     request: Request,
     settings: Settings,
-    message: GenerateMessage,
-    make_chunks: ChunkMaker,
+    batch: list[GenerateMessage],
+    reply: Reply,
     release: Callable[[], Awaitable[None]],
 ) -> EventSourceResponse:
-    """Wait for the first reply before answering, so errors found by the worker (a prompt longer than
-    the context) are still plain HTTP errors; then stream the rest as OpenAI chunks."""
+    """Wait for every choice's first reply before answering, so errors found by the worker (a prompt longer
+    than the context) are still plain HTTP errors; then stream the choices' chunks as they come."""
     started = False
 
     async def gone_before_start() -> bool:  # once streaming, sse-starlette watches the connection
         return not started and await request.is_disconnected()
 
-    source = replies(settings, message, gone_before_start)
+    sources = [replies(settings, m, gone_before_start) for m in batch]
+
+    async def close_all() -> None:
+        for source in sources:
+            await cleanup(source.aclose(), "closing the reply stream")
+
     try:
-        first = await source.__anext__()
-    except BaseException:
-        await release()
+        async with asyncio.TaskGroup() as group:
+            first_tasks = [group.create_task(anext(source)) for source in sources]
+        firsts = [t.result() for t in first_tasks]
+    except BaseException as exc:
+        try:
+            await close_all()
+        finally:
+            await release()
+        if isinstance(exc, BaseExceptionGroup):
+            raise exc.exceptions[0] from None
         raise
     started = True
 
     async def events() -> AsyncIterator[ServerSentEvent]:
+        merged: asyncio.Queue[tuple[int, Delta | Done | Exception]] = asyncio.Queue()
+
+        async def pump(index: int, first: Delta | Done | Scored) -> None:
+            try:
+                item = _generated(first)
+                await merged.put((index, item))
+                if isinstance(item, Delta):
+                    async for later in sources[index]:
+                        await merged.put((index, _generated(later)))
+            except Exception as exc:  # handed to the consumer, which reports it in the stream
+                await merged.put((index, exc))
+
+        pumps = [asyncio.create_task(pump(i, first)) for i, first in enumerate(firsts)]
+        dones: dict[int, Done] = {}
         try:
-            for chunk in make_chunks(None) + make_chunks(_generated(first)):
-                yield ServerSentEvent(data=json.dumps(chunk))
-            if isinstance(first, Delta):
-                async for reply in source:
-                    for chunk in make_chunks(_generated(reply)):
-                        yield ServerSentEvent(data=json.dumps(chunk))
+            for index in range(len(batch)):
+                for chunk in reply.chunks(index, None):
+                    yield ServerSentEvent(data=json.dumps(chunk))
+            while len(dones) < len(batch):
+                index, item = await merged.get()
+                if isinstance(item, Exception):
+                    if isinstance(item, InferenceFailed):
+                        raise item
+                    raise InferenceFailed(502, "bad_reply", f"the reply stream failed: {item!r}")
+                if isinstance(item, Done):
+                    dones[index] = item
+                for chunk in reply.chunks(index, item):
+                    yield ServerSentEvent(data=json.dumps(chunk))
+            if reply.include_usage:
+                yield ServerSentEvent(data=json.dumps(reply.usage_chunk([dones[i] for i in range(len(batch))])))
         except InferenceFailed as exc:  # mid-stream: the OpenAI client raises on an `error` chunk
             yield ServerSentEvent(
                 data=json.dumps(
@@ -341,8 +420,10 @@ async def _stream(
                 )
             )
         finally:
+            for task in pumps:
+                task.cancel()
             try:
-                await cleanup(source.aclose(), "closing the reply stream")
+                await close_all()
             finally:
                 await release()
         yield ServerSentEvent(data="[DONE]")
@@ -356,43 +437,37 @@ def _generated(reply: Delta | Done | Scored) -> Delta | Done:
     return reply
 
 
-def _chat_chunks(meta: dict[str, Any], include_usage: bool) -> ChunkMaker:
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+def _chat_chunks(meta: dict[str, Any]) -> ChunkMaker:
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {
             **meta,
             "object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}],
         }
 
-    def make(reply: Delta | Done | None) -> list[dict[str, Any]]:
+    def make(index: int, reply: Delta | Done | None) -> list[dict[str, Any]]:
         if reply is None:
-            return [chunk({"role": "assistant", "content": ""})]
+            return [chunk(index, {"role": "assistant", "content": ""})]
         if isinstance(reply, Delta):
-            return [chunk({"content": reply.text})]
-        out = [chunk({}, reply.finish_reason)]
-        if include_usage:
-            out.append({**meta, "object": "chat.completion.chunk", "choices": [], "usage": _usage(reply)})
-        return out
+            return [chunk(index, {"content": reply.text})]
+        return [chunk(index, {}, reply.finish_reason)]
 
     return make
 
 
-def _completion_chunks(meta: dict[str, Any], include_usage: bool, echo: str) -> ChunkMaker:
-    def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
+def _completion_chunks(meta: dict[str, Any], echo: str) -> ChunkMaker:
+    def chunk(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
         return {
             **meta,
             "object": "text_completion",
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}],
         }
 
-    def make(reply: Delta | Done | None) -> list[dict[str, Any]]:
+    def make(index: int, reply: Delta | Done | None) -> list[dict[str, Any]]:
         if reply is None:
-            return [chunk(echo)] if echo else []
+            return [chunk(index, echo)] if echo else []
         if isinstance(reply, Delta):
-            return [chunk(reply.text)]
-        out = [chunk("", reply.finish_reason)]
-        if include_usage:
-            out.append({**meta, "object": "text_completion", "choices": [], "usage": _usage(reply)})
-        return out
+            return [chunk(index, reply.text)]
+        return [chunk(index, "", reply.finish_reason)]
 
     return make

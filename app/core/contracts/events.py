@@ -15,7 +15,8 @@ from pydantic import BaseModel, Field
 # unfinished, is never `succeeded`, and resumes from its checkpoint as the next attempt.
 USER_STOP = "user"
 HANDOFF = "handoff"
-INTERRUPTIONS = frozenset({"sigterm", HANDOFF})
+PAUSE = "pause"  # the user paused the job: like a handoff, but it waits as `paused` instead of requeueing
+INTERRUPTIONS = frozenset({"sigterm", HANDOFF, PAUSE})
 
 
 class StatusEvent(BaseModel):

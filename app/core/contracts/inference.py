@@ -42,6 +42,7 @@ class Sampling(BaseModel):
     logprobs: bool = False  # report each generated token's log-probability (in `Done`)
     top_logprobs: int = Field(0, ge=0, le=20)  # ... and this many most likely alternatives per token
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] = {}  # token id -> added to its logit
+    grammar: str | None = None  # llguidance grammar every token must follow (app.core.contracts.grammar)
 
 
 class GenerateMessage(ModelTarget, Sampling):

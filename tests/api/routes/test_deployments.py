@@ -113,11 +113,18 @@ def test_openai_errors_have_openai_shape(anonymous: TestClient, trainer: Member,
 USER = [{"role": "user", "content": "x"}]
 # (endpoint, extra body fields, the param the 400 names, its code): nothing OpenAI defines is silently ignored.
 NOT_HONOURED = [
-    ("chat", {"n": 2}, "n", "unsupported_parameter"),
+    ("chat", {"n": 17}, "n", "invalid_value"),
     ("chat", {"top_logprobs": 3}, "top_logprobs", "invalid_value"),  # requires logprobs: true
     ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
     ("chat", {"logprobs": True, "stream": True}, "logprobs", "unsupported_parameter"),
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+    ("chat", {"response_format": {"type": "json_schema"}}, "response_format", "invalid_value"),
+    ("chat", {"response_format": {"type": "yaml"}}, "response_format.type", "invalid_value"),
+    (
+        "chat",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
+        "response_format",
+        "invalid_value",
+    ),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
     ("chat", {"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
     ("chat", {"logit_bias": {"the": -100}}, "logit_bias", "invalid_value"),  # keys are token ids
@@ -141,7 +148,7 @@ NOT_HONOURED = [
     ("completions", {"logprobs": 1, "stream": True}, "logprobs", "unsupported_parameter"),
     ("completions", {"best_of": 3}, "best_of", "unsupported_parameter"),
     ("completions", {"suffix": "end"}, "suffix", "unsupported_parameter"),
-    ("completions", {"n": 3}, "n", "unsupported_parameter"),
+    ("completions", {"n": 0}, "n", "invalid_value"),
     ("completions", {"made_up": 1}, "made_up", "unknown_parameter"),
 ]
 

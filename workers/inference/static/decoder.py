@@ -144,12 +144,8 @@ class StaticDecoder:
             # Rows are right-aligned: row's prompt is the last len(prompt) columns, at positions 0..n-1.
             first_column = width - len(prompt)
             self.store.write_prefill(start + row, keys[:, row, :, first_column:], values[:, row, :, first_column:])
-        # Always reset: a slot row may still hold the bias of an earlier request.
-        bias = self.store.bias[start : start + len(prompts)]
-        bias.zero_()
-        for row, settings in enumerate(sampling):
-            for token, value in settings.bias:
-                bias[row, token] += value
+        for row, settings in enumerate(sampling):  # always: a slot row may still hold an earlier request's bias
+            self._write_bias(start + row, settings)
         if any(row.penalized for row in sampling):
             counts = self.store.counts[start : start + len(prompts)]
             counts.zero_()
@@ -169,6 +165,9 @@ class StaticDecoder:
         counts the slots keep (`history` is the dynamic path's way to the same numbers)."""
         rows = len(last_tokens)
         assert batch.start == 0 and batch.size == rows
+        constrained = [(row, settings) for row, settings in enumerate(sampling) if settings.constraint is not None]
+        for row, settings in constrained:  # this step's grammar mask joins the row's logit_bias
+            self._write_bias(row, settings, constrained=True)
         ids = self._slot_ids(adapters)
         uniform = uniform_draws(sampling)
         ints, floats, columns = self._inputs(
@@ -189,7 +188,7 @@ class StaticDecoder:
             columns,
             sample=any(row.generator is not None for row in sampling),
             penalize=self.compiled or any(row.penalized for row in sampling),
-            biased=self.compiled or any(row.bias for row in sampling),
+            biased=self.compiled or bool(constrained) or any(row.bias for row in sampling),
             with_lora=self.compiled or any(ids),  # compiled: one graph whatever the mix (zeros for base rows)
             top_k=MAX_TOP_LOGPROBS if self.compiled else max(row.top for row in sampling),
         )
@@ -198,6 +197,16 @@ class StaticDecoder:
         if top is not None:
             top = (top[0][:rows], top[1][:rows])
         return to_host(chosen[:rows], logprobs[:rows], top, wanted)
+
+    def _write_bias(self, slot: int, settings: RowSampling, *, constrained: bool = False) -> None:
+        """The slot's bias row: its request's logit_bias, plus (`constrained`) the grammar's mask of this step."""
+        bias = self.store.bias[slot]
+        if constrained and settings.constraint is not None:
+            bias.copy_(settings.constraint.mask())
+        else:
+            bias.zero_()
+        for token, value in settings.bias:
+            bias[token] += value
 
     # --- the step ------------------------------------------------------------------------------------------
 
