@@ -6,6 +6,7 @@ SDK turns into its typed exceptions. A database that is overloaded (no pooled co
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import psycopg
@@ -57,6 +58,9 @@ def openai_error(
     )
 
 
+_NAMED = re.compile(r"^([a-z_][a-z0-9_.]*): ")
+
+
 def _is_openai(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
 
@@ -89,6 +93,8 @@ def install_error_handlers(app: FastAPI) -> None:
         first: dict[str, Any] = exc.errors()[0]
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         text = str(first.get("msg")).removeprefix("Value error, ")
+        if param is None and (named := _NAMED.match(text)):  # a check across fields names the one at fault
+            param = named.group(1)
         code = "invalid_value"
         if first.get("type") == "extra_forbidden":  # OpenAI's own words for an argument it does not know
             text, code = "unrecognized request argument", "unknown_parameter"

@@ -2,13 +2,15 @@
 
 Nothing is silently ignored. A field outside OpenAI's request schema is a 400 naming it, as OpenAI answers
 ("Unrecognized request argument supplied"). A field OpenAI defines that this server does not honour yet
-(tools, best_of, suffix, ...) is accepted only at its no-op value (`tools: []`, ...); any other value is a
-400 naming it. Honoured: log-probabilities (not yet when streamed: that is a 400), penalties, `logit_bias`,
-`n`, and `response_format` (json_object and json_schema, enforced by constrained decoding).
+(best_of, suffix, audio, ...) is accepted only at its no-op value; any other value is a 400 naming it.
+Honoured: log-probabilities (not yet when streamed: that is a 400), penalties, `logit_bias`, `n`,
+`response_format` (json_object and json_schema, enforced by constrained decoding), and `tools` with
+`tool_choice` where the model's chat template renders tools (else the worker answers 400 naming `tools`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -30,9 +32,6 @@ def _unsupported(value: Any) -> Any:
 # Chat fields OpenAI defines that this server does not honour yet, with their no-op values.
 _CHAT_NO_OP: dict[str, Callable[[Any], bool]] = {
     "store": lambda v: v in (None, False),
-    "tools": lambda v: not v,
-    "tool_choice": lambda v: v in (None, "none"),
-    "parallel_tool_calls": lambda v: True,  # only meaningful with tools, which are refused
     "functions": lambda v: not v,
     "function_call": lambda v: v in (None, "none"),
     "modalities": lambda v: v in (None, ["text"]),
@@ -104,14 +103,37 @@ class _Common(BaseModel):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(max_length=100_000, description="The arguments as a JSON object, in a string")
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise ValueError("must be a JSON object in a string") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("must be a JSON object in a string")
+        return value
+
+
+class ToolCall(BaseModel):
+    id: str = Field(min_length=1, max_length=100)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
-    # Defined by OpenAI, not honoured yet (tool calling, participant names, audio): no-op values only.
+    tool_calls: list[ToolCall] | None = Field(None, max_length=64, description="An assistant turn's calls")
+    tool_call_id: str | None = Field(None, max_length=100, description="A tool turn: the call it answers")
+    # Defined by OpenAI, not honoured yet (participant names, refusals): no-op values only.
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
     refusal: str | None = None
 
     @field_validator("name", "refusal")
@@ -119,10 +141,13 @@ class ChatMessage(BaseModel):
     def _no_extras(cls, value: str | None) -> str | None:
         return _unsupported(value) if value is not None else value
 
-    @field_validator("tool_calls")
-    @classmethod
-    def _no_tool_calls(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        return _unsupported(value) if value else value
+    @model_validator(mode="after")
+    def _tool_fields_in_their_turns(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls belong to assistant messages")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        return self
 
     @field_validator("content")
     @classmethod
@@ -135,6 +160,33 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, list):  # content parts: only text is supported
             return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
         return self.content or ""
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(None, max_length=10_000)
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(BaseModel):
@@ -177,10 +229,12 @@ class ChatCompletionRequest(_Common):
     response_format: ResponseFormat | None = Field(
         None, description="json_object or json_schema: the answer is constrained to it, token by token"
     )
-    # Not honoured yet: no-op values only.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128, description="Functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="auto (default with tools): the model decides; required or a named function: it must call"
+    )
     parallel_tool_calls: bool | None = None
+    # Not honoured yet: no-op values only.
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     modalities: list[str] | None = None
@@ -214,6 +268,46 @@ class ChatCompletionRequest(_Common):
         if info.field_name is not None and not _CHAT_NO_OP[info.field_name](value):
             raise ValueError(UNSUPPORTED)
         return value
+
+    @model_validator(mode="after")
+    def _tools_consistent(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: function names must be unique")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not names:
+            raise ValueError("tool_choice: needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: no tool named {choice.function.name!r}")
+        if self.calls_tools and self.stream:
+            raise ValueError(f"stream: with tools {UNSUPPORTED}")
+        if self.calls_tools and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: cannot be combined with tools")
+        return self
+
+    @property
+    def calls_tools(self) -> bool:
+        """Tools are offered and the model may (or must) call them."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def tool_call_schema(self) -> dict[str, Any] | None:
+        """For `required` or a named function: the JSON schema the answer must follow (one call). None when
+        the model decides (auto) whether to call."""
+        if not self.tools or self.tool_choice in (None, "none", "auto"):
+            return None
+        tools = [t.function for t in self.tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            tools = [f for f in tools if f.name == self.tool_choice.function.name]
+        shapes = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for f in tools
+        ]
+        return shapes[0] if len(shapes) == 1 else {"anyOf": shapes}
 
     @field_validator("messages")
     @classmethod

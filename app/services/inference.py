@@ -63,10 +63,18 @@ def generation(
     messages: list[ChatMessage] | None = None,
     prompt: str | None = None,
     stream: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> GenerateMessage:
-    """The one builder of a generation message: a chat (``messages``) or a plain ``prompt``."""
+    """The one builder of a generation message: a chat (``messages``) or a plain ``prompt``. With ``tools``
+    the chat template renders them and the answer's tool calls come back parsed."""
     return GenerateMessage(
-        **target(deployment).model_dump(), **sampling.model_dump(), messages=messages, prompt=prompt, stream=stream
+        **target(deployment).model_dump(),
+        **sampling.model_dump(),
+        messages=messages,
+        prompt=prompt,
+        stream=stream,
+        tools=tools,
+        parse_tool_calls=bool(tools),
     )
 
 

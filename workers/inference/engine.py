@@ -178,14 +178,28 @@ class InferenceEngine:
         with self._tokenizer_lock:
             return self._encode(text, add_special_tokens=True, max_tokens=max_tokens)
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], *, max_tokens: int | None = None) -> list[int]:
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        max_tokens: int | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[int]:
         """Token ids of `messages` rendered with the tokenizer's chat template, ready for the assistant turn.
-        `max_tokens` as for `encode_prompt`. A template the sandbox refuses raises jinja2's `SecurityError`."""
-        if not getattr(self.tokenizer, "chat_template", None):
+        `max_tokens` as for `encode_prompt`. A template the sandbox refuses raises jinja2's `SecurityError`.
+        `tools` (function definitions) are rendered by the template; a template that has no place for them
+        raises ValueError, rather than the model never learning of them."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
             raise ValueError(f"the tokenizer of {self.model_path} has no chat template")
+        if tools and "tools" not in str(template):
+            raise ValueError("tools: the model's chat template does not render tools, so it cannot call them")
         with self._tokenizer_lock:
             rendered = self.tokenizer.apply_chat_template(
-                [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
+                [dict(m) for m in messages],
+                tools=[dict(t) for t in tools] if tools else None,
+                tokenize=False,
+                add_generation_prompt=True,
             )
             # The template already wrote any BOS/system tokens it wants; adding them again would double them.
             return self._encode(rendered, add_special_tokens=False, max_tokens=max_tokens)

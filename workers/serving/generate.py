@@ -32,6 +32,7 @@ from app.core.contracts.inference import (
 from app.core.replies import reply_channel
 from workers.inference import GenerationHandle, GenerationRequest, GenerationResult, InferenceEngine, PromptTooLong
 from workers.serving.manager import EngineManager, WorkerBusy, get_manager
+from workers.serving.tool_calls import parse_tool_calls
 
 log = logging.getLogger(__name__)
 CANCEL_CHECK_S = 0.25
@@ -42,7 +43,7 @@ def run_generate(request: GenerateMessage, worker: str) -> None:
     with _serving(request, worker) as (manager, send), manager.using(request.base_model) as engine:
         handle = engine.submit(
             GenerationRequest(
-                prompt_ids=_prompt_ids(engine, request.messages, request.prompt, request.max_tokens),
+                prompt_ids=_prompt_ids(engine, request.messages, request.prompt, request.max_tokens, request.tools),
                 max_tokens=request.max_tokens,
                 temperature=request.temperature,
                 top_p=request.top_p,
@@ -66,13 +67,20 @@ def run_generate(request: GenerateMessage, worker: str) -> None:
         finally:
             if not handle.done():
                 handle.cancel()
+        text, finish_reason, calls = result.text, str(result.finish_reason), None
+        if request.parse_tool_calls and finish_reason == "stop":
+            known = {str(tool["function"]["name"]) for tool in request.tools or []}
+            content, found = parse_tool_calls(text, known)
+            if found:
+                text, finish_reason, calls = content or "", "tool_calls", found
         send(
             Done(
-                text=result.text,
-                finish_reason=result.finish_reason,
+                text=text,
+                finish_reason=finish_reason,
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
                 logprobs=_logprobs(engine, result) if request.logprobs else None,
+                tool_calls=calls,
             )
         )
 
@@ -149,12 +157,16 @@ def _serving(
 
 
 def _prompt_ids(
-    engine: InferenceEngine, messages: list[ChatMessage] | None, prompt: str | None, max_tokens: int | None = None
+    engine: InferenceEngine,
+    messages: list[ChatMessage] | None,
+    prompt: str | None,
+    max_tokens: int | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """The prompt's token ids. With `max_tokens` (a generation), a prompt that cannot fit beside it raises
     `PromptTooLong` having tokenized only a bounded prefix (scoring passes none: it cuts prompts to fit)."""
     if messages is not None:
-        return engine.encode_chat([m.model_dump() for m in messages], max_tokens=max_tokens)
+        return engine.encode_chat([m.for_template() for m in messages], max_tokens=max_tokens, tools=tools)
     return engine.encode_prompt(prompt or "", max_tokens=max_tokens)
 
 
@@ -195,7 +207,7 @@ def _as_error(exc: Exception, request: GenerateMessage | ScoreMessage) -> Error:
     if isinstance(exc, GrammarError):
         return Error(status=400, code="invalid_request_error", message=str(exc), param="response_format")
     if isinstance(exc, ValueError):
-        param = "logit_bias" if str(exc).startswith("logit_bias") else None
+        param = next((p for p in ("logit_bias", "tools") if str(exc).startswith(p)), None)
         return Error(status=400, code="invalid_request_error", message=str(exc), param=param)
     log.exception("inference request %s failed", request.request_id)  # details stay in the worker log
     message = f"inference failed ({type(exc).__name__}); request {request.request_id}"

@@ -36,6 +36,32 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+# ChatML with tools in the Hermes / Qwen2.5 way: the function definitions go into a system turn, the model
+# calls with `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, results come back as `tool` turns.
+TOOL_CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\nYou may call these functions. Write each call as <tool_call>"
+    '{"name": <name>, "arguments": <object>}</tool_call>.\n\' }}'
+    "{%- for tool in tools -%}{{ tool | tojson }}{{ '\n' }}{%- endfor -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' and message.get('tool_calls') -%}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{{ '<tool_call>' }}{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "{{ '</tool_call>' }}"
+    "{%- endfor -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') + '<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{%- endif -%}"
+)
+
 _SUBJECTS = ["the cat", "a dog", "my friend", "the teacher", "our team", "the model", "a robot", "the user"]
 _VERBS = ["likes", "reads", "writes", "finds", "answers", "builds", "learns", "tells"]
 _OBJECTS = [
@@ -83,7 +109,7 @@ def tiny_corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 512):  # -> PreTrainedTokenizerFast (lazy import)
+def build_tokenizer(vocab_size: int = 512, chat_template: str = CHAT_TEMPLATE):  # -> PreTrainedTokenizerFast
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -105,7 +131,7 @@ def build_tokenizer(vocab_size: int = 512):  # -> PreTrainedTokenizerFast (lazy 
         pad_token=PAD_TOKEN,
         unk_token=UNK_TOKEN,
         additional_special_tokens=[IM_START_TOKEN],
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         model_max_length=2048,
         padding_side="right",
     )
@@ -122,14 +148,16 @@ def build_tiny_model(
     num_key_value_heads: int = 2,
     intermediate_size: int = 128,
     max_position_embeddings: int = 2048,
+    chat_template: str = CHAT_TEMPLATE,
 ) -> Path:
-    """Build a random tiny `LlamaForCausalLM` plus its tokenizer in `output_dir` and return the path."""
+    """Build a random tiny `LlamaForCausalLM` plus its tokenizer in `output_dir` and return the path
+    (`TOOL_CHAT_TEMPLATE` for one whose chat template renders tools)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(vocab_size)
+    tokenizer = build_tokenizer(vocab_size, chat_template)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

@@ -22,6 +22,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from app.api.deps import SessionDep, SettingsDep, Viewer
 from app.api.limits import reject_unstorable_text
 from app.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from app.api.openai_schemas import ChatMessage as OpenAIChatMessage
 from app.api.responses import OPENAI_ERRORS
 from app.core.config import Settings
 from app.core.contracts.grammar import GrammarError, json_schema_grammar
@@ -85,19 +86,28 @@ async def chat_completions(
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.inference.default_max_tokens
     sampling = _sampling(settings, body, max_tokens, logprobs=body.logprobs)
     if body.response_format is not None and (schema := body.response_format.schema_to_follow) is not None:
-        sampling.grammar = await run_in_threadpool(_grammar, schema)
-    messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
+        sampling.grammar = await run_in_threadpool(_grammar, schema, "response_format")
+    if (call_schema := body.tool_call_schema()) is not None:  # required, or a named function: one call, enforced
+        sampling.grammar = await run_in_threadpool(_grammar, call_schema, "tools")
+    messages = [_turn(m) for m in body.messages]
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and body.calls_tools else None
     slot = await Slot.take(settings, principal.team_id)
     try:
         deployment = await slot.resolve(settings, principal, body.model)
-        batch = [generation(deployment, s, messages=messages, stream=body.stream) for s in _samples(sampling, body.n)]
+        batch = [
+            generation(deployment, s, messages=messages, stream=body.stream, tools=tools)
+            for s in _samples(sampling, body.n)
+        ]
     except BaseException:
         await slot.release()
         raise
     meta = {"id": f"chatcmpl-{batch[0].request_id}", "created": int(time.time()), "model": body.model}
 
     def choice(index: int, done: Done) -> dict[str, Any]:
-        answer = {"role": "assistant", "content": done.text}
+        answer: dict[str, Any] = {"role": "assistant", "content": done.text}
+        if done.tool_calls:
+            calls = done.tool_calls if body.parallel_tool_calls is not False else done.tool_calls[:1]
+            answer = {"role": "assistant", "content": done.text or None, "tool_calls": calls}
         logprobs = None
         if done.logprobs is not None:
             logprobs = {"content": [entry.model_dump() for entry in done.logprobs], "refusal": None}
@@ -132,11 +142,26 @@ async def completions(
     return await _answer(request, settings, slot, batch, reply)
 
 
-def _grammar(schema: dict[str, Any]) -> str:
+def _grammar(schema: dict[str, Any], param: str) -> str:
     try:
         return json_schema_grammar(schema)
     except GrammarError as exc:
-        raise InferenceFailed(400, "invalid_value", f"response_format: {exc}", "response_format") from None
+        raise InferenceFailed(400, "invalid_value", f"{param}: {exc}", param) from None
+
+
+def _turn(message: OpenAIChatMessage) -> ChatMessage:
+    """A message as the worker's chat template reads it: tool call arguments as objects, not JSON strings."""
+    calls = None
+    if message.tool_calls:
+        calls = [
+            {
+                "type": "function",
+                "id": c.id,
+                "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)},
+            }
+            for c in message.tool_calls
+        ]
+    return ChatMessage(role=message.role, content=message.text(), tool_calls=calls, tool_call_id=message.tool_call_id)
 
 
 def _samples(sampling: Sampling, n: int) -> list[Sampling]:

@@ -20,6 +20,12 @@ def new_request_id() -> str:
 class ChatMessage(BaseModel):
     role: str
     content: str
+    # Tool calling, in the shape chat templates read: [{"type": "function", "function": {"name", "arguments": {}}}]
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+    def for_template(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
 
 
 class ModelTarget(BaseModel):
@@ -52,6 +58,10 @@ class GenerateMessage(ModelTarget, Sampling):
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
     stream: bool = False
+    # Function definitions the chat template renders ({"type": "function", "function": {...}}); with
+    # `parse_tool_calls` the answer's tool calls come back parsed in `Done.tool_calls`.
+    tools: list[dict[str, Any]] | None = None
+    parse_tool_calls: bool = False
 
     def kwargs(self) -> dict[str, Any]:
         return {"request": self.model_dump(mode="json")}
@@ -107,6 +117,7 @@ class Done(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None  # when the request asked for them
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's shape, arguments as a JSON string
 
 
 class Score(BaseModel):

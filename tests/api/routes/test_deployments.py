@@ -111,6 +111,7 @@ def test_openai_errors_have_openai_shape(anonymous: TestClient, trainer: Member,
 
 
 USER = [{"role": "user", "content": "x"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 # (endpoint, extra body fields, the param the 400 names, its code): nothing OpenAI defines is silently ignored.
 NOT_HONOURED = [
     ("chat", {"n": 17}, "n", "invalid_value"),
@@ -125,8 +126,35 @@ NOT_HONOURED = [
         "response_format",
         "invalid_value",
     ),
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
-    ("chat", {"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
+    ("chat", {"tool_choice": "required"}, "tool_choice", "invalid_value"),  # needs tools
+    ("chat", {"tools": [TOOL], "stream": True}, "stream", "unsupported_parameter"),
+    ("chat", {"tools": [TOOL, TOOL]}, "tools", "invalid_value"),  # names must be unique
+    (
+        "chat",
+        {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+        "tool_choice",
+        "invalid_value",
+    ),
+    (
+        "chat",
+        {"tools": [{"type": "function", "function": {"name": "has space"}}]},
+        "tools.0.function.name",
+        "invalid_value",
+    ),
+    ("chat", {"messages": [{"role": "tool", "content": "42"}]}, "messages.0", "invalid_value"),  # no tool_call_id
+    (
+        "chat",
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{x"}}],
+                }
+            ]
+        },
+        "messages.0.tool_calls.0.function.arguments",
+        "invalid_value",
+    ),
     ("chat", {"logit_bias": {"the": -100}}, "logit_bias", "invalid_value"),  # keys are token ids
     ("completions", {"logit_bias": {"5": 101}}, "logit_bias", "invalid_value"),
     ("chat", {"audio": {"voice": "alloy"}}, "audio", "unsupported_parameter"),
