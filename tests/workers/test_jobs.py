@@ -90,14 +90,16 @@ def test_heartbeat_of_the_owner_refreshes_it_and_reports_a_stop_request() -> Non
     claimed = jobs.claim(experiment.id, 1, "worker")
     assert claimed is not None
 
-    assert jobs.heartbeat(experiment.id, 1, pid=4242) == jobs.Orders(stop=False, handoff=False)
+    assert jobs.heartbeat(experiment.id, 1, pid=4242) == jobs.Orders(stop=False, handoff=False, pause=False)
     row = reload(experiment.id)
     assert row.pid == 4242
     assert row.heartbeat_at is not None and claimed.heartbeat_at is not None
     assert row.heartbeat_at >= claimed.heartbeat_at
 
-    set_columns(experiment.id, stop_requested=True)  # POST /stop on a running job
-    assert jobs.heartbeat(experiment.id, 1) == jobs.Orders(stop=True, handoff=False)
+    set_columns(experiment.id, pause_requested=True)  # POST /pause on a running job
+    assert jobs.heartbeat(experiment.id, 1) == jobs.Orders(stop=False, handoff=False, pause=True)
+    set_columns(experiment.id, stop_requested=True, pause_requested=False)  # POST /stop on a running job
+    assert jobs.heartbeat(experiment.id, 1) == jobs.Orders(stop=True, handoff=False, pause=False)
 
 
 # ---------------------------------------------------------------- fencing
@@ -176,7 +178,7 @@ def test_the_new_owner_keeps_working_after_the_old_one_is_fenced() -> None:
     with pytest.raises(Fenced):
         jobs.heartbeat(experiment_id, 1)
 
-    assert jobs.heartbeat(experiment_id, 2) == jobs.Orders(stop=False, handoff=False)
+    assert jobs.heartbeat(experiment_id, 2) == jobs.Orders(stop=False, handoff=False, pause=False)
     jobs.add_events(experiment_id, 2, [("metrics", {"step": 1, "loss": 2.0})])
     assert jobs.finish(experiment_id, 2, ExperimentStatus.succeeded, final_metrics={"loss": 2.0}) is True
 
@@ -199,8 +201,8 @@ def test_a_worker_shutting_down_marks_only_its_own_running_jobs_for_handoff() ->
 
     assert jobs.request_handoff("draining@host") == 1
 
-    assert jobs.heartbeat(mine.id, 1) == jobs.Orders(stop=False, handoff=True)
-    assert jobs.heartbeat(theirs.id, 1) == jobs.Orders(stop=False, handoff=False)
+    assert jobs.heartbeat(mine.id, 1) == jobs.Orders(stop=False, handoff=True, pause=False)
+    assert jobs.heartbeat(theirs.id, 1) == jobs.Orders(stop=False, handoff=False, pause=False)
     assert reload(waiting.id).handoff_requested is False
 
 
