@@ -279,8 +279,9 @@ def test_bad_input_gets_openai_errors(served: dict[str, Any]) -> None:
     with pytest.raises(openai.BadRequestError) as long:
         chat(client, "tiny-base", "the cat likes a short story " * 600)
     assert long.value.body["code"] == "context_length_exceeded"
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="tiny-base", prompt="hi", max_tokens=8, n=2)
+    with pytest.raises(openai.BadRequestError) as too_many:
+        client.completions.create(model="tiny-base", prompt="hi", max_tokens=8, n=17)
+    assert too_many.value.body["param"] == "n"
     bad_key = openai.OpenAI(base_url=str(client.base_url), api_key="fts_not-a-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad_key.models.list()
