@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit, SecurityHeaders
 from app.api.main import api_router
-from app.api.routes import admin, health, openai, openai_files, openai_fine_tuning
+from app.api.routes import admin, health, metrics, openai, openai_files, openai_fine_tuning
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.services.accounts import bootstrap_admin
@@ -54,6 +54,7 @@ def create_app() -> FastAPI:
     app.include_router(openai_files.router)
     app.include_router(openai_fine_tuning.router)
     app.include_router(admin.router)
+    app.include_router(metrics.router)
     app.mount("/ui", StaticFiles(directory=WEB_DIR, html=True), name="ui")
 
     @app.get("/", include_in_schema=False)

@@ -48,6 +48,13 @@ def _owned(experiment_id: uuid.UUID, attempt: int) -> Any:
     )
 
 
+def requested_gpus(experiment_id: uuid.UUID) -> int:
+    """The GPUs (processes) the job asks for; 1 if it no longer exists (the claim then skips it)."""
+    with session_scope() as session:
+        experiment = session.get(Experiment, experiment_id)
+        return experiment.gpus if experiment is not None else 1
+
+
 def claim(experiment_id: uuid.UUID, attempt: int, worker: str) -> Experiment | None:
     """Take the job for this attempt, or return None if someone else has or it is no longer queued."""
     with session_scope() as session:

@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
 
 from app.core.celery_app import celery_app
 from app.core.contracts.inference import GenerateMessage, ScoreMessage
@@ -20,17 +20,27 @@ from app.core.queues import (
     PING_TASK,
     SCORE_TASK,
     TRAIN_TASK,
+    worker_queue,
 )
 
 log = logging.getLogger(__name__)
+GPU_RETRY_S = 10  # a job too large for the worker that got its message is offered again this much later
 
 
 @celery_app.task(name=TRAIN_TASK)
 def train(experiment_id: str, attempt: int) -> str:
     """Run attempt ``attempt`` of an experiment, unless another delivery already claimed it."""
+    from workers import jobs
+    from workers.training.registry import gpu_slots
     from workers.training.supervisor import run_training
 
     message = TrainMessage.model_validate({"experiment_id": experiment_id, "attempt": attempt})
+    wanted, have = jobs.requested_gpus(message.experiment_id), gpu_slots()[1]
+    if wanted > have:  # another worker of this class may have enough: back to the queue, not claimed
+        log.info(
+            "experiment %s asks for %d GPUs; this worker has %d: leaving it to another", experiment_id, wanted, have
+        )
+        raise train.retry(countdown=GPU_RETRY_S, max_retries=None)
     return run_training(message, worker=train.request.hostname or "?")
 
 
@@ -78,14 +88,39 @@ def score(request: dict[str, Any]) -> None:
     run_score(ScoreMessage.model_validate(request), worker=score.request.hostname or "?")
 
 
+@celeryd_after_setup.connect
+def _consume_own_inference_queue(sender: str, instance: Any, **_: Any) -> None:
+    """An inference worker also consumes a queue of its own: the API sends it the requests for the base
+    models placed on it (`app.services.placement`), so requests reach the worker that holds their model."""
+    queues = instance.app.amqp.queues
+    if INFERENCE_QUEUE in queues.consume_from:
+        queues.select_add(worker_queue(sender))
+
+
+_registration: Any = None
+
+
 @worker_ready.connect
 def _start_serving(sender: Any, **_: Any) -> None:
-    """An inference worker reports itself (and its stats) from the start, before its first request."""
-    if INFERENCE_QUEUE in {q.name for q in sender.task_consumer.queues}:
-        from app.core.config import get_settings
+    """An inference worker reports itself (and its stats) from the start, before its first request; a
+    training worker registers its queues and GPUs (`workers.training.registry`)."""
+    from app.core.config import get_settings
+
+    queues = {q.name for q in sender.task_consumer.queues}
+    if INFERENCE_QUEUE in queues:
         from workers.serving.manager import get_manager
 
         get_manager(get_settings(), sender.hostname)
+    training = sorted(q for q in queues if q.startswith("train."))
+    if training:
+        from workers.training.registry import TrainingRegistration
+
+        global _registration
+        _registration = TrainingRegistration(sender.hostname, training, get_settings().training.heartbeat_interval_s)
+        try:
+            _registration.start()
+        except Exception:  # the database is away: jobs still run; the registry catches up at the next beat
+            log.exception("registering training worker %s failed", sender.hostname)
 
 
 @worker_shutting_down.connect
@@ -105,6 +140,11 @@ def _hand_off_training(sender: Any, **_: Any) -> None:
 
 @worker_shutdown.connect
 def _stop_serving(**_: Any) -> None:
+    if _registration is not None:
+        try:
+            _registration.close()
+        except Exception:
+            log.exception("deregistering the training worker failed")
     manager = sys.modules.get("workers.serving.manager")  # only where serving ran: no torch import here
     if manager is not None:
         manager.shutdown_manager()

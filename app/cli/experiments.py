@@ -41,6 +41,7 @@ def submit(
     recipe: Annotated[str | None, typer.Option(help="Preset from config/recipes")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value (repeatable)")] = None,
     queue: Annotated[str | None, typer.Option(help="Training queue (GPU class)")] = None,
+    gpus: Annotated[int, typer.Option(min=1, help="GPUs to train on (processes on a CPU queue)")] = 1,
     watch_: Annotated[bool, typer.Option("--watch", help="Follow progress until it ends")] = False,
 ) -> None:
     """Submit an experiment; prints its id."""
@@ -51,9 +52,11 @@ def submit(
         "recipe": recipe,
         "hyperparameters": parse_overrides(set_ or []),
         "queue": queue,
+        "gpus": gpus,
     }
     experiment = request("POST", "/api/experiments/", json=body)
     console.print(f"[green]experiment {experiment['id']}[/] queued on {experiment['queue']}")
+    print_waiting(experiment)
     print_warnings(experiment)
     if watch_:
         watch(experiment["id"])
@@ -74,7 +77,14 @@ def show(experiment_id: str) -> None:
     """Show one experiment as JSON, then what the dataset report warned of at submit."""
     experiment = request("GET", f"/api/experiments/{experiment_id}")
     console.print_json(json.dumps(experiment))
+    print_waiting(experiment)
     print_warnings(experiment)
+
+
+def print_waiting(experiment: dict[str, Any]) -> None:
+    """Why a queued run cannot start (no live worker of its class, or none with its GPUs)."""
+    if reason := experiment.get("waiting_reason"):
+        console.print(f"[yellow]waiting:[/] {reason}", highlight=False)
 
 
 def print_warnings(experiment: dict[str, Any]) -> None:

@@ -112,6 +112,9 @@ class TrainingSettings(BaseModel):
 
 class ApiSettings(BaseModel):
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest dataset upload (413)")
+    metrics_token: str = Field(
+        "", description="Bearer token a Prometheus scraper sends to GET /metrics (else a platform admin's login)"
+    )
     max_inline_rows: int = Field(50_000, description="Most rows in an inline dataset body")
     # Uploads are parsed as streams, so the API's memory does not grow with these (docs/reliability.md,
     # "Bounded uploads"); they bound the work, the disk, and what training later reads back into memory.
@@ -161,7 +164,14 @@ class InferenceSettings(BaseModel):
     concurrency: int = Field(64, ge=1, description="Requests one inference worker takes at once (its threads)")
     max_batch_size: int = Field(64, ge=1, description="Most sequences decoded together in one step")
     max_adapters: int = Field(8, ge=1, description="LoRA adapters kept loaded per base model (LRU)")
-    max_base_models: int = Field(1, ge=1, description="Base models one worker keeps loaded at once")
+    max_base_models: int = Field(
+        1, ge=1, description="Base models one worker keeps loaded at once (placement puts no more on it)"
+    )
+    routing: Literal["placed", "shared"] = Field(
+        "placed",
+        description="placed: a request goes to a worker its base model is placed on (app/services/placement.py); "
+        "shared: to the one shared queue, whichever worker is free (the old way, kept for comparison)",
+    )
     device: str = Field("", description="cuda, cpu, ...; default cuda when available")
     decode: Literal["dynamic", "static", "compiled"] = Field(
         "static",

@@ -54,3 +54,11 @@ def read_dataset_rows(storage: Storage, dataset_id: uuid.UUID, limit: int | None
             if line.strip():
                 rows.append(json.loads(line))
     return rows
+
+
+STORED_MODEL = "storage:"  # a base model that is a run's own weights in storage (a full fine-tune, a merge)
+
+
+def stored_model(prefix: str) -> str:
+    """The base model name of weights stored under ``prefix``: inference workers fetch them from storage."""
+    return f"{STORED_MODEL}{prefix}"

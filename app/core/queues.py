@@ -15,3 +15,9 @@ DATASET_REPORT_TASK = "studio.dataset_report"  # on DEFAULT_QUEUE: reports too l
 INFERENCE_QUEUE = "inference"
 DEFAULT_QUEUE = "default"
 # Training queues are ``train.<gpu-class>``, one per entry of ``training.queues`` in settings.
+
+
+def worker_queue(worker: str) -> str:
+    """The inference queue only `worker` consumes (Celery's per-worker "direct queue", added at its start):
+    requests for the base models placed on it (`app.services.placement`)."""
+    return f"{INFERENCE_QUEUE}.w.{worker}"

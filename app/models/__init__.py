@@ -117,6 +117,10 @@ from app.models.serving import (
     InferenceReply,
     InferenceWorker,
     ModelName,
+    ModelPlacement,
+    PlacementPublic,
+    PlacementState,
+    TrainingWorker,
 )
 
 __all__ = [
@@ -181,6 +185,10 @@ __all__ = [
     "DeploymentsPublic",
     "DeploymentStatusPublic",
     "InferenceWorker",
+    "ModelPlacement",
+    "PlacementPublic",
+    "PlacementState",
+    "TrainingWorker",
     "InferenceCommand",
     "InferenceReply",
     "AbTest",

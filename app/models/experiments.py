@@ -15,6 +15,7 @@ from app.models.common import utcnow
 from app.models.evaluation import EvalSpec
 
 MAX_LABELS = 16  # as OpenAI's `metadata`
+MAX_GPUS = 64
 
 
 class ExperimentStatus(StrEnum):
@@ -45,6 +46,8 @@ class Experiment(ExperimentBase, table=True):
     team_id: uuid.UUID = Field(foreign_key="team.id", index=True)
     hyperparameters: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     queue: str = Field(max_length=100)
+    # GPUs (processes, on a CPU queue) the run takes: more than 1 runs under `accelerate launch`.
+    gpus: int = Field(default=1, sa_column=Column(Integer, nullable=False, server_default="1"))
     status: ExperimentStatus = Field(default=ExperimentStatus.queued, index=True)
     # Attempt number of the run that owns the job; every worker write is fenced on it.
     attempt: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
@@ -90,6 +93,7 @@ class ExperimentCreate(SQLModel):
     # Validated into the typed Hyperparameters by the service; here only the number of keys is bounded.
     hyperparameters: dict[str, Any] = Field(default_factory=dict, max_length=100)
     queue: str | None = Field(None, max_length=100, description="Training queue (GPU class); default from settings")
+    gpus: int = Field(1, ge=1, le=MAX_GPUS, description="GPUs it trains on (processes on a CPU queue)")
     start: bool = Field(True, description="Queue the run now; false leaves it for /start")
     eval: EvalSpec | None = Field(None, description="Evaluate the run on its held-out rows once it succeeds")
     validation_dataset_id: uuid.UUID | None = Field(
@@ -134,6 +138,8 @@ class ExperimentPublic(ExperimentBase):
     parent_experiment_id: uuid.UUID | None = None
     warnings: list[str] = Field(default_factory=list, description="What the dataset report found at submit")
     pause_requested: bool = False
+    gpus: int = 1
+    waiting_reason: str | None = Field(None, description="Why a queued run is not running yet, when it cannot")
     validation_dataset_id: uuid.UUID | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     fine_tuned_model: str | None = Field(None, description="The OpenAI model name it answers to once succeeded")

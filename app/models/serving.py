@@ -8,7 +8,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import StringConstraints
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, Column, Integer, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from app.models.common import utcnow
@@ -19,9 +19,17 @@ MAX_PROMPT_CHARS = 20_000
 Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
 
 
+MAX_REPLICAS = 16
+
+
 class DeploymentStatus(StrEnum):
     active = "active"
     retired = "retired"
+
+
+class PlacementState(StrEnum):
+    loading = "loading"  # assigned; the worker loads the weights (at once, or with its first request)
+    ready = "ready"
 
 
 class Deployment(SQLModel, table=True):
@@ -40,10 +48,15 @@ class Deployment(SQLModel, table=True):
     created_by: uuid.UUID | None = Field(default=None, foreign_key="app_user.id")
     created_at: datetime = Field(default_factory=utcnow)
     retired_at: datetime | None = None
+    # Inference workers its base model is placed on (at least; the base model's placement serves the
+    # highest `replicas` among its active deployments).
+    replicas: int = Field(default=1, sa_column=Column(Integer, nullable=False, server_default="1"))
 
 
 class DeploymentCreate(SQLModel):
     name: ModelName | None = Field(None, description="The OpenAI `model` name; default from the run")
+    replicas: int = Field(1, ge=1, le=MAX_REPLICAS, description="Inference workers its base model is placed on")
+    merged: bool = Field(False, description="Serve a merge_adapter run's merged weights as a base model of its own")
     experiment_id: uuid.UUID | None = Field(None, description="Serve this succeeded experiment's adapter")
     base_model: str | None = Field(None, min_length=1, max_length=500, description="Or serve a base model as is")
 
@@ -56,6 +69,7 @@ class DeploymentPublic(SQLModel):
     experiment_id: uuid.UUID | None
     base_model: str
     status: DeploymentStatus
+    replicas: int = 1
     created_at: datetime
     retired_at: datetime | None
 
@@ -65,12 +79,39 @@ class DeploymentsPublic(SQLModel):
     count: int
 
 
+class PlacementPublic(SQLModel):
+    worker: str
+    state: PlacementState
+    placed_at: datetime
+    ready_at: datetime | None
+    load_seconds: float | None = Field(None, description="How long the worker took to load the base model")
+
+
 class DeploymentStatusPublic(SQLModel):
     id: uuid.UUID
     model: str
     status: DeploymentStatus
+    replicas: int
     workers_alive: int = Field(description="Inference workers heartbeating now")
     loaded_on: list[str] = Field(description="Workers that hold this deployment's weights in memory")
+    placement: list[PlacementPublic] = Field(
+        default_factory=list, description="Live workers its base model is placed on: loading or ready"
+    )
+
+
+class ModelPlacement(SQLModel, table=True):
+    """A base model placed on an inference worker: requests for it go to that worker's own queue.
+    Decided on the API side (`app.services.placement`); the worker loads what is placed on it and reports
+    when it is ready."""
+
+    __tablename__ = "model_placement"
+
+    base_model: str = Field(primary_key=True, max_length=500)
+    worker: str = Field(primary_key=True, max_length=200)
+    state: PlacementState = Field(default=PlacementState.loading, sa_column=Column(String(16), nullable=False))
+    placed_at: datetime = Field(default_factory=utcnow)
+    ready_at: datetime | None = None
+    load_seconds: float | None = None
 
 
 class InferenceWorker(SQLModel, table=True):
@@ -84,6 +125,21 @@ class InferenceWorker(SQLModel, table=True):
     started_at: datetime = Field(default_factory=utcnow)
     heartbeat_at: datetime = Field(default_factory=utcnow, index=True)
     stats: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+
+
+class TrainingWorker(SQLModel, table=True):
+    """One training worker (a GPU group), as it last reported itself: its queue (GPU class) and GPUs."""
+
+    __tablename__ = "training_worker"
+
+    name: str = Field(primary_key=True, max_length=200)
+    hostname: str = Field(max_length=200)
+    pid: int
+    queues: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    gpu_ids: str = Field(default="", max_length=200, description="CUDA_VISIBLE_DEVICES it owns; empty on CPU")
+    slots: int = Field(default=1, description="Processes a job may run: its GPUs, or its CPU cores on a CPU worker")
+    started_at: datetime = Field(default_factory=utcnow)
+    heartbeat_at: datetime = Field(default_factory=utcnow, index=True)
 
 
 class InferenceCommand(SQLModel, table=True):

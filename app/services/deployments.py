@@ -6,10 +6,10 @@ import re
 import secrets
 import uuid
 
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, col, delete, func, select
 
 from app.core.config import Settings
-from app.core.layout import artifact_prefix
+from app.core.layout import artifact_prefix, stored_model
 from app.core.storage import Storage
 from app.models import (
     Deployment,
@@ -19,6 +19,7 @@ from app.models import (
     Experiment,
     ExperimentStatus,
     InferenceCommand,
+    ModelPlacement,
     utcnow,
 )
 from app.services import audit
@@ -48,11 +49,8 @@ def create_deployment(
             raise Conflict(
                 f"experiment is {experiment.status.value}; only succeeded runs can be deployed", field="experiment_id"
             )
-        adapter_prefix = artifact_prefix(experiment.id)
-        if not storage.exists(f"{adapter_prefix}/{ADAPTER_WEIGHTS}"):
-            raise InvalidRequest("experiment_id", "the run has no LoRA adapter (full fine-tunes are not servable yet)")
-        # Checked again: the run may predate the fence (or a narrower allowlist).
-        base_model, default_name = check_base_model(experiment.base_model, settings), experiment.name
+        base_model, adapter_prefix = servable(settings, storage, experiment, merged=body.merged)
+        default_name = experiment.name
     else:
         assert body.base_model is not None
         base_model = check_base_model(body.base_model, settings)
@@ -70,6 +68,7 @@ def create_deployment(
         base_model=base_model,
         adapter_prefix=adapter_prefix,
         created_by=actor.user_id,
+        replicas=body.replicas,
     )
     session.add(deployment)
     session.flush()
@@ -85,6 +84,23 @@ def create_deployment(
     session.commit()
     session.refresh(deployment)
     return deployment
+
+
+def servable(settings: Settings, storage: Storage, experiment: Experiment, *, merged: bool) -> tuple[str, str | None]:
+    """(base model, adapter prefix) that serve a succeeded run: its LoRA adapter on its base model (shared
+    with every other deployment of that base), or, for a full fine-tune or with ``merged`` a merge_adapter
+    run, its own stored weights as a base model of their own."""
+    prefix = artifact_prefix(experiment.id)
+    if merged:
+        if not storage.exists(f"{prefix}/merged/config.json"):
+            raise InvalidRequest("merged", "the run stored no merged model: train it with merge_adapter: true")
+        return stored_model(f"{prefix}/merged"), None
+    if storage.exists(f"{prefix}/{ADAPTER_WEIGHTS}"):
+        # Checked again: the run may predate the fence (or a narrower allowlist).
+        return check_base_model(experiment.base_model, settings), prefix
+    if storage.exists(f"{prefix}/config.json"):  # a full fine-tune: the whole model
+        return stored_model(prefix), None
+    raise InvalidRequest("experiment_id", "the run stored neither an adapter nor a model")
 
 
 def retire_deployment(*, session: Session, actor: Principal, deployment: Deployment) -> Deployment:
@@ -105,6 +121,8 @@ def retire_deployment(*, session: Session, actor: Principal, deployment: Deploym
     ).one()
     if deployment.adapter_prefix or not shared_base:  # a base model others still serve stays loaded
         session.add(InferenceCommand(action="unload", target=unload_target(deployment)))
+    if not shared_base:  # its workers may take other models now
+        session.exec(delete(ModelPlacement).where(col(ModelPlacement.base_model) == deployment.base_model))  # type: ignore[call-overload]
     audit.record(
         session=session,
         actor=actor,

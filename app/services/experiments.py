@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from sqlmodel import Session, col, delete, select
 
 from app.core.config import Settings
-from app.core.contracts.training import Hyperparameters
+from app.core.contracts.training import Hyperparameters, deepspeed_configs
 from app.core.db import is_postgres
 from app.core.event_log import status_event
 from app.core.job_queue import count_loss, end_job, queue_next_attempt, send_attempt_message
@@ -139,6 +139,11 @@ def resolve_hyperparameters(body: ExperimentCreate, settings: Settings) -> Hyper
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "hyperparameters"
         raise InvalidRequest(f"hyperparameters.{where}", first["msg"]) from None
+    if params.deepspeed is not None and params.deepspeed not in deepspeed_configs():
+        known = deepspeed_configs()
+        raise InvalidRequest(
+            "hyperparameters.deepspeed", f"unknown DeepSpeed config {params.deepspeed!r}; known: {known}"
+        )
     caps = settings.training
     if params.max_steps > caps.max_steps_cap:
         raise InvalidRequest("hyperparameters.max_steps", f"must be <= {caps.max_steps_cap}")
@@ -178,6 +183,10 @@ def create_experiment(
         raise InvalidRequest("queue", f"unknown training queue {queue_name!r}; known: {names}")
     if params.method == "qlora" and not queue.cuda:
         raise InvalidRequest("hyperparameters.method", f"qlora needs a CUDA GPU, and queue {queue.name!r} has none")
+    if params.deepspeed and not queue.cuda:
+        raise InvalidRequest(
+            "hyperparameters.deepspeed", f"DeepSpeed needs CUDA GPUs, and queue {queue.name!r} has none"
+        )
     base_model = check_base_model(body.base_model, settings)
     if dataset.format in CONVERSATIONAL and not params.train_on_prompt:
         _check_answers_locatable(storage, dataset, base_model)
@@ -196,6 +205,7 @@ def create_experiment(
         recipe=body.recipe,
         hyperparameters=params.model_dump(),
         queue=queue.name,
+        gpus=body.gpus,
         parent_experiment_id=parent.id if parent else None,
         lineage=submit_lineage(dataset, recipe=body.recipe, base_model=base_model, parent=parent),
         warnings=warnings,
@@ -318,6 +328,7 @@ def clone_experiment(
         recipe=source.recipe,
         hyperparameters=hyperparameters,
         queue=body.queue or source.queue,
+        gpus=source.gpus,
         start=body.start,
         eval=None,
         validation_dataset_id=source.validation_dataset_id,

@@ -23,7 +23,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from app.core.config import Settings
-from app.core.layout import artifact_prefix
 from app.core.storage import Storage
 from app.models import (
     Dataset,
@@ -37,6 +36,7 @@ from app.models import (
 from app.models.fine_tuning import DpoHyperparameters, FineTuningJobCreate
 from app.services import audit
 from app.services.crud import get_owned
+from app.services.deployments import servable
 from app.services.errors import InvalidRequest, NotFound
 from app.services.experiments import check_base_model, create_experiment
 from app.services.model_names import FT_PREFIX, checkpoint_model_name, split_checkpoint
@@ -187,6 +187,7 @@ def create_job(
         validation_dataset_id=validation.id if validation else None,
         labels=body.metadata or {},
         queue=None,
+        gpus=1,
         start=True,
         eval=None,
     )
@@ -416,20 +417,24 @@ def deploy_on_first_use(
     if step is None:
         if experiment.status is not ExperimentStatus.succeeded:
             return None
-        prefix = artifact_prefix(experiment.id)
+        try:
+            base_model, adapter_prefix = servable(settings, storage, experiment, merged=False)
+        except InvalidRequest:
+            return None
     else:
         event = next((e for e in _events(session, experiment.id, "checkpoint") if e.data.get("step") == step), None)
         if event is None or not event.data.get("key"):
             return None
-        prefix = event.data["key"]
-    if not storage.exists(f"{prefix}/{ADAPTER_WEIGHTS}"):
-        return None  # a full fine-tune: not servable by name yet
+        adapter_prefix = event.data["key"]
+        if not storage.exists(f"{adapter_prefix}/{ADAPTER_WEIGHTS}"):
+            return None  # a full fine-tune's checkpoint: serve the finished run instead
+        base_model = check_base_model(experiment.base_model, settings)
     deployment = Deployment(
         team_id=actor.team_id,
         name=name,
         experiment_id=experiment.id,
-        base_model=check_base_model(experiment.base_model, settings),
-        adapter_prefix=prefix,
+        base_model=base_model,
+        adapter_prefix=adapter_prefix,
         created_by=actor.user_id,
     )
     session.add(deployment)

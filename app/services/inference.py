@@ -1,9 +1,11 @@
-"""The API's side of a generation: send it to the inference queue, then follow the worker's replies.
+"""The API's side of a generation: send it to the queue of a worker its base model is placed on
+(`app.services.placement`), then follow the worker's replies.
 
 A request never hangs: no worker takes it within ``inference.queue_timeout_s`` → 503 (and the
-message expires, so no worker runs it later for nobody); while it waits to be taken, no live worker is
-left (all heartbeats older than ``inference.worker_stale_after_s``, re-checked every ``CHECK_S``) → 503 at
-once; the worker that took it stops heartbeating → 502; it runs past ``inference.request_timeout_s`` → 504.
+message expires, so no worker runs it later for nobody); while it waits to be taken, its worker stops
+heartbeating (older than ``inference.worker_stale_after_s``, re-checked every ``CHECK_S``) → 503 at once,
+and the next request goes to the model's new placement; the worker that took it stops heartbeating → 502;
+it runs past ``inference.request_timeout_s`` → 504.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from app.core.db import session_scope
 from app.core.queues import GENERATE_TASK, INFERENCE_QUEUE, SCORE_TASK
 from app.core.replies import reply_channel
 from app.models import Deployment, InferenceWorker, utcnow
+from app.services import placement
+from app.services.placement import NoCapacity, Route
 from app.services.relay import celery_send
 
 READ_WAIT_S = 1.0
@@ -87,20 +91,21 @@ Answer = Delta | Done | Scored
 
 
 async def replies(
-    settings: Settings, message: GenerateMessage | ScoreMessage, gone: Callable[[], Awaitable[bool]] | None = None
+    settings: Settings,
+    message: GenerateMessage | ScoreMessage,
+    gone: Callable[[], Awaitable[bool]] | None = None,
+    first_reply: Callable[[], None] | None = None,
 ) -> AsyncGenerator[Answer, None]:
     """Send, then yield the worker's replies until ``done``/``scored``; raise InferenceFailed on any failure.
-    ``gone`` tells whether the client disconnected; then the worker is told to stop."""
+    ``gone`` tells whether the client disconnected; then the worker is told to stop. ``first_reply`` is
+    called when the first text (or the whole answer) arrives."""
     limits = settings.inference
     rid = message.request_id
     task = GENERATE_TASK if isinstance(message, GenerateMessage) else SCORE_TASK
     channel = reply_channel()
-    if not await run_in_threadpool(any_live_worker, limits.worker_stale_after_s):
-        raise InferenceFailed(
-            503, "no_worker", "no inference worker is running; start one with `studio worker --queue inference`"
-        )
+    placed = await run_in_threadpool(_route, message.base_model, limits.worker_stale_after_s, limits.routing)
     # Expires with the queue timeout: a request nobody took in time is never run for nobody later.
-    send = partial(celery_send, task, INFERENCE_QUEUE, message.kwargs(), expires=limits.queue_timeout_s)
+    send = partial(celery_send, task, placed.queue, message.kwargs(), expires=limits.queue_timeout_s)
     await run_in_threadpool(send)
     start = last_check = time.monotonic()
     after, worker, finished = "0", None, False
@@ -114,6 +119,9 @@ async def replies(
                     raise InferenceFailed(reply.status, reply.code, reply.message, reply.param)
                 if isinstance(reply, Delta | Done | Scored):
                     finished = not isinstance(reply, Delta)
+                    if first_reply is not None:
+                        first_reply()
+                        first_reply = None
                     yield reply
                     if finished:
                         return
@@ -130,9 +138,14 @@ async def replies(
                 raise InferenceFailed(504, "timeout", f"generation took longer than {limits.request_timeout_s:.0f} s")
             if not got and now - last_check >= CHECK_S:
                 last_check = now
-                if worker is None:  # not taken yet: is anyone left to take it? (the message expires anyway)
-                    if not await run_in_threadpool(any_live_worker, limits.worker_stale_after_s):
-                        raise InferenceFailed(503, "no_worker", "no live inference worker is left to take the request")
+                if worker is None:  # not taken yet: is its worker still there? (the message expires anyway)
+                    if not await run_in_threadpool(_can_take, placed, limits.worker_stale_after_s):
+                        raise InferenceFailed(
+                            503,
+                            "no_worker",
+                            f"inference worker {placed.worker} was lost before it took the request; retry "
+                            "(its models are placed on the other workers)",
+                        )
                 elif not await run_in_threadpool(worker_alive, worker, limits.worker_stale_after_s):
                     raise InferenceFailed(502, "worker_lost", f"inference worker {worker} was lost during the request")
     finally:
@@ -154,10 +167,13 @@ async def cleanup(step: Awaitable[Any], what: str) -> None:
 
 
 async def complete(
-    settings: Settings, message: GenerateMessage, gone: Callable[[], Awaitable[bool]] | None = None
+    settings: Settings,
+    message: GenerateMessage,
+    gone: Callable[[], Awaitable[bool]] | None = None,
+    first_reply: Callable[[], None] | None = None,
 ) -> Done:
     """The whole answer of a generation (deltas skipped)."""
-    async for reply in replies(settings, message, gone):
+    async for reply in replies(settings, message, gone, first_reply):
         if isinstance(reply, Done):
             return reply
     raise InferenceFailed(499, "client_gone", "the client went away before the answer")
@@ -171,17 +187,29 @@ async def score(settings: Settings, message: ScoreMessage) -> Scored:
     raise InferenceFailed(502, "bad_reply", "the worker ended a scoring request without scores")
 
 
+def _route(base_model: str, stale_after_s: float, routing: str) -> Route:
+    if routing == "shared":  # any worker may take it (and load the model: the comparison benchmarks/fleet.py makes)
+        if not live_workers(stale_after_s):
+            raise InferenceFailed(503, "no_worker", "no inference worker is running; start one")
+        return Route(worker="", queue=INFERENCE_QUEUE)
+    with session_scope() as session:
+        try:
+            return placement.route(session, base_model, stale_after_s)
+        except NoCapacity as exc:
+            code = "no_worker" if "no inference worker" in str(exc) else "no_capacity"
+            raise InferenceFailed(503, code, str(exc)) from None
+
+
+def _can_take(placed: Route, stale_after_s: float) -> bool:
+    if not placed.worker:
+        return bool(live_workers(stale_after_s))
+    return worker_alive(placed.worker, stale_after_s)
+
+
 def worker_alive(name: str, stale_after_s: float) -> bool:
     with session_scope() as session:
         row = session.get(InferenceWorker, name)
         return row is not None and row.heartbeat_at > utcnow() - timedelta(seconds=stale_after_s)
-
-
-def any_live_worker(stale_after_s: float) -> bool:
-    """Whether any inference worker has heartbeated within ``stale_after_s`` (one short query)."""
-    with session_scope() as session:
-        fresh = col(InferenceWorker.heartbeat_at) > utcnow() - timedelta(seconds=stale_after_s)
-        return session.exec(select(InferenceWorker.name).where(fresh).limit(1)).first() is not None
 
 
 def live_workers(stale_after_s: float) -> list[InferenceWorker]:

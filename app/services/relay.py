@@ -17,22 +17,28 @@ from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.outbox import relay_once
 from app.services.experiments import requeue_stale, resend_unclaimed
+from app.services.placement import replace_lost
 
 log = logging.getLogger(__name__)
 REAP_EVERY_S = 5.0
 
 
 def celery_send(task_name: str, queue: str, kwargs: dict[str, Any], **options: Any) -> None:
-    """Send a task by name (the API never imports task code); the Celery app is built on first use."""
+    """Send a task by name (the API never imports task code); the Celery app is built on first use. A queue
+    the app does not declare (an inference worker's own queue) is declared as it is sent to."""
+    from kombu import Queue
+
     from app.core.celery_app import celery_app
 
-    celery_app.send_task(task_name, kwargs=kwargs, queue=queue, **options)
+    target: str | Queue = queue if queue in celery_app.amqp.queues else Queue(queue)
+    celery_app.send_task(task_name, kwargs=kwargs, queue=target, **options)
 
 
 class OutboxRelay:
     def __init__(self, settings: Settings) -> None:
         self.interval = settings.api.relay_interval_s
         self.training = settings.training
+        self.inference = settings.inference
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="outbox-relay", daemon=True)
@@ -77,6 +83,9 @@ class OutboxRelay:
         with session_scope() as session:
             for experiment_id in resend_unclaimed(session=session, resend_after_s=limits.resend_after_s):
                 log.warning("experiment %s: queued too long without a claim; its message was sent again", experiment_id)
+        with session_scope() as session:  # models of a lost inference worker: placed anew, before a request asks
+            if moved := replace_lost(session, self.inference.worker_stale_after_s):
+                log.warning("re-placed %d base model(s) of lost inference workers", moved)
 
 
 _relay: OutboxRelay | None = None

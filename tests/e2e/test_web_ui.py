@@ -83,6 +83,16 @@ def test_train_watch_deploy_and_chat(page: Page, stack: Stack, tiny_model: Path,
     points = page.locator("#loss-chart polyline").get_attribute("points") or ""
     assert len(points.split()) >= 5, points
 
+    # A run no live worker can take says why on its page (here: more GPUs than any worker has).
+    with stack.http() as http:
+        dataset = next(d["id"] for d in http.get("/api/datasets/").json()["data"] if d["name"] == "ui-alpaca")
+        body = {"name": "ui-huge", "base_model": str(tiny_model), "dataset_id": dataset, "gpus": 64}
+        huge = http.post("/api/experiments/", json=body).json()
+        big_row = page.locator("#experiments tbody tr", has_text="ui-huge")  # arrives over the live channel
+        big_row.get_by_role("button", name="Details").click()
+        expect(page.locator("#detail-waiting")).to_contain_text("waiting: asks for 64 GPUs")
+        http.post(f"/api/experiments/{huge['id']}/stop")
+
     row.get_by_role("button", name="Deploy").click()
     expect(page.locator("#error")).to_contain_text("deployed as ui-run-")
     model = (page.locator("#error").text_content() or "").split("deployed as ")[1]

@@ -7,12 +7,14 @@ engine and waits, so concurrent requests meet in the engine's running batch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import shutil
 import socket
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,8 +25,10 @@ from sqlmodel import col, select
 
 from app.core.config import Settings
 from app.core.db import session_scope
-from app.core.storage import get_storage
-from app.models import InferenceCommand, InferenceWorker, utcnow
+from app.core.layout import STORED_MODEL
+from app.core.queues import worker_queue
+from app.core.storage import download_prefix, get_storage
+from app.models import InferenceCommand, InferenceWorker, ModelPlacement, PlacementState, utcnow
 from workers.inference import InferenceEngine
 from workers.inference.adapters import AdapterError
 
@@ -58,6 +62,8 @@ class EngineManager:
         self._in_flight = 0
         self._last_command = 0
         self._pending: list[tuple[int, str]] = []  # unload commands waiting for their engine to go idle
+        self._loads: dict[str, dict[str, float]] = {}  # per base model: how often loaded, the last load's seconds
+        self._preloading: set[str] = set()
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="inference-heartbeat", daemon=True)
 
@@ -116,18 +122,22 @@ class EngineManager:
                 for old in evicted:
                     old.close()
                 log.info("loading base model %s", base_model)
+                started = time.monotonic()
                 engine = self._engine_factory(base_model)
             finally:
                 with self._lock:
                     self._loads_in_progress -= 1
             with self._lock:
+                loads = self._loads.setdefault(base_model, {"count": 0, "seconds": 0.0})
+                loads["count"] += 1
+                loads["seconds"] = round(time.monotonic() - started, 3)
                 self._engines[base_model] = engine
                 self._users[base_model] = self._users.get(base_model, 0) + 1
             return engine
 
     def _load_engine(self, base_model: str) -> InferenceEngine:
         return InferenceEngine(
-            base_model,
+            self.model_dir(base_model),
             max_batch_size=self.settings.max_batch_size,
             max_adapters=self.settings.max_adapters,
             device=self.settings.device or None,
@@ -171,6 +181,25 @@ class EngineManager:
             shutil.rmtree(target, ignore_errors=True)
             partial.rename(target)
             return target
+
+    def model_dir(self, base_model: str) -> str:
+        """Where the weights of `base_model` load from: itself (a local directory or Hub id), or for a run's
+        stored weights (a full fine-tune, a merge) a local copy fetched from storage the first time."""
+        if not base_model.startswith(STORED_MODEL):
+            return base_model
+        prefix = base_model.removeprefix(STORED_MODEL)
+        target = self.cache_dir / "models" / hashlib.sha256(prefix.encode()).hexdigest()[:24]
+        with self._lock:
+            lock = self._adapter_locks.setdefault(base_model, threading.Lock())
+        with lock:
+            if not (target / ".complete").exists():
+                partial = target.with_name(f"{target.name}.partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                download_prefix(get_storage(), prefix, partial)
+                (partial / ".complete").touch()
+                shutil.rmtree(target, ignore_errors=True)
+                partial.rename(target)
+        return str(target)
 
     def _cache_path(self, adapter: str) -> Path:
         """Adapter names are deployment ids; anything else must never become a path (let alone an rmtree)."""
@@ -221,11 +250,17 @@ class EngineManager:
             in_flight = self._in_flight
             loading = [name for name, lock in self._loading.items() if lock.locked() and name not in engines]
         models = {base: {**engine.stats(), **engine.info()} for base, engine in engines.items()}
+        with self._lock:
+            loads = {model: dict(counts) for model, counts in self._loads.items()}
         return {
             "requests_in_flight": in_flight,
             "concurrency": self.settings.concurrency,
             "models": models,
             "loading": loading,
+            "loads": loads,  # per base model: {"count": times loaded, "seconds": the last load}
+            "max_base_models": self.settings.max_base_models,
+            "device": self.settings.device or "auto",
+            "queue": worker_queue(self.name),
         }
 
     # ---------------------------------------------------------------- heartbeat
@@ -240,6 +275,55 @@ class EngineManager:
                 self._apply_commands()
             except Exception:
                 log.exception("applying inference commands failed")
+            try:
+                self._follow_placement()
+            except Exception:
+                log.exception("following the model placement failed")
+
+    def _follow_placement(self) -> None:
+        """Hold what the API placed on this worker: load placed models ahead of their requests, mark them
+        ready once loaded, and unload (when idle) models no longer placed here."""
+        with self._lock:
+            loaded = set(self._engines)
+            loads = {model: counts["seconds"] for model, counts in self._loads.items()}
+        with session_scope() as session:
+            rows = session.exec(select(ModelPlacement).where(ModelPlacement.worker == self.name)).all()
+            placed = {row.base_model for row in rows}
+            for row in rows:
+                if row.base_model in loaded and row.state != PlacementState.ready:
+                    row.state, row.ready_at, row.load_seconds = (
+                        PlacementState.ready,
+                        utcnow(),
+                        loads.get(row.base_model),
+                    )
+                    session.add(row)
+            session.commit()
+        room = self.settings.max_base_models - len(loaded)
+        for model in sorted(placed - loaded)[: max(0, room)]:  # over capacity: loaded by requests, not ahead
+            self._preload(model)
+        if self.settings.routing != "placed":
+            return  # any worker serves any model: what it holds is its LRU's business
+        for model in loaded - placed:
+            if self.unload(model):
+                log.info("unloaded base model %s: no longer placed on this worker", model)
+
+    def _preload(self, base_model: str) -> None:
+        with self._lock:
+            if base_model in self._preloading:
+                return
+            self._preloading.add(base_model)
+
+        def load() -> None:
+            try:
+                with self.using(base_model):
+                    pass
+            except Exception:  # busy with another model, or the weights failed: the next heartbeat retries
+                log.warning("preloading %s failed", base_model, exc_info=True)
+            finally:
+                with self._lock:
+                    self._preloading.discard(base_model)
+
+        threading.Thread(target=load, name=f"preload-{base_model[-40:]}", daemon=True).start()
 
     def _report(self) -> None:
         stats = self.stats()

@@ -154,6 +154,7 @@ class EventsCallback(TrainerCallback):
         self.writer.emit(
             "started",
             **self.started_fields,
+            processes=args.world_size,  # > 1 under `accelerate launch` (DDP / DeepSpeed)
             max_steps=state.max_steps,
             num_train_epochs=state.num_train_epochs,
             start_step=state.global_step,

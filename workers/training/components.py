@@ -221,6 +221,9 @@ def _trainer_args(cfg: RunConfig, *, bf16: bool, has_eval: bool) -> dict[str, An
         save_total_limit=cfg.save_total_limit,
         # Pinned memory only helps host-to-GPU copies (and warns on CPU-only machines).
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Without a GPU, transformers runs each process of an `accelerate launch` group on its own
+        # (NOT_PARALLEL) unless told it is a CPU run: then the processes train as one DDP group over gloo.
+        use_cpu=not torch.cuda.is_available(),
     )
 
 

@@ -162,6 +162,8 @@ def _training_data(cfg: RunConfig, extra: dict[str, Any]) -> str:
 def _hyperparameters(cfg: RunConfig, extra: dict[str, Any]) -> dict[str, Any]:
     names = _HYPERPARAMETERS + (_LORA_HYPERPARAMETERS if cfg.uses_adapter else ())
     values: dict[str, Any] = {name: getattr(cfg, name) for name in names}
+    if cfg.deepspeed:  # the config's name, as the request gave it
+        values["deepspeed"] = Path(cfg.deepspeed).stem
     for key in ("precision", "trainable_params", "total_params"):
         if key in extra:
             values[key] = extra[key]

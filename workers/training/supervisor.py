@@ -30,7 +30,7 @@ from sqlmodel import col, select
 
 from app.core.config import Settings, get_settings
 from app.core.contracts.events import HANDOFF, INTERRUPTIONS, PAUSE, USER_STOP, CheckpointSaved, Completed, Failed
-from app.core.contracts.training import Hyperparameters, RunConfig, TrainMessage
+from app.core.contracts.training import DEEPSPEED_DIR, Hyperparameters, RunConfig, TrainMessage
 from app.core.db import session_scope
 from app.core.event_log import Fenced
 from app.core.layout import TRAIN_LOG_FILE, artifact_prefix, checkpoint_prefix, read_dataset_rows
@@ -95,7 +95,7 @@ def run_training(message: TrainMessage, worker: str) -> str:
         return "failed"
     libraries = library_versions()
     jobs.with_db_retries("record libraries", lambda: jobs.record_libraries(experiment_id, attempt, libraries), retry_s)
-    supervision = Supervision(experiment_id, attempt, files, settings, storage)
+    supervision = Supervision(experiment_id, attempt, files, settings, storage, processes=experiment.gpus)
     with _sigterm_hands_off(supervision.handoff):
         outcome = supervision.run()
     if outcome != "lost":
@@ -146,7 +146,7 @@ def prepare_run(experiment: Experiment, files: RunFiles, settings: Settings, sto
         resume_dir = files.root / "resume" / resume_key.rsplit("/", 1)[-1]
         download_prefix(storage, resume_key, resume_dir)
     config = RunConfig(
-        **params.model_dump(exclude={"eval_steps"}),
+        **params.model_dump(exclude={"eval_steps", "deepspeed"}),
         eval_steps=params.eval_steps if eval_records else None,  # nothing held out, so nothing to evaluate
         base_model=experiment.base_model,
         train_file=str(files.root / "train.jsonl"),
@@ -158,6 +158,7 @@ def prepare_run(experiment: Experiment, files: RunFiles, settings: Settings, sto
         # Trainer-side rotation could delete a checkpoint before it has been uploaded.
         save_total_limit=None,
         resume_from_checkpoint=str(resume_dir) if resume_dir else None,
+        deepspeed=str(DEEPSPEED_DIR / f"{params.deepspeed}.json") if params.deepspeed else None,
         experiment_name=experiment.name,
         dataset_name=dataset.name,
         lineage={**(experiment.lineage or {}), "libraries": library_versions()},
@@ -219,16 +220,27 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def trainer_command(config_path: Path) -> list[str]:
+def trainer_command(config_path: Path, processes: int = 1) -> list[str]:
+    """The trainer child; a job asking for several GPUs runs one process per GPU under `accelerate launch`
+    (DDP, or DeepSpeed when its config asks), on a CPU worker as many processes over gloo."""
     python = get_settings().training.python or sys.executable
-    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
-    if len(gpus) > 1:  # one process per GPU of this worker's group (DDP / DeepSpeed)
+    if processes > 1:
+        gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+        # --multi_gpu is accelerate's torchrun launcher; without GPUs its processes meet over gloo (MULTI_CPU).
+        backend = ["--multi_gpu", "--gpu_ids", ",".join(gpus[:processes])] if gpus else ["--multi_gpu"]
         return [
             python,
             "-m",
             "accelerate.commands.launch",
+            *backend,
             "--num_processes",
-            str(len(gpus)),
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
             "-m",
             "workers.training.run",
             str(config_path),
@@ -249,6 +261,7 @@ class Supervision:
     stop_requested: bool = False
     handoff: threading.Event = field(default_factory=threading.Event)
     pause: threading.Event = field(default_factory=threading.Event)  # the user paused the job
+    processes: int = 1  # the job's GPUs (processes on a CPU worker): more than one runs under accelerate
     _events_offset: int = 0
     _stored_checkpoints: list[str] = field(default_factory=list)
 
@@ -256,7 +269,7 @@ class Supervision:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         with self.files.log.open("wb") as log_file:
             proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-                trainer_command(self.files.config),
+                trainer_command(self.files.config, self.processes),
                 cwd=PROJECT_ROOT,
                 env=env,
                 stdout=log_file,

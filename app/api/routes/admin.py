@@ -11,9 +11,11 @@ from fastapi.concurrency import run_in_threadpool
 from app.api.deps import SessionDep, SettingsDep, Superuser
 from app.api.limits import reject_unstorable_text
 from app.api.responses import API_ERRORS
+from app.core.queues import INFERENCE_QUEUE
 from app.models import Deployment, InferenceCommand
+from app.services import fleet
 from app.services.deployments import unload_target
-from app.services.inference import INFERENCE_QUEUE, live_workers
+from app.services.inference import live_workers
 
 router = APIRouter(
     prefix="/admin", tags=["admin"], responses=API_ERRORS, dependencies=[Depends(reject_unstorable_text)]
@@ -40,6 +42,13 @@ async def stats(settings: SettingsDep, _: Superuser) -> dict[str, Any]:
             for w in workers
         ],
     }
+
+
+@router.get("/fleet")
+def fleet_view(session: SessionDep, settings: SettingsDep, _: Superuser) -> dict[str, Any]:
+    """Every live training and inference worker: name, host, queue or GPU class, GPUs or device, its job or
+    its models, adapters and placements, heartbeat age and state."""
+    return fleet.fleet_view(session, settings)
 
 
 @router.post("/unload/{model_id:path}", status_code=202)

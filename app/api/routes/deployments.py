@@ -8,9 +8,17 @@ from fastapi import APIRouter
 
 from app.api.deps import Page, SessionDep, SettingsDep, StorageDep, Trainer, Viewer, get_owned_or_404
 from app.api.idempotency import idempotent
-from app.models import Deployment, DeploymentCreate, DeploymentPublic, DeploymentsPublic, DeploymentStatus
+from app.models import (
+    Deployment,
+    DeploymentCreate,
+    DeploymentPublic,
+    DeploymentsPublic,
+    DeploymentStatus,
+    PlacementPublic,
+)
 from app.models import DeploymentStatusPublic as StatusPublic
 from app.services import deployments as service
+from app.services import placement
 from app.services.inference import live_workers
 
 router = APIRouter(prefix="/deployments", tags=["deployments"])
@@ -61,12 +69,15 @@ def deployment_status(
         if (model := w.stats.get("models", {}).get(deployment.base_model)) is not None
         and (adapter is None or adapter in model.get("loaded_adapters", []))
     ]
+    placed = placement.placements(session, deployment.base_model, settings.inference.worker_stale_after_s)
     return StatusPublic(
         id=deployment.id,
         model=deployment.name,
         status=deployment.status,
+        replicas=deployment.replicas,
         workers_alive=len(workers),
         loaded_on=loaded_on,
+        placement=[PlacementPublic.model_validate(p, from_attributes=True) for p in placed],
     )
 
 

@@ -31,6 +31,7 @@ from app.models import (
     MetricsPublic,
 )
 from app.services import experiments as service
+from app.services import fleet
 from app.services.principal import Principal, still_allowed
 from app.services.relay import wake_relay
 
@@ -48,12 +49,13 @@ def create_experiment(
         session=session, settings=settings, storage=storage, actor=principal, body=body
     )
     _after_commit(experiment)
-    return ExperimentPublic.model_validate(experiment)
+    return fleet.public(session, settings, [experiment])[0]
 
 
 @router.get("/", response_model=ExperimentsPublic)
 def list_experiments(
     session: SessionDep,
+    settings: SettingsDep,
     principal: Viewer,
     page: Page,
     status: ExperimentStatus | None = None,
@@ -62,13 +64,16 @@ def list_experiments(
     rows, count = service.list_experiments(
         session=session, team_id=principal.team_id, status=status, skip=page.skip, limit=page.limit
     )
-    return ExperimentsPublic(data=[ExperimentPublic.model_validate(e) for e in rows], count=count)
+    return ExperimentsPublic(data=fleet.public(session, settings, rows), count=count)
 
 
 @router.get("/{experiment_id}", response_model=ExperimentPublic)
-def read_experiment(session: SessionDep, principal: Viewer, experiment_id: uuid.UUID) -> ExperimentPublic:
-    """One experiment: status, attempt, hyperparameters, error, final metrics."""
-    return ExperimentPublic.model_validate(_get(session, principal.team_id, experiment_id))
+def read_experiment(
+    session: SessionDep, settings: SettingsDep, principal: Viewer, experiment_id: uuid.UUID
+) -> ExperimentPublic:
+    """One experiment: status, attempt, hyperparameters, error, final metrics; a queued one that no live
+    worker can take says why (`waiting_reason`)."""
+    return fleet.public(session, settings, [_get(session, principal.team_id, experiment_id)])[0]
 
 
 @router.post("/{experiment_id}/start", response_model=ExperimentPublic)

@@ -9,7 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -29,6 +29,7 @@ from app.core.contracts.grammar import GrammarError, json_schema_grammar
 from app.core.contracts.inference import ChatMessage, Delta, Done, GenerateMessage, Sampling, Scored, new_request_id
 from app.core.db import session_scope
 from app.core.inflight import inflight_limiter
+from app.core.metrics import FIRST_TOKEN_SECONDS, INFERENCE_REQUESTS, INFERENCE_TOKENS, REQUEST_SECONDS
 from app.core.storage import get_storage
 from app.models import Deployment, DeploymentStatus, Team
 from app.services import deployments, fine_tuning
@@ -113,7 +114,7 @@ async def chat_completions(
             logprobs = {"content": [entry.model_dump() for entry in done.logprobs], "refusal": None}
         return {"index": index, "message": answer, "finish_reason": done.finish_reason, "logprobs": logprobs}
 
-    reply = Reply(meta, "chat.completion", choice, _chat_chunks(meta), body.include_usage)
+    reply = Reply(meta, "chat.completion", choice, _chat_chunks(meta), body.include_usage, str(deployment.id))
     return await _answer(request, settings, slot, batch, reply)
 
 
@@ -138,7 +139,9 @@ async def completions(
         logprobs = _completion_logprobs(done, len(echo)) if done.logprobs is not None else None
         return {"index": index, "text": echo + done.text, "finish_reason": done.finish_reason, "logprobs": logprobs}
 
-    reply = Reply(meta, "text_completion", choice, _completion_chunks(meta, echo), body.include_usage)
+    reply = Reply(
+        meta, "text_completion", choice, _completion_chunks(meta, echo), body.include_usage, str(deployment.id)
+    )
     return await _answer(request, settings, slot, batch, reply)
 
 
@@ -181,6 +184,23 @@ class Reply:
     choice: Callable[[int, Done], dict[str, Any]]  # one finished choice
     chunks: ChunkMaker  # stream chunks of one choice
     include_usage: bool  # stream: a last chunk with the usage of all choices
+    deployment: str  # the metrics label: the deployment's id (never a team's names)
+    started: float = field(default_factory=time.monotonic)
+    _first: list[bool] = field(default_factory=list)
+
+    def first_reply(self) -> None:
+        """The first reply of any choice reached the API: time to first token."""
+        if not self._first:
+            self._first.append(True)
+            FIRST_TOKEN_SECONDS.labels(self.deployment).observe(time.monotonic() - self.started)
+
+    def finished(self, dones: list[Done] | None, outcome: str = "ok") -> None:
+        INFERENCE_REQUESTS.labels(self.deployment, outcome).inc()
+        if dones:
+            REQUEST_SECONDS.labels(self.deployment).observe(time.monotonic() - self.started)
+            usage = _usage(dones)
+            INFERENCE_TOKENS.labels(self.deployment, "prompt").inc(usage["prompt_tokens"])
+            INFERENCE_TOKENS.labels(self.deployment, "completion").inc(usage["completion_tokens"])
 
     def body(self, dones: list[Done]) -> dict[str, Any]:
         choices = [self.choice(i, done) for i, done in enumerate(dones)]
@@ -323,12 +343,18 @@ async def _answer(
         return await _stream(request, settings, batch, reply, slot.release)
     try:
         async with asyncio.TaskGroup() as group:  # one failing choice cancels the others
-            tasks = [group.create_task(complete(settings, m, request.is_disconnected)) for m in batch]
+            tasks = [
+                group.create_task(complete(settings, m, request.is_disconnected, reply.first_reply)) for m in batch
+            ]
     except BaseExceptionGroup as failed:
-        raise failed.exceptions[0] from None
+        error = failed.exceptions[0]
+        reply.finished(None, error.code if isinstance(error, InferenceFailed) else "error")
+        raise error from None
     finally:
         await slot.release()
-    return JSONResponse(reply.body([t.result() for t in tasks]))
+    dones = [t.result() for t in tasks]
+    reply.finished(dones)
+    return JSONResponse(reply.body(dones))
 
 
 def _completion_logprobs(done: Done, offset: int) -> dict[str, Any]:
@@ -387,7 +413,7 @@ async def _stream(
     async def gone_before_start() -> bool:  # once streaming, sse-starlette watches the connection
         return not started and await request.is_disconnected()
 
-    sources = [replies(settings, m, gone_before_start) for m in batch]
+    sources = [replies(settings, m, gone_before_start, reply.first_reply) for m in batch]
 
     async def close_all() -> None:
         for source in sources:
@@ -402,9 +428,9 @@ async def _stream(
             await close_all()
         finally:
             await release()
-        if isinstance(exc, BaseExceptionGroup):
-            raise exc.exceptions[0] from None
-        raise
+        error = exc.exceptions[0] if isinstance(exc, BaseExceptionGroup) else exc
+        reply.finished(None, error.code if isinstance(error, InferenceFailed) else "error")
+        raise error from None
     started = True
 
     async def events() -> AsyncIterator[ServerSentEvent]:
@@ -436,9 +462,11 @@ async def _stream(
                     dones[index] = item
                 for chunk in reply.chunks(index, item):
                     yield ServerSentEvent(data=json.dumps(chunk))
+            reply.finished([dones[i] for i in range(len(batch))])
             if reply.include_usage:
                 yield ServerSentEvent(data=json.dumps(reply.usage_chunk([dones[i] for i in range(len(batch))])))
         except InferenceFailed as exc:  # mid-stream: the OpenAI client raises on an `error` chunk
+            reply.finished(None, exc.code)
             yield ServerSentEvent(
                 data=json.dumps(
                     {"error": {"message": exc.message, "type": "server_error", "param": exc.param, "code": exc.code}}

@@ -30,6 +30,15 @@ LrScheduler = Literal[
     "warmup_stable_decay",
 ]
 ModuleName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+DeepSpeedName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,40}$")]  # a file stem of config/deepspeed
+DEEPSPEED_DIR = Path(__file__).resolve().parents[3] / "config" / "deepspeed"
+
+
+def deepspeed_configs(directory: Path = DEEPSPEED_DIR) -> list[str]:
+    """The DeepSpeed configs a run may name (`deepspeed: zero3` is config/deepspeed/zero3.json)."""
+    return sorted(p.stem for p in directory.glob("*.json"))
+
+
 EVENTS_FILE_NAME = "events.jsonl"
 STOP_FILE_NAME = "STOP"
 
@@ -90,6 +99,11 @@ class Hyperparameters(BaseModel):
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; default: once at the end")
     save_steps: int = Field(50, ge=1, description="Checkpoint to storage every N steps")
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~20% slower")
+    deepspeed: DeepSpeedName | None = Field(
+        None,
+        description="DeepSpeed ZeRO config of config/deepspeed (zero2: optimizer and gradients sharded; zero3: "
+        "weights too), for a job on several GPUs of a CUDA queue",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Hyperparameters:
@@ -126,7 +140,7 @@ class RunConfig(Hyperparameters):
         "auto", description="bfloat16 mixed precision; auto = where the GPU has it"
     )
     attn_implementation: str = Field("sdpa", min_length=1, description="Attention kernel for from_pretrained")
-    deepspeed: str | None = Field(None, description="Path of a DeepSpeed ZeRO JSON config")
+    deepspeed: str | None = Field(None, description="Path of the DeepSpeed ZeRO JSON config (the request names it)")
     per_device_eval_batch_size: int | None = Field(None, ge=1, description="Default: batch_size")
     # The supervisor owns checkpoint retention (it uploads each one, then deletes it); None keeps all.
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many local checkpoints")

@@ -189,6 +189,8 @@ async function showExperiment(id) {
   $("#experiment-detail").hidden = false;
   $("#detail-title").textContent = e.name;
   $("#detail-status").textContent = `${e.status}, attempt ${e.attempt}${e.error ? ` — ${e.error}` : ""}`;
+  // Why a queued run cannot start (no live worker of its class, or none with its GPUs): text only.
+  $("#detail-waiting").textContent = e.waiting_reason ? `waiting: ${e.waiting_reason}` : "";
   $("#detail-params").textContent = JSON.stringify(e.hyperparameters, null, 2);
   // What the dataset report warned of at submit (text only: it quotes the user's data).
   $("#detail-warnings").replaceChildren(...(e.warnings ?? []).map((warning) => {

@@ -71,6 +71,10 @@ def test_create_queues_and_resolves_recipe(client: TestClient, dataset_id: str, 
         ({"dataset_id": "00000000-0000-0000-0000-00000000abcd"}, 404, "dataset_id"),
         ({"recipe": "../../etc/passwd"}, 422, "recipe"),
         ({"queue": "train.tpu"}, 422, "queue"),
+        ({"hyperparameters": {"deepspeed": "zero9"}}, 422, "hyperparameters.deepspeed"),  # no such config
+        ({"hyperparameters": {"deepspeed": "../zero3"}}, 422, "hyperparameters.deepspeed"),
+        ({"hyperparameters": {"deepspeed": "zero3"}}, 422, "hyperparameters.deepspeed"),  # train.cpu has no CUDA
+        ({"validation_dataset_id": "00000000-0000-0000-0000-00000000abcd"}, 404, "validation_dataset_id"),
     ],
 )
 def test_bad_requests_name_the_field_and_write_nothing(

@@ -52,3 +52,35 @@ def test_adapter_methods_train_on_cuda(method: str, tiny_model: Path, tmp_path: 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     labels = [tokenize_row(r, "messages", tokenizer, train_on_prompt=False)["labels"] for r in chat_rows(8)]
     assert started["loss_tokens"] == trained_share(labels) and started["loss_tokens"]["trained_share"] < 1
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_deepspeed_zero_across_two_gpus(config: str, tiny_model: Path, tmp_path: Path) -> None:
+    """`deepspeed: zero2|zero3` with gpus: 2, as the supervisor launches it (accelerate launch, 2 processes)."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make gpu installs it)")
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    from app.core.contracts.training import DEEPSPEED_DIR
+    from workers.training.supervisor import trainer_command
+
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(
+        json.dumps(
+            {
+                "base_model": str(tiny_model),
+                "train_file": str(write_jsonl(tmp_path / "train.jsonl", chat_rows(16))),
+                "output_dir": str(tmp_path / "out"),
+                "method": "full",
+                "max_steps": 6,
+                "batch_size": 4,
+                "max_seq_length": 128,
+                "deepspeed": str(DEEPSPEED_DIR / f"{config}.json"),
+            }
+        )
+    )
+    done = subprocess.run(trainer_command(cfg_path, 2), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]
+    assert next(e for e in events if e["type"] == "started")["processes"] == 2
