@@ -82,6 +82,17 @@ def _workers(stack: Stack, http: httpx.Client) -> list[dict[str, Any]]:
     return list(http.get("/admin/stats", headers=stack.jwt_headers).json()["workers"])
 
 
+def _gauge(stack: Stack, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{stack.url}/metrics", headers={"Authorization": "Bearer scrape-secret"}, timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    raise AssertionError(f"{name}{labels} is not in /metrics")
+
+
 def _chat(http: httpx.Client, model: str, question: str) -> httpx.Response:
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 10, "temperature": 0}
     return http.post("/v1/chat/completions", json=body)
@@ -252,12 +263,14 @@ def test_a_job_for_a_class_without_a_worker_waits_visibly_then_runs(fleet: tuple
         r = http.post("/api/experiments/", json={**body, "name": "nowhere", "queue": "train.nowhere"})
         assert r.status_code == 422 and r.json()["field"] == "queue"
 
+        before = _gauge(stack, "studio_experiments", status="succeeded")
         stack.start("big-worker", worker_command(["train.big"], "big@%h"))
         wait_for(
             lambda: http.get(f"/api/experiments/{big['id']}").json()["status"] == "succeeded",
             timeout_s=180,
             what="the job to run once a worker of its class is up",
         )
+        assert _gauge(stack, "studio_experiments", status="succeeded") == before + 1  # /metrics moves with jobs
         stack.stop("big-worker")
 
 

@@ -84,3 +84,35 @@ def test_deepspeed_zero_across_two_gpus(config: str, tiny_model: Path, tmp_path:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     events = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]
     assert next(e for e in events if e["type"] == "started")["processes"] == 2
+
+
+def test_dpo_with_qlora_on_cuda(tiny_model: Path, tmp_path: Path) -> None:
+    """method: qlora + objective: dpo, the combination only CUDA offers, on the same trainer child."""
+    rows = [{"prompt": f"q{i}", "chosen": " a good answer", "rejected": " no"} for i in range(16)]
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(
+        json.dumps(
+            {
+                "base_model": str(tiny_model),
+                "train_file": str(write_jsonl(tmp_path / "train.jsonl", rows)),
+                "output_dir": str(tmp_path / "out"),
+                "method": "qlora",
+                "objective": "dpo",
+                "max_steps": 8,
+                "learning_rate": 5e-3,
+                "batch_size": 4,
+                "max_seq_length": 64,
+            }
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.training.run", str(cfg_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]
+    margins = [e["rewards/margins"] for e in events if e["type"] == "metrics" and "rewards/margins" in e]
+    assert margins and margins[-1] > margins[0]
