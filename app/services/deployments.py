@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 import uuid
+from typing import Any
 
 from sqlmodel import Session, col, delete, func, select
 
@@ -61,14 +62,40 @@ def create_deployment(
     ).one()
     if taken:
         raise Conflict(f"the team already has a deployment named {name!r}", field="name")
-    deployment = Deployment(
-        team_id=actor.team_id,
+    deployment = add_deployment(
+        session,
+        actor,
         name=name,
         experiment_id=body.experiment_id,
         base_model=base_model,
         adapter_prefix=adapter_prefix,
-        created_by=actor.user_id,
         replicas=body.replicas,
+    )
+    session.commit()
+    session.refresh(deployment)
+    return deployment
+
+
+def add_deployment(
+    session: Session,
+    actor: Principal,
+    *,
+    name: str,
+    experiment_id: uuid.UUID | None,
+    base_model: str,
+    adapter_prefix: str | None,
+    replicas: int = 1,
+    **audit_data: Any,
+) -> Deployment:
+    """The deployment row and its audit event, in the caller's transaction (the caller commits)."""
+    deployment = Deployment(
+        team_id=actor.team_id,
+        name=name,
+        experiment_id=experiment_id,
+        base_model=base_model,
+        adapter_prefix=adapter_prefix,
+        created_by=actor.user_id,
+        replicas=replicas,
     )
     session.add(deployment)
     session.flush()
@@ -79,10 +106,9 @@ def create_deployment(
         target_type="deployment",
         target_id=deployment.id,
         name=name,
-        experiment_id=str(body.experiment_id) if body.experiment_id else None,
+        experiment_id=str(experiment_id) if experiment_id else None,
+        **audit_data,
     )
-    session.commit()
-    session.refresh(deployment)
     return deployment
 
 

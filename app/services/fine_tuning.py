@@ -34,9 +34,8 @@ from app.models import (
     ExperimentStatus,
 )
 from app.models.fine_tuning import DpoHyperparameters, FineTuningJobCreate
-from app.services import audit
 from app.services.crud import get_owned
-from app.services.deployments import servable
+from app.services.deployments import add_deployment, servable
 from app.services.errors import InvalidRequest, NotFound
 from app.services.experiments import check_base_model, create_experiment
 from app.services.model_names import FT_PREFIX, checkpoint_model_name, split_checkpoint
@@ -429,26 +428,16 @@ def deploy_on_first_use(
         if not storage.exists(f"{adapter_prefix}/{ADAPTER_WEIGHTS}"):
             return None  # a full fine-tune's checkpoint: serve the finished run instead
         base_model = check_base_model(experiment.base_model, settings)
-    deployment = Deployment(
-        team_id=actor.team_id,
-        name=name,
-        experiment_id=experiment.id,
-        base_model=base_model,
-        adapter_prefix=adapter_prefix,
-        created_by=actor.user_id,
-    )
-    session.add(deployment)
-    audit.record(
-        session=session,
-        actor=actor,
-        action="deployment.create",
-        target_type="deployment",
-        target_id=deployment.id,
-        name=name,
-        experiment_id=str(experiment.id),
-        on_first_use=True,
-    )
     try:
+        deployment = add_deployment(
+            session,
+            actor,
+            name=name,
+            experiment_id=experiment.id,
+            base_model=base_model,
+            adapter_prefix=adapter_prefix,
+            on_first_use=True,
+        )
         session.commit()
     except IntegrityError:  # another request deployed it (or a retired deployment holds the name) meanwhile
         session.rollback()
