@@ -129,8 +129,12 @@ def unplace_unused(session: Session) -> int:
 
 
 def replace_lost(session: Session, stale_after_s: float) -> int:
-    """Re-place the models of workers that stopped heartbeating on live workers, ahead of their next request
-    (the API's relay loop calls this). Returns how many models were placed anew."""
+    """Place, ahead of their next request, the models of workers that stopped heartbeating and the deployed
+    models placed nowhere yet (a new deployment: its weights load before its first request). The API's
+    relay loop calls this every few seconds. Returns how many placements were added."""
+    live = _live_workers(session, stale_after_s)
+    if not live:
+        return 0
     stale = (
         select(ModelPlacement.base_model)
         .join(InferenceWorker, col(InferenceWorker.name) == col(ModelPlacement.worker), isouter=True)
@@ -139,10 +143,13 @@ def replace_lost(session: Session, stale_after_s: float) -> int:
             | (col(InferenceWorker.heartbeat_at) <= utcnow() - timedelta(seconds=stale_after_s))
         )
     )
-    lost = sorted(set(session.exec(stale).all()))
-    for base_model in lost:
-        _place(session, base_model, stale_after_s)
-    return len(lost)
+    on_live = select(ModelPlacement.base_model).where(col(ModelPlacement.worker).in_(list(live)))
+    wanted = set(session.exec(stale).all()) | (_models_in_use(session) - set(session.exec(on_live).all()))
+    added = 0
+    for base_model in sorted(wanted):
+        before = len(_placed_on(session, base_model, live))
+        added += len(_place(session, base_model, stale_after_s)) > before
+    return added
 
 
 def placements(session: Session, base_model: str, stale_after_s: float) -> list[ModelPlacement]:

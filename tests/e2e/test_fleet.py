@@ -117,8 +117,7 @@ def test_requests_go_where_their_model_is_placed(fleet: tuple[Stack, dict[str, A
 
         workers = _workers(stack, http)
         holders = {base: [w["name"] for w in workers if base in w["models"]] for base in info["bases"].values()}
-        assert all(len(names) == 1 for names in holders.values()), holders
-        assert holders[info["bases"]["a"]] != holders[info["bases"]["b"]]  # one model per worker
+        assert all(len(names) == 1 for names in holders.values()), holders  # each on the worker it is placed on
         for base in info["bases"].values():  # loaded once, on the worker it is placed on, never per request
             assert sum(w["loads"].get(base, {}).get("count", 0) for w in workers) == 1, workers
 
