@@ -73,15 +73,38 @@ def test_train_watch_deploy_and_chat(page: Page, stack: Stack, tiny_model: Path,
     form.get_by_role("button", name="Submit").click()
     row = page.locator("#experiments tbody tr", has_text="ui-run")
     expect(row).to_have_count(1)
+    # Open it while it runs: its charts grow as the run logs, over the experiment's own event stream.
+    row.get_by_role("button", name="Details").click()
+    loss = page.locator("#chart-loss")
+    seen = []
+    while len(seen) < 120 and not (page.locator("#detail-status").text_content() or "").startswith("succeeded"):
+        seen.append(int(loss.get_attribute("data-points") or 0))
+        page.wait_for_timeout(500)
     # No reload from here on: the status changes arrive over the team's live channel.
     expect(row.locator(".status")).to_have_text("succeeded", timeout=180_000)
-
-    row.get_by_role("button", name="Details").click()
     expect(page.locator("#detail-status")).to_contain_text("succeeded")
+    expect(loss).to_have_attribute("data-points", "11")  # 20 steps: the first, then a log every 2
+    assert any(0 < n < 11 for n in seen), f"the chart did not grow while the run went on: {seen}"
+    for panel in ("lr", "grad", "tps"):  # learning rate, grad norm, tokens/s: one chart each, with axes
+        assert int(page.locator(f"#chart-{panel}").get_attribute("data-points") or 0) >= 5
+    expect(page.locator("#chart-loss .u-axis")).to_have_count(2)
     # The dataset repeats every row 4 times: the report's warning from the submit is on the page.
     expect(page.locator("#detail-warnings")).to_contain_text("warning: 12 exact and 0 near-duplicate rows")
-    points = page.locator("#loss-chart polyline").get_attribute("points") or ""
-    assert len(points.split()) >= 5, points
+    page.locator("#log-scale").check()  # the loss on a log scale, redrawn from the same points
+    expect(page.locator("#chart-loss")).to_have_attribute("data-points", "11")
+
+    # Two runs' loss on one chart.
+    with stack.http() as http:
+        dataset = next(d["id"] for d in http.get("/api/datasets/").json()["data"] if d["name"] == "ui-alpaca")
+        body = {"name": "ui-second", "base_model": str(tiny_model), "dataset_id": dataset, "recipe": "tiny_lora_cpu"}
+        http.post("/api/experiments/", json={**body, "hyperparameters": {"max_steps": 6, "logging_steps": 1}})
+    second = page.locator("#experiments tbody tr", has_text="ui-second")
+    expect(second.locator(".status")).to_have_text("succeeded", timeout=180_000)
+    row.get_by_role("checkbox").check()
+    second.get_by_role("checkbox").check()
+    page.get_by_role("button", name="Compare selected").click()
+    expect(page.locator("#chart-compare")).to_have_attribute("data-series", "2")
+    expect(page.locator("#chart-compare .u-legend")).to_contain_text("ui-second")
 
     # A run no live worker can take says why on its page (here: more GPUs than any worker has).
     with stack.http() as http:

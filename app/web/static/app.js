@@ -1,8 +1,10 @@
 // Fine-Tuning Studio web UI: a thin client of the REST API. Data is only ever put in the page with
 // textContent (never as HTML), and the login token lives in sessionStorage for this tab.
 
+import { MetricCharts, compareLoss } from "./charts.js";
+
 const state = { token: sessionStorage.getItem("studio-token"), team: null, roles: new Map(), experiments: new Map(),
-                flash: null };
+                flash: null, compare: new Set() };
 const $ = (selector) => document.querySelector(selector);
 
 // ------------------------------------------------------------------ API
@@ -148,6 +150,12 @@ function renderExperiments() {
   for (const e of state.experiments.values()) {
     const row = body.insertRow();
     row.dataset.id = e.id;
+    const pick = document.createElement("input");
+    pick.type = "checkbox";
+    pick.checked = state.compare.has(e.id);
+    pick.setAttribute("aria-label", `compare ${e.name}`);
+    pick.addEventListener("change", () => { if (pick.checked) state.compare.add(e.id); else state.compare.delete(e.id); });
+    row.insertCell().append(pick);
     cell(row, e.name);
     cell(row, e.status, `status status-${e.status}`);
     cell(row, e.base_model.split("/").slice(-2).join("/"));
@@ -184,13 +192,16 @@ async function submitExperiment(event) {
   } catch (error) { showError(error); }
 }
 
+// The open experiment's metrics arrive over its own event stream (from the first event: a finished run
+// replays and ends; a running one keeps adding points as it logs them).
+const charts = new MetricCharts($("#charts"));
+let detailStream = null;
+
 async function showExperiment(id) {
-  const [e, metrics] = await Promise.all([api(`/api/experiments/${id}`), api(`/api/experiments/${id}/metrics`)]);
+  const e = await api(`/api/experiments/${id}`);
   $("#experiment-detail").hidden = false;
   $("#detail-title").textContent = e.name;
-  $("#detail-status").textContent = `${e.status}, attempt ${e.attempt}${e.error ? ` — ${e.error}` : ""}`;
-  // Why a queued run cannot start (no live worker of its class, or none with its GPUs): text only.
-  $("#detail-waiting").textContent = e.waiting_reason ? `waiting: ${e.waiting_reason}` : "";
+  showStatus(e);
   $("#detail-params").textContent = JSON.stringify(e.hyperparameters, null, 2);
   // What the dataset report warned of at submit (text only: it quotes the user's data).
   $("#detail-warnings").replaceChildren(...(e.warnings ?? []).map((warning) => {
@@ -198,21 +209,37 @@ async function showExperiment(id) {
     item.textContent = `warning: ${warning}`;
     return item;
   }));
-  drawLoss(metrics.data.filter((m) => "loss" in m.data).map((m) => [m.data.step, m.data.loss]));
+  charts.reset([]);
+  detailStream?.abort();
+  detailStream = new AbortController();
+  const signal = detailStream.signal;
+  (async () => {
+    try {
+      for await (const event of events(`/api/experiments/${id}/events`, signal)) {
+        if (event.event === "metrics") charts.add(JSON.parse(event.data));
+        else if (event.event === "status") showStatus({ ...e, ...JSON.parse(event.data), waiting_reason: null });
+      }
+    } catch (error) { if (!signal.aborted) showError(error); }
+  })();
 }
 
-function drawLoss(points) {
-  const svg = $("#loss-chart");
-  svg.replaceChildren();
-  if (points.length < 2) return;
-  const [w, h, pad] = [600, 200, 10];
-  const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
-  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
-  const sx = (x) => pad + ((x - x0) / (x1 - x0 || 1)) * (w - 2 * pad);
-  const sy = (y) => h - pad - ((y - y0) / (y1 - y0 || 1)) * (h - 2 * pad);
-  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
-  line.setAttribute("points", points.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" "));
-  svg.append(line);
+function showStatus(e) {
+  $("#detail-status").textContent = `${e.status}, attempt ${e.attempt}${e.error ? ` — ${e.error}` : ""}`;
+  // Why a queued run cannot start (no live worker of its class, or none with its GPUs): text only.
+  $("#detail-waiting").textContent = e.waiting_reason ? `waiting: ${e.waiting_reason}` : "";
+}
+
+async function compareSelected() {
+  const ids = [...state.compare];
+  if (ids.length < 2) { showError("tick two or more experiments to compare"); return; }
+  const runs = await Promise.all(ids.map(async (id) => {
+    const metrics = await api(`/api/experiments/${id}/metrics?limit=10000`);
+    const points = metrics.data.filter((m) => "loss" in m.data).map((m) => ({ step: m.data.step, loss: m.data.loss }));
+    return { name: state.experiments.get(id)?.name ?? id, points };
+  }));
+  $("#compare").hidden = false;
+  compareLoss($("#compare-chart"), runs, $("#log-scale").checked);
+  showError(null);
 }
 
 // The team's live channel: every experiment state change, pushed by the server.
@@ -327,6 +354,8 @@ $("#login-form").addEventListener("submit", (e) => login(e).catch((err) => { $("
 $("#logout").addEventListener("click", logout);
 $("#team").addEventListener("change", async (e) => { selectTeam(e.target.value); await route(); followTeam(); });
 $("#submit-form").addEventListener("submit", submitExperiment);
+$("#log-scale").addEventListener("change", (e) => charts.setLog(e.target.checked));
+$("#compare-button").addEventListener("click", () => compareSelected().catch(showError));
 $("#upload-form").addEventListener("submit", uploadDataset);
 $("#chat-form").addEventListener("submit", chat);
 window.addEventListener("hashchange", route);
