@@ -4,17 +4,22 @@ and chat with it in the playground."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, ViewportSize, expect, sync_playwright
 
 from tests.e2e.stack import ADMIN_EMAIL, ADMIN_PASSWORD, Stack
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+LAPTOP: ViewportSize = {"width": 1280, "height": 800}
+PHONE: ViewportSize = {"width": 390, "height": 844}
+SHOTS = Path(__file__).resolve().parents[2] / "screenshots"
+PAGES = ["experiments", "datasets", "deployments", "playground"]
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +34,30 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def page(browser: Browser, stack: Stack) -> Iterator[Page]:
-    context = browser.new_context(base_url=stack.url)
+    context = browser.new_context(base_url=stack.url, viewport=LAPTOP)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda message: _console_error(message, errors))
     yield page
     context.close()
-    assert not errors, f"JavaScript errors: {errors}"
+    assert not errors, f"JavaScript or console errors: {errors}"
+
+
+def _console_error(message: ConsoleMessage, errors: list[str]) -> None:
+    # A 4xx the page asked for on purpose (a bad upload, a wrong password) is logged by the browser as a
+    # failed resource; the page shows it to the user, which the tests check. Anything else is an error.
+    if message.type == "error" and not re.search(r"Failed to load resource: .* status of 4\d\d", message.text):
+        errors.append(message.text)
+
+
+def screenshot(page: Page, name: str) -> None:
+    """The page at laptop and at phone width, saved for people to look at (screenshots/, not committed)."""
+    SHOTS.mkdir(exist_ok=True)
+    for label, size in (("laptop", LAPTOP), ("phone", PHONE)):
+        page.set_viewport_size(size)
+        page.screenshot(path=str(SHOTS / f"{name}-{label}.png"), full_page=True)
+    page.set_viewport_size(LAPTOP)
 
 
 def log_in(page: Page, password: str = ADMIN_PASSWORD, email: str = ADMIN_EMAIL) -> None:
@@ -69,6 +91,13 @@ def test_train_watch_deploy_and_chat(page: Page, stack: Stack, tiny_model: Path,
     form.locator("[name=base_model]").fill(str(tiny_model))
     form.locator("[name=dataset_id]").select_option(label="ui-alpaca (16 rows)")
     form.locator("[name=recipe]").select_option("tiny_lora_cpu")
+    form.locator("summary").click()  # every hyperparameter, generated from the API's schema, with its help
+    expect(form.locator("#help-learning_rate")).to_contain_text("learning rate")
+    form.locator("[name=learning_rate]").fill("2")  # past its bound: the 422 is shown at the field
+    form.get_by_role("button", name="Submit").click()
+    expect(form.locator("#err-learning_rate")).to_contain_text("less than or equal to 1")
+    expect(form.locator("[name=learning_rate]")).to_have_attribute("aria-invalid", "true")
+    form.locator("[name=learning_rate]").fill("")
     form.locator("[name=max_steps]").fill("20")
     form.get_by_role("button", name="Submit").click()
     row = page.locator("#experiments tbody tr", has_text="ui-run")
@@ -105,6 +134,7 @@ def test_train_watch_deploy_and_chat(page: Page, stack: Stack, tiny_model: Path,
     page.get_by_role("button", name="Compare selected").click()
     expect(page.locator("#chart-compare")).to_have_attribute("data-series", "2")
     expect(page.locator("#chart-compare .u-legend")).to_contain_text("ui-second")
+    screenshot(page, "experiment")
 
     # A run no live worker can take says why on its page (here: more GPUs than any worker has).
     with stack.http() as http:
@@ -136,6 +166,7 @@ def test_train_watch_deploy_and_chat(page: Page, stack: Stack, tiny_model: Path,
     page.locator("#submit-form [name=base_model]").fill("/no/such/model")
     page.get_by_role("button", name="Submit").click()
     expect(page.locator("#error")).to_contain_text("base_model")
+    expect(page.locator("#err-base_model")).to_contain_text("not an allowed model")
 
 
 def test_a_viewer_is_not_offered_writes(page: Page, stack: Stack) -> None:
@@ -160,3 +191,34 @@ def test_a_viewer_is_not_offered_writes(page: Page, stack: Stack) -> None:
     expect(page.get_by_role("button", name="Deploy")).to_have_count(0)
     page.get_by_role("link", name="Datasets").click()
     expect(page.locator("#upload-form")).to_be_hidden()
+
+
+def test_every_page_passes_an_accessibility_scan_at_both_widths(browser: Browser, stack: Stack) -> None:
+    """axe-core (vendored, served by the API) on every page: no serious or critical violations, at laptop and
+    phone width. The scan is script run in the page, so this context alone bypasses the page's CSP."""
+    context = browser.new_context(base_url=stack.url, viewport=LAPTOP, bypass_csp=True)
+    page = context.new_page()
+    try:
+        log_in(page)
+        expect(page.locator("#me")).to_have_text(ADMIN_EMAIL)
+        found = {}
+        for name in PAGES:
+            page.goto(f"/#{name}")
+            expect(page.locator(f"#page-{name}")).to_be_visible()
+            page.wait_for_timeout(500)  # its tables fill (the team's live stream keeps the network busy)
+            screenshot(page, name)
+            page.add_script_tag(url="/ui/vendor/axe/axe.min.js")
+            for label, size in (("laptop", LAPTOP), ("phone", PHONE)):
+                page.set_viewport_size(size)
+                found[f"{name}@{label}"] = page.evaluate(
+                    """async () => (await axe.run(document, {resultTypes: ["violations"]})).violations
+                        .filter((v) => v.impact === "serious" || v.impact === "critical")
+                        .map((v) => `${v.id} (${v.impact}): ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`)"""
+                )
+        assert not any(found.values()), {k: v for k, v in found.items() if v}
+        # The scan does find what it should: an input without a label is critical.
+        page.evaluate("() => document.querySelector('#page-playground').append(document.createElement('input'))")
+        broken = page.evaluate("async () => (await axe.run(document)).violations.map((v) => v.id)")
+        assert "label" in broken, broken
+    finally:
+        context.close()

@@ -10,12 +10,13 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import SettingsDep, require_superuser
+from app.api.responses import API_ERRORS
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.metrics import REGISTRY, FleetCollector
 from app.services.fleet import fleet_gauges
 
-router = APIRouter(tags=["admin"])
+router = APIRouter(tags=["admin"], responses=API_ERRORS)
 _collector: FleetCollector | None = None
 
 

@@ -8,9 +8,17 @@ import yaml
 from fastapi import APIRouter
 
 from app.api.deps import Viewer
+from app.core.contracts.training import Hyperparameters
 from app.services.recipes import RECIPES_DIR, available_recipes, load_recipe
 
 router = APIRouter(prefix="/recipes", tags=["recipes"])
+
+
+@router.get("/hyperparameters")
+def hyperparameter_schema(_: Viewer) -> dict[str, Any]:
+    """The JSON schema of `hyperparameters` (every knob: type, bounds, default, help text), from the very model
+    that validates a request, so a form generated from it never drifts from what the API accepts."""
+    return Hyperparameters.model_json_schema()
 
 
 @router.get("/")

@@ -2,6 +2,7 @@
 // textContent (never as HTML), and the login token lives in sessionStorage for this tab.
 
 import { MetricCharts, compareLoss } from "./charts.js";
+import { buildHyperparameterFields, readHyperparameters, showFieldError } from "./form.js";
 
 const state = { token: sessionStorage.getItem("studio-token"), team: null, roles: new Map(), experiments: new Map(),
                 flash: null, compare: new Set() };
@@ -16,8 +17,19 @@ async function api(path, options = {}) {
   const response = await fetch(path, { ...options, headers });
   if (response.status === 401) { logout(); throw new Error("session expired: log in again"); }
   const body = response.status === 204 ? null : await response.json().catch(() => null);
-  if (!response.ok) throw new Error(describe(response.status, body));
+  if (!response.ok) {
+    const error = new Error(describe(response.status, body));
+    error.field = fieldOf(body);
+    throw error;
+  }
   return body;
+}
+
+// The request field an error names: our 4xx's `field`, or the first location of a schema error.
+function fieldOf(body) {
+  if (typeof body?.field === "string") return body.field;
+  const first = Array.isArray(body?.detail) ? body.detail[0] : null;
+  return first ? first.loc.slice(1).join(".") : null;
 }
 
 function describe(status, body) {
@@ -130,9 +142,11 @@ async function route() {
 // ------------------------------------------------------------------ experiments (live)
 
 async function loadExperiments() {
-  const [experiments, datasets, recipes] = await Promise.all([
+  const [experiments, datasets, recipes, schema] = await Promise.all([
     api("/api/experiments/?limit=100"), api("/api/datasets/?limit=500"), api("/api/recipes/"),
+    api("/api/recipes/hyperparameters"),
   ]);
+  if (!$("#hyperparameters").children.length) buildHyperparameterFields($("#hyperparameters"), schema);
   const datasetSelect = $("#submit-form [name=dataset_id]");
   datasetSelect.replaceChildren();
   for (const d of datasets.data) option(datasetSelect, d.id, `${d.name} (${d.row_count} rows)`);
@@ -180,16 +194,19 @@ function renderExperiments() {
 async function submitExperiment(event) {
   event.preventDefault();
   const form = new FormData(event.target);
-  const hyperparameters = form.get("max_steps") ? { max_steps: Number(form.get("max_steps")) } : {};
   const body = { name: form.get("name"), base_model: form.get("base_model"), dataset_id: form.get("dataset_id"),
-                 recipe: form.get("recipe") || null, hyperparameters };
+                 recipe: form.get("recipe") || null, hyperparameters: readHyperparameters($("#hyperparameters")) };
   try {
     const created = await api("/api/experiments/", { method: "POST", headers: { "Content-Type": "application/json" },
                                                      body: JSON.stringify(body) });
     state.experiments = new Map([[created.id, created], ...state.experiments]);
     renderExperiments();
+    showFieldError(event.target, null);
     showError(null);
-  } catch (error) { showError(error); }
+  } catch (error) {
+    showFieldError(event.target, error.field, error.message);
+    showError(error);
+  }
 }
 
 // The open experiment's metrics arrive over its own event stream (from the first event: a finished run

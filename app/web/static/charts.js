@@ -14,14 +14,19 @@ const PANELS = [
 const COLORS = ["#1a56db", "#c2410c", "#137333", "#7e22ce", "#b91c1c", "#0e7490"];
 const WIDTH = 520, HEIGHT = 180;
 
-function options(title, unit, labels, logScale) {
+function options(title, unit, labels, logScale, width = WIDTH) {
   return {
-    title, width: WIDTH, height: HEIGHT,
+    title, width, height: HEIGHT,
     scales: { x: { time: false }, y: { distr: logScale ? 3 : 1 } },
     axes: [{ label: "step" }, { label: unit, size: 60 }],
     series: [{ label: "step" }, ...labels.map((label, i) => ({ label, stroke: COLORS[i % COLORS.length], width: 2,
                                                                spanGaps: true, points: { size: 4 } }))],
   };
+}
+
+// As wide as the page allows, up to WIDTH: a phone gets a chart that fits its screen.
+function fitWidth(container) {
+  return Math.max(260, Math.min(WIDTH, (container.clientWidth || WIDTH) - 8));
 }
 
 // Rows of [step, value per series] aligned on step: uPlot's columnar data, gaps as null.
@@ -75,7 +80,8 @@ export class MetricCharts {
       box.setAttribute("role", "img");
       box.setAttribute("aria-label", `${panel.title} against step`);
       this.root.append(box);
-      const opts = options(panel.title, panel.unit, panel.series.map(([, label]) => label), panel.log && this.log);
+      const opts = options(panel.title, panel.unit, panel.series.map(([, label]) => label), panel.log && this.log,
+                           fitWidth(this.root));
       this.plots.set(panel.id, new uPlot(opts, columns(this.points, keys), box));
     }
     this.count();
@@ -105,5 +111,6 @@ export function compareLoss(root, runs, logScale) {
   box.setAttribute("aria-label", `training loss of ${runs.length} runs against step`);
   box.setAttribute("data-series", String(runs.length));
   root.append(box);
-  return new uPlot(options("training loss", "nats/token", runs.map((run) => run.name), logScale), data, box);
+  return new uPlot(options("training loss", "nats/token", runs.map((run) => run.name), logScale, fitWidth(root)),
+                   data, box);
 }
