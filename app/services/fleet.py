@@ -98,9 +98,7 @@ def fleet_view(session: Session, settings: Settings) -> dict[str, Any]:
                 "placed": placements.get(w.name, []),
                 "requests_in_flight": stats.get("requests_in_flight", 0),
                 "heartbeat_age_s": round((now - w.heartbeat_at).total_seconds(), 1),
-                "state": "serving"
-                if stats.get("requests_in_flight")
-                else ("loading" if stats.get("loading") else "idle"),
+                "state": _inference_state(stats),
             }
         )
     return {"training": training, "inference": inference}

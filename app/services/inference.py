@@ -19,7 +19,6 @@ from typing import Any
 
 import anyio
 from fastapi.concurrency import run_in_threadpool
-from sqlmodel import col, select
 
 from app.core.config import Settings
 from app.core.contracts.inference import (
@@ -39,6 +38,7 @@ from app.core.queues import GENERATE_TASK, INFERENCE_QUEUE, SCORE_TASK
 from app.core.replies import reply_channel
 from app.models import Deployment, InferenceWorker, utcnow
 from app.services import placement
+from app.services.fleet import live_inference_workers
 from app.services.placement import NoCapacity, Route
 from app.services.relay import celery_send
 
@@ -196,8 +196,7 @@ def _route(base_model: str, stale_after_s: float, routing: str) -> Route:
         try:
             return placement.route(session, base_model, stale_after_s)
         except NoCapacity as exc:
-            code = "no_worker" if "no inference worker" in str(exc) else "no_capacity"
-            raise InferenceFailed(503, code, str(exc)) from None
+            raise InferenceFailed(503, "no_worker", str(exc)) from None
 
 
 def _can_take(placed: Route, stale_after_s: float) -> bool:
@@ -213,9 +212,9 @@ def worker_alive(name: str, stale_after_s: float) -> bool:
 
 
 def live_workers(stale_after_s: float) -> list[InferenceWorker]:
+    """The live inference workers, read in a session of their own (detached from it)."""
     with session_scope() as session:
-        fresh = col(InferenceWorker.heartbeat_at) > utcnow() - timedelta(seconds=stale_after_s)
-        rows = session.exec(select(InferenceWorker).where(fresh).order_by(col(InferenceWorker.name))).all()
+        rows = live_inference_workers(session, stale_after_s)
         for row in rows:
             session.expunge(row)
         return list(rows)

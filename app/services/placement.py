@@ -28,7 +28,6 @@ import logging
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 from sqlalchemy import text
 from sqlmodel import Session, col, delete, func, select
@@ -36,6 +35,7 @@ from sqlmodel import Session, col, delete, func, select
 from app.core.db import is_postgres
 from app.core.queues import worker_queue
 from app.models import Deployment, DeploymentStatus, InferenceWorker, ModelPlacement, utcnow
+from app.services.fleet import live_inference_workers
 
 PLACEMENT_LOCK_ID = 0x5_7D10_9A  # pg_advisory_xact_lock key of placement changes
 _sqlite_lock = threading.Lock()
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 class NoCapacity(Exception):
-    """No live inference worker can take the model."""
+    """No live inference worker at all (with one, a model always gets a place: over capacity if need be)."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def route(session: Session, base_model: str, stale_after_s: float) -> Route:
     if not placed or len(placed) < _wanted_replicas(session, base_model):
         placed = _place(session, base_model, stale_after_s) or placed
     if not placed:
-        raise NoCapacity(_no_capacity_message(live))
+        raise NoCapacity("no inference worker is running; start one with `studio worker --queue inference`")
     # Least loaded first (requests in flight at the last heartbeat), turns breaking ties.
     ranked = sorted(placed, key=lambda w: (_in_flight(live[w]), (hash(w) + next(_turn)) % len(placed)))
     return Route(ranked[0], worker_queue(ranked[0]))
@@ -115,19 +115,6 @@ def _choose_worker(
     return None
 
 
-def unplace_unused(session: Session) -> int:
-    """Drop placements of base models no active deployment uses (after a retire): their workers unload
-    them when idle. Returns how many were dropped."""
-    with _placement_lock(session):
-        in_use = _models_in_use(session)
-        rows = session.exec(select(ModelPlacement)).all()
-        gone = [r for r in rows if r.base_model not in in_use]
-        for row in gone:
-            session.delete(row)
-        session.commit()
-    return len(gone)
-
-
 def replace_lost(session: Session, stale_after_s: float) -> int:
     """Place, ahead of their next request, the models of workers that stopped heartbeating and the deployed
     models placed nowhere yet (a new deployment: its weights load before its first request). The API's
@@ -172,8 +159,7 @@ def model_key(base_model: str) -> str:
 
 
 def _live_workers(session: Session, stale_after_s: float) -> dict[str, InferenceWorker]:
-    fresh = col(InferenceWorker.heartbeat_at) > utcnow() - timedelta(seconds=stale_after_s)
-    return {w.name: w for w in session.exec(select(InferenceWorker).where(fresh)).all()}
+    return {w.name: w for w in live_inference_workers(session, stale_after_s)}
 
 
 def _placed_on(session: Session, base_model: str, live: dict[str, InferenceWorker]) -> list[str]:
@@ -201,16 +187,6 @@ def _capacity(worker: InferenceWorker) -> int:
 
 def _in_flight(worker: InferenceWorker) -> int:
     return int((worker.stats or {}).get("requests_in_flight", 0))
-
-
-def _no_capacity_message(live: dict[str, Any]) -> str:
-    if not live:
-        return "no inference worker is running; start one with `studio worker --queue inference`"
-    return (
-        f"every live inference worker ({len(live)}) holds as many base models as it may "
-        "(inference.max_base_models), all with active deployments: start another worker, raise "
-        "max_base_models, or retire a deployment"
-    )
 
 
 class _placement_lock:  # noqa: N801 - used as a context manager, reads as a verb phrase

@@ -165,22 +165,14 @@ class EngineManager:
 
     def adapter_dir(self, adapter: str, prefix: str) -> Path:
         """The adapter's files in the local cache, fetched from storage the first time."""
-        target = self._cache_path(adapter)
-        with self._lock:
-            lock = self._adapter_locks.setdefault(adapter, threading.Lock())
-        with lock:
-            if (target / ".complete").exists():
-                return target
-            partial = target.with_name(f"{adapter}.partial")
-            shutil.rmtree(partial, ignore_errors=True)
+
+        def fetch(partial: Path) -> None:
             partial.mkdir(parents=True)
             storage = get_storage()
             for name in ADAPTER_FILES:
                 storage.download(f"{prefix}/{name}", partial / name)
-            (partial / ".complete").touch()
-            shutil.rmtree(target, ignore_errors=True)
-            partial.rename(target)
-            return target
+
+        return self._fetched(adapter, self._cache_path(adapter), fetch)
 
     def model_dir(self, base_model: str) -> str:
         """Where the weights of `base_model` load from: itself (a local directory or Hub id), or for a run's
@@ -189,17 +181,22 @@ class EngineManager:
             return base_model
         prefix = base_model.removeprefix(STORED_MODEL)
         target = self.cache_dir / "models" / hashlib.sha256(prefix.encode()).hexdigest()[:24]
+        return str(self._fetched(base_model, target, lambda partial: download_prefix(get_storage(), prefix, partial)))
+
+    def _fetched(self, key: str, target: Path, fetch: Callable[[Path], None]) -> Path:
+        """`target`, filled once by `fetch` into a partial directory renamed when complete: a crash mid-download
+        leaves no half copy that looks whole. One fetch per `key` at a time."""
         with self._lock:
-            lock = self._adapter_locks.setdefault(base_model, threading.Lock())
+            lock = self._adapter_locks.setdefault(key, threading.Lock())
         with lock:
             if not (target / ".complete").exists():
                 partial = target.with_name(f"{target.name}.partial")
                 shutil.rmtree(partial, ignore_errors=True)
-                download_prefix(get_storage(), prefix, partial)
+                fetch(partial)
                 (partial / ".complete").touch()
                 shutil.rmtree(target, ignore_errors=True)
                 partial.rename(target)
-        return str(target)
+        return target
 
     def _cache_path(self, adapter: str) -> Path:
         """Adapter names are deployment ids; anything else must never become a path (let alone an rmtree)."""
