@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from app.core.config import Settings
+from app.core.event_log import events_after
 from app.core.storage import Storage
 from app.models import (
     Dataset,
@@ -48,6 +49,7 @@ JOB_PREFIX = "ftjob-"
 EVENT_PREFIX = "ftevent-"
 CHECKPOINT_PREFIX = "ftckpt-"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MAX_EVENTS = 100_000  # a run's events of one type read at once (a run logs far fewer)
 STATUSES = {  # ours → OpenAI's (OpenAI has no "created": a job there is queued the moment it exists)
     ExperimentStatus.created: "queued",
     ExperimentStatus.queued: "queued",
@@ -119,7 +121,7 @@ def results_csv(session: Session, experiment: Experiment) -> str:
     """OpenAI's result file: one row per logged step (train loss and token accuracy, and the validation
     ones at the steps that evaluated)."""
     rows: dict[int, dict[str, Any]] = {}
-    for event in _events(session, experiment.id, "metrics"):
+    for event in _of_type(session, experiment.id, "metrics"):
         step = int(event.data.get("step", 0))
         row = rows.setdefault(step, {"step": step})
         data = event.data
@@ -257,7 +259,7 @@ def _trained_tokens(session: Session, experiment: Experiment) -> int | None:
     """Tokens the run has trained on so far (every pass counted), from its last training log."""
     if tokens := experiment.final_metrics.get("num_input_tokens_seen"):
         return int(tokens)
-    logged = (e.data.get("num_tokens") for e in reversed(_events(session, experiment.id, "metrics")))
+    logged = (e.data.get("num_tokens") for e in reversed(_of_type(session, experiment.id, "metrics")))
     return next((int(t) for t in logged if t), None)
 
 
@@ -295,9 +297,9 @@ def list_jobs(
 # ---------------------------------------------------------------- events and checkpoints
 
 
-def _events(session: Session, experiment_id: uuid.UUID, type_: str) -> list[ExperimentEvent]:
-    query = select(ExperimentEvent).where(ExperimentEvent.experiment_id == experiment_id, ExperimentEvent.type == type_)
-    return list(session.exec(query.order_by(col(ExperimentEvent.seq))).all())
+def _of_type(session: Session, experiment_id: uuid.UUID, type_: str) -> list[ExperimentEvent]:
+    """Every event of one type of a run, in order (the event log's own reader, bounded)."""
+    return events_after(session, experiment_id, 0, type_=type_, limit=MAX_EVENTS)
 
 
 def _last_event(session: Session, experiment_id: uuid.UUID, type_: str) -> ExperimentEvent | None:
@@ -357,9 +359,9 @@ def checkpoints_page(
     session: Session, storage: Storage, experiment: Experiment, after: str | None, limit: int
 ) -> tuple[list[dict[str, Any]], bool]:
     """The run's stored checkpoints, newest first, each servable by its `fine_tuned_model_checkpoint` name."""
-    metrics = _events(session, experiment.id, "metrics")
+    metrics = _of_type(session, experiment.id, "metrics")
     found = []
-    for event in reversed(_events(session, experiment.id, "checkpoint")):
+    for event in reversed(_of_type(session, experiment.id, "checkpoint")):
         step, key = int(event.data.get("step", 0)), event.data.get("key")
         if not key or not storage.exists(f"{key}/{ADAPTER_WEIGHTS}"):
             continue  # pruned (only the last few are kept) or not an adapter (full fine-tunes)
@@ -421,7 +423,10 @@ def deploy_on_first_use(
         except InvalidRequest:
             return None
     else:
-        event = next((e for e in _events(session, experiment.id, "checkpoint") if e.data.get("step") == step), None)
+        event = next(
+            (e for e in _of_type(session, experiment.id, "checkpoint") if e.data.get("step") == step),
+            None,
+        )
         if event is None or not event.data.get("key"):
             return None
         adapter_prefix = event.data["key"]
