@@ -113,6 +113,7 @@ from app.models.serving import (
     DeploymentsPublic,
     DeploymentStatus,
     DeploymentStatusPublic,
+    DeploymentUsage,
     InferenceCommand,
     InferenceReply,
     InferenceWorker,
@@ -121,6 +122,7 @@ from app.models.serving import (
     PlacementPublic,
     PlacementState,
     TrainingWorker,
+    UsagePublic,
 )
 
 __all__ = [
@@ -184,8 +186,10 @@ __all__ = [
     "DeploymentPublic",
     "DeploymentsPublic",
     "DeploymentStatusPublic",
+    "DeploymentUsage",
     "InferenceWorker",
     "ModelPlacement",
+    "UsagePublic",
     "PlacementPublic",
     "PlacementState",
     "TrainingWorker",

@@ -79,6 +79,16 @@ class DeploymentsPublic(SQLModel):
     count: int
 
 
+class UsagePublic(SQLModel):
+    window_s: int = Field(description="The window the rates are over")
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    requests_per_minute: float
+    completion_tokens_per_second: float
+
+
 class PlacementPublic(SQLModel):
     worker: str
     state: PlacementState
@@ -97,6 +107,21 @@ class DeploymentStatusPublic(SQLModel):
     placement: list[PlacementPublic] = Field(
         default_factory=list, description="Live workers its base model is placed on: loading or ready"
     )
+    usage: UsagePublic | None = Field(None, description="Requests and tokens over the last minutes, all API replicas")
+
+
+class DeploymentUsage(SQLModel, table=True):
+    """What a deployment answered in one minute, summed over API replicas: its request and token rates.
+    Each API process counts in memory and adds its counts here every relay pass (app.services.usage)."""
+
+    __tablename__ = "deployment_usage"
+
+    deployment_id: uuid.UUID = Field(foreign_key="deployment.id", primary_key=True)
+    minute: datetime = Field(primary_key=True, description="Start of the minute (UTC)")
+    requests: int = 0
+    errors: int = Field(0, description="Requests answered with an error")
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 class ModelPlacement(SQLModel, table=True):

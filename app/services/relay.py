@@ -16,6 +16,7 @@ from app.core import notify
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.outbox import relay_once
+from app.services import usage
 from app.services.experiments import requeue_stale, resend_unclaimed
 from app.services.placement import replace_lost
 
@@ -50,6 +51,11 @@ class OutboxRelay:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        try:  # what was answered since the last pass still counts
+            with session_scope() as session:
+                usage.flush(session)
+        except Exception:
+            log.exception("final usage flush failed")
 
     def wake(self) -> None:
         self._wake.set()
@@ -60,6 +66,8 @@ class OutboxRelay:
             try:
                 with session_scope() as session:
                     relay_once(session=session, send=celery_send)
+                with session_scope() as session:  # this process's deployment request/token counts
+                    usage.flush(session)
                 if time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + REAP_EVERY_S
                     self._reap()

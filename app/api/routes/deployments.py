@@ -18,7 +18,7 @@ from app.models import (
 )
 from app.models import DeploymentStatusPublic as StatusPublic
 from app.services import deployments as service
-from app.services import placement
+from app.services import placement, usage
 from app.services.inference import live_workers
 
 router = APIRouter(prefix="/deployments", tags=["deployments"])
@@ -59,7 +59,8 @@ def read_deployment(session: SessionDep, principal: Viewer, deployment_id: uuid.
 def deployment_status(
     session: SessionDep, settings: SettingsDep, principal: Viewer, deployment_id: uuid.UUID
 ) -> StatusPublic:
-    """Whether it is served, and which live inference workers hold its weights now."""
+    """Whether it is served, which live inference workers hold its weights now, and its request and token
+    rates over the last five minutes."""
     deployment = _get(session, principal.team_id, deployment_id)
     workers = live_workers(stale_after_s=settings.inference.worker_stale_after_s)
     adapter = str(deployment.id) if deployment.adapter_prefix else None
@@ -78,6 +79,7 @@ def deployment_status(
         workers_alive=len(workers),
         loaded_on=loaded_on,
         placement=[PlacementPublic.model_validate(p, from_attributes=True) for p in placed],
+        usage=usage.rates(session, deployment.id),
     )
 
 

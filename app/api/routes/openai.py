@@ -32,7 +32,7 @@ from app.core.inflight import inflight_limiter
 from app.core.metrics import FIRST_TOKEN_SECONDS, INFERENCE_REQUESTS, INFERENCE_TOKENS, REQUEST_SECONDS
 from app.core.storage import get_storage
 from app.models import Deployment, DeploymentStatus, Team
-from app.services import deployments, fine_tuning
+from app.services import deployments, fine_tuning, usage
 from app.services.inference import InferenceFailed, cleanup, complete, generation, replies
 from app.services.principal import Principal
 from app.services.teams import quota_limits
@@ -196,11 +196,17 @@ class Reply:
 
     def finished(self, dones: list[Done] | None, outcome: str = "ok") -> None:
         INFERENCE_REQUESTS.labels(self.deployment, outcome).inc()
+        tokens = _usage(dones) if dones else {"prompt_tokens": 0, "completion_tokens": 0}
         if dones:
             REQUEST_SECONDS.labels(self.deployment).observe(time.monotonic() - self.started)
-            usage = _usage(dones)
-            INFERENCE_TOKENS.labels(self.deployment, "prompt").inc(usage["prompt_tokens"])
-            INFERENCE_TOKENS.labels(self.deployment, "completion").inc(usage["completion_tokens"])
+            INFERENCE_TOKENS.labels(self.deployment, "prompt").inc(tokens["prompt_tokens"])
+            INFERENCE_TOKENS.labels(self.deployment, "completion").inc(tokens["completion_tokens"])
+        usage.record(
+            uuid.UUID(self.deployment),
+            ok=outcome == "ok",
+            prompt_tokens=tokens["prompt_tokens"],
+            completion_tokens=tokens["completion_tokens"],
+        )
 
     def body(self, dones: list[Done]) -> dict[str, Any]:
         choices = [self.choice(i, done) for i, done in enumerate(dones)]
