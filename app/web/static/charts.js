@@ -78,6 +78,7 @@ export class MetricCharts {
       box.className = "chart";
       box.id = `chart-${panel.id}`;
       box.setAttribute("role", "img");
+      box.tabIndex = 0;  // wider than a phone: it scrolls sideways, so the keyboard must reach it
       box.setAttribute("aria-label", `${panel.title} against step`);
       this.root.append(box);
       const opts = options(panel.title, panel.unit, panel.series.map(([, label]) => label), panel.log && this.log,
@@ -108,9 +109,31 @@ export function compareLoss(root, runs, logScale) {
   box.className = "chart";
   box.id = "chart-compare";
   box.setAttribute("role", "img");
+  box.tabIndex = 0;
   box.setAttribute("aria-label", `training loss of ${runs.length} runs against step`);
   box.setAttribute("data-series", String(runs.length));
   root.append(box);
   return new uPlot(options("training loss", "nats/token", runs.map((run) => run.name), logScale, fitWidth(root)),
                    data, box);
+}
+
+// Rows per token-length bin as bars: `bins` is [{start, end, count}] from the dataset report.
+export function histogram(root, bins) {
+  root.replaceChildren();
+  const box = document.createElement("div");
+  box.className = "chart";
+  box.id = "chart-histogram";
+  box.setAttribute("role", "img");
+  box.tabIndex = 0;
+  box.setAttribute("aria-label", `rows per token length, ${bins.length} bins`);
+  box.setAttribute("data-bins", String(bins.length));
+  root.append(box);
+  const bars = uPlot.paths.bars({ size: [0.9, 40] });
+  const opts = {
+    title: "token lengths", width: fitWidth(root), height: HEIGHT,
+    scales: { x: { time: false } },
+    axes: [{ label: "tokens (bin start)" }, { label: "rows", size: 50 }],
+    series: [{ label: "tokens from" }, { label: "rows", fill: "#1a56db55", stroke: "#1a56db", paths: bars, points: { show: false } }],
+  };
+  return new uPlot(opts, [bins.map((b) => b.start), bins.map((b) => b.count)], box);
 }

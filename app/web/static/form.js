@@ -65,23 +65,3 @@ export function readHyperparameters(container) {
   }
   return values;
 }
-
-// The field a 422 names ("hyperparameters.learning_rate", "base_model", ...): its message shown beside it.
-export function showFieldError(form, field, message) {
-  for (const old of form.querySelectorAll(".field-error")) old.textContent = "";
-  for (const old of form.querySelectorAll("[aria-invalid]")) old.removeAttribute("aria-invalid");
-  if (!field) return false;
-  const name = field.startsWith("hyperparameters.") ? field.split(".")[1] : field.split(".")[0];
-  const input = form.querySelector(`[name="${CSS.escape(name)}"]`);
-  if (!input) return false;
-  input.setAttribute("aria-invalid", "true");
-  let error = form.querySelector(`#err-${CSS.escape(name)}`);
-  if (!error) {
-    error = document.createElement("span");
-    error.className = "field-error";
-    error.id = `err-${name}`;
-    input.after(error);
-  }
-  error.textContent = message;
-  return true;
-}
