@@ -100,6 +100,7 @@ def test_train_watch_deploy_and_chat(
     page.get_by_role("button", name="Upload").click()
     expect(page.locator("#flash")).to_contain_text("uploaded ui-alpaca: alpaca, 16 rows")
     expect(page.locator("#upload-error")).to_be_empty()
+    screenshot(page, "datasets")
 
     # Its page: the detected format, a preview table, and the report for the tiny model.
     page.get_by_role("link", name="ui-alpaca").click()
@@ -199,9 +200,14 @@ def test_train_watch_deploy_and_chat(
     expect(page.locator("#flash")).to_contain_text(f"deployed as {tiny_model.name}-")  # named after the model
     base_model = (page.locator("#flash").text_content() or "").split("deployed as ")[1]
 
+    # The deployment's own page: where it is placed, and a link that opens the playground with it chosen.
+    page.locator("#deployments").get_by_role("link", name=model).click()
+    expect(page).to_have_url(re.compile(r"#/deployments/[0-9a-f-]{36}$"))
+    expect(page.locator("#deployment-placement tbody")).to_contain_text("ready", timeout=60_000)
+    page.get_by_role("link", name="Chat with it").click()
+    expect(page.locator("#chat-form [name=model]")).to_have_value(model)
+
     # Side by side: the same prompt and settings to both, both streaming.
-    nav(page, "Playground")
-    page.locator("#chat-form [name=model]").select_option(model)
     page.locator("#chat-form [name=model_b]").select_option(base_model)
     page.locator("#chat-form [name=system]").fill("Answer briefly.")
     page.locator("#chat-form [name=message]").fill("What is the capital of France?")
@@ -220,12 +226,8 @@ def test_train_watch_deploy_and_chat(
     nav(page, "Deployments")
     deployed = page.locator("#deployments tbody tr", has_text=model)
     expect(deployed).to_contain_text("ready")
-    for _ in range(20):
-        if (deployed.locator("td").nth(5).text_content() or "—") not in ("—", "0"):
-            break
-        page.wait_for_timeout(500)
-        page.reload()  # the URL and the login survive a reload
-    expect(deployed.locator("td").nth(5)).to_have_text("0.2")  # 1 request in 5 minutes
+    page.reload()  # the URL and the login survive a reload; the page re-reads the rates every few seconds
+    expect(deployed.locator("td").nth(5)).to_have_text("0.2", timeout=20_000)  # 1 request in 5 minutes
     screenshot(page, "deployments")
 
     # An A/B test of the two: created, compared, voted on blind, and the vote on the leaderboard.
@@ -362,6 +364,7 @@ def test_every_page_passes_an_accessibility_scan_at_both_widths(browser: Browser
 
         # A file dropped on the upload's drop zone becomes the upload's file.
         page.goto("/#/datasets")
+        expect(page.locator("#page-datasets")).to_be_visible()  # its handlers are wired by then
         dropped = page.evaluate_handle(
             """() => { const t = new DataTransfer();
                        t.items.add(new File(['{"instruction": "a", "output": "b"}\\n'], "dropped.jsonl"));

@@ -17,9 +17,10 @@ import * as playground from "./pages/playground.js";
 const ROUTES = {
   "": dashboard, experiments, datasets, deployments, playground, "ab-tests": abTests, admin,
   "experiments/:id": experiment, "datasets/:id": datasets.detail, "ab-tests/:id": abTests.detail,
+  "deployments/:id": deployments.detail, "playground/:id": playground,
 };
-const modules = [dashboard, experiments, experiment, datasets, datasets.detail, deployments, playground, abTests,
-                 abTests.detail, admin];
+const modules = [dashboard, experiments, experiment, datasets, datasets.detail, deployments, deployments.detail,
+                 playground, abTests, abTests.detail, admin];
 let current = null;
 
 function resolve(hash) {

@@ -8,7 +8,7 @@ import { $, bytes, button, flash, h, link, short, showError, table, when } from 
 import { renderMarkdown } from "../markdown.js";
 
 export const PAGE = "experiment";
-const LINKS = { experiment: "#/experiments/", dataset: "#/datasets/", ab_test: "#/ab-tests/", deployment: "#/deployments" };
+const LINKS = { experiment: "#/experiments/", dataset: "#/datasets/", ab_test: "#/ab-tests/", deployment: "#/deployments/" };
 const LOG_LINES = 40;
 let charts = null;
 let stream = null;
@@ -111,7 +111,7 @@ async function showLineage(id) {
     const [kind, ref] = key.split(/:(.*)/s);
     const text = `${kind.replace("_", " ")} ${n?.label ?? ref}`;
     if (kind === "experiment" && ref === id) return h("strong", { text: `this run (${n?.label ?? ref})` });
-    return LINKS[kind] ? link(kind === "deployment" ? LINKS[kind] : LINKS[kind] + ref, text) : text;
+    return LINKS[kind] ? link(LINKS[kind] + ref, text) : text;
   };
   $("#lineage").replaceChildren(...lineage.edges.map((edge) =>
     h("li", {}, node(edge.source), ` ${edge.relation.replaceAll("_", " ")} `, node(edge.target))));

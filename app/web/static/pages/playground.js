@@ -15,7 +15,8 @@ export function setup() {
 
 export function leave() { running?.abort(); }
 
-export async function show() {
+// #/playground/<model> opens it with that model chosen.
+export async function show(model) {
   const deployments = await api("/api/deployments/?status=active&limit=200");
   for (const [selector, none] of [["#chat-model", null], ["#chat-model-b", "— none: one model —"]]) {
     const select = $(selector);
@@ -25,6 +26,7 @@ export async function show() {
     for (const d of deployments.data) option(select, d.model);
     if (chosen) select.value = chosen;
   }
+  if (model) $("#chat-model").value = model;
 }
 
 async function send(form) {
