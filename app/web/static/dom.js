@@ -34,6 +34,11 @@ export function table(label, headers, rows, cells) {
            h("thead", {}, h("tr", {}, headers.map((name) => h("th", { text: name })))), body);
 }
 
+// A definition list's items from [term, value] pairs (values as text, or nodes).
+export function facts(pairs) {
+  return pairs.flatMap(([term, value]) => [h("dt", { text: term }), h("dd", {}, value)]);
+}
+
 export function button(label, onClick, props = {}) {
   return h("button", { type: "button", ...props, onclick: () => Promise.resolve(onClick()).catch(showError) }, label);
 }

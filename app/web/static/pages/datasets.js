@@ -4,7 +4,7 @@
 
 import { api, canWrite, upload } from "../api.js";
 import { histogram } from "../charts.js";
-import { $, bytes, button, flash, h, link, number, onSubmit, showError, table, when } from "../dom.js";
+import { $, bytes, button, facts as pairs, flash, h, link, number, onSubmit, showError, table, when } from "../dom.js";
 
 export const PAGE = "datasets";
 const MAX_CELL = 160;
@@ -63,15 +63,15 @@ export const detail = {
     $("#dataset-title").textContent = d.name;
     const facts = [["detected format", d.format], ["rows", `${d.row_count} (${d.train_rows} train, ${d.eval_rows} eval)`],
                    ["size", bytes(d.size_bytes)], ["created", when(d.created_at)], ["content hash", d.content_hash.slice(0, 16)]];
-    $("#dataset-facts").replaceChildren(...facts.flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { text: v })]));
-    if (d.parent_id) $("#dataset-facts").append(h("dt", { text: "made from" }), h("dd", {}, link(`#/datasets/${d.parent_id}`, "its parent")));
+    if (d.parent_id) facts.push(["made from", link(`#/datasets/${d.parent_id}`, "its parent")]);
+    $("#dataset-facts").replaceChildren(...pairs(facts));
     $("#dataset-preview").replaceChildren(previewTable(preview.rows));
     if (!canWrite()) return;
-    $("#dataset-facts").append(h("dt", { text: "delete" }), h("dd", {}, button("Delete dataset", async () => {
+    $("#dataset-facts").append(...pairs([["delete", button("Delete dataset", async () => {
       await api(`/api/datasets/${id}`, { method: "DELETE" });
       location.hash = "#/datasets";
       flash(`deleted ${d.name}`);
-    })));
+    })]]));
   },
 };
 

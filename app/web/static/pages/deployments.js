@@ -2,7 +2,7 @@
 // and token rates over the last minutes (all API replicas); deploy a base model, retire a deployment.
 
 import { api, canWrite, post } from "../api.js";
-import { $, button, flash, h, link, number, onSubmit, short, table, when } from "../dom.js";
+import { $, button, facts as pairs, flash, h, link, number, onSubmit, short, table, when } from "../dom.js";
 
 export const PAGE = "deployments";
 const REFRESH_MS = 3000;  // placement and rates change without an event: the open page re-reads them
@@ -56,8 +56,8 @@ async function showDeployment(id) {
   $("#deployment-title").textContent = d.model;
   const facts = [["status", d.status], ["base model", d.base_model], ["replicas", d.replicas], ["created", when(d.created_at)],
                  ["workers up", s.workers_alive], ["loaded on", s.loaded_on.join(", ") || "no worker yet"]];
-  $("#deployment-facts").replaceChildren(...facts.flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { text: v })]));
-  if (d.experiment_id) $("#deployment-facts").append(h("dt", { text: "trained by" }), h("dd", {}, link(`#/experiments/${d.experiment_id}`, "its run")));
+  if (d.experiment_id) facts.push(["trained by", link(`#/experiments/${d.experiment_id}`, "its run")]);
+  $("#deployment-facts").replaceChildren(...pairs(facts));
   $("#deployment-chat").href = `#/playground/${encodeURIComponent(d.model)}`;
   $("#deployment-chat").hidden = d.status !== "active";
   $("#deployment-placement").replaceChildren(table("Placement", ["worker", "state", "placed", "ready", "load time (s)"], s.placement,
@@ -65,5 +65,5 @@ async function showDeployment(id) {
   const u = s.usage;
   const usage = [["requests", `${u.requests} (${number(u.requests_per_minute)} per minute)`], ["errors", u.errors],
                  ["prompt tokens", u.prompt_tokens], ["completion tokens", `${u.completion_tokens} (${number(u.completion_tokens_per_second)} per second)`]];
-  $("#deployment-usage").replaceChildren(...usage.flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { text: v })]));
+  $("#deployment-usage").replaceChildren(...pairs(usage));
 }

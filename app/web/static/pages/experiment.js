@@ -6,6 +6,7 @@ import { api, canWrite, events, post, state } from "../api.js";
 import { MetricCharts } from "../charts.js";
 import { $, bytes, button, flash, h, link, short, showError, table, when } from "../dom.js";
 import { renderMarkdown } from "../markdown.js";
+import { deploy } from "./experiments.js";
 
 export const PAGE = "experiment";
 const LINKS = { experiment: "#/experiments/", dataset: "#/datasets/", ab_test: "#/ab-tests/", deployment: "#/deployments/" };
@@ -93,13 +94,7 @@ function actions(e) {
     location.hash = `#/experiments/${clone.id}`;
     flash(`cloned as ${clone.name}`);
   }, {}));
-  if (e.status === "succeeded") {
-    list.push(button("Deploy", async () => {
-      const d = await post("/api/deployments/", { experiment_id: e.id });
-      location.hash = "#/deployments";
-      flash(`deployed as ${d.model}`);
-    }));
-  }
+  if (e.status === "succeeded") list.push(button("Deploy", () => deploy(e.id)));
   return list;
 }
 

@@ -4,7 +4,7 @@
 
 import { api, canWrite, post } from "../api.js";
 import { compareLoss } from "../charts.js";
-import { $, button, fieldError, flash, h, link, number, onSubmit, option, short, showError, table, when } from "../dom.js";
+import { $, button, flash, h, link, number, onSubmit, option, short, showError, table, when } from "../dom.js";
 import { buildHyperparameterFields, readHyperparameters } from "../form.js";
 
 export const PAGE = "experiments";
@@ -62,20 +62,21 @@ function render() {
   }));
 }
 
-export function actions(e, onDone = show) {
+function actions(e) {
   const cell = h("td", { class: "actions" });
   if (!canWrite()) return cell;
   if (e.status === "queued" || e.status === "running") {
-    cell.append(button("Stop", async () => { await post(`/api/experiments/${e.id}/stop`); await onDone(e.id); }));
+    cell.append(button("Stop", () => post(`/api/experiments/${e.id}/stop`)));  // the change arrives on the team channel
   }
-  if (e.status === "succeeded") {
-    cell.append(button("Deploy", async () => {
-      const d = await post("/api/deployments/", { experiment_id: e.id });
-      location.hash = "#/deployments";
-      flash(`deployed as ${d.model}`);
-    }));
-  }
+  if (e.status === "succeeded") cell.append(button("Deploy", () => deploy(e.id)));
   return cell;
+}
+
+// Serve a succeeded run's adapter, then show the deployments (with its name in the confirmation).
+export async function deploy(experimentId) {
+  const d = await post("/api/deployments/", { experiment_id: experimentId });
+  location.hash = "#/deployments";
+  flash(`deployed as ${d.model}`);
 }
 
 function describeRecipe() {
@@ -115,5 +116,5 @@ async function compare() {
   }));
   $("#compare").hidden = false;
   compareLoss($("#compare-chart"), series, $("#log-scale-compare").checked);
-  fieldError($("#submit-form"), null);
+  showError(null);
 }
