@@ -252,9 +252,10 @@ class ForwardTimer:
         self.seconds = 0.0
         self._patched: list[tuple[Any, str, Any]] = []
         decoder = engine._scheduler._runner
-        runner = getattr(decoder, "_runner", decoder)  # the static decoder prefills through the ModelRunner
+        runner = getattr(decoder, "_runner", decoder)
         self._wrap(runner, "logits", engine.device)
-        if decoder is not runner:
+        if decoder is not runner:  # the static decoder: its own prefill forward and its step
+            self._wrap(decoder, "_prefill_logits", engine.device)
             self._wrap(decoder, "_step", engine.device)
 
     def _wrap(self, owner: Any, name: str, device: torch.device) -> None:

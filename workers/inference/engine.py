@@ -40,6 +40,7 @@ from workers.inference.adapters import AdapterCache
 from workers.inference.constraints import Grammars
 from workers.inference.handle import GenerationHandle
 from workers.inference.loading import default_device, default_dtype, load_model
+from workers.inference.openmp import release_thread_pool
 from workers.inference.request import (
     BASE_ADAPTER,
     EngineClosed,
@@ -115,6 +116,7 @@ class InferenceEngine:
         self._tokenizer_lock = threading.Lock()  # fast tokenizers raise "Already borrowed" when shared by threads
         self._grammars = Grammars(self.tokenizer, self._vocab_size, self._tokenizer_lock)
         self._backend_decode = loaded.backend_decode
+        self._token_text: dict[int, str] = {}  # decode([id]) of ids seen (`_detokenize`); at most the vocabulary
         self.decode_path = _choose_decode_path(decode, loaded.model)
         if self.decode_path != "dynamic":
             # KV slots are allocated for the whole context up front: bound it (see `static_max_len`).
@@ -160,6 +162,8 @@ class InferenceEngine:
             runner.probe()
             if isinstance(decoder, StaticDecoder) and decoder.compiled:
                 decoder.warm_up()  # compiles every bucket now, not on the first requests
+        # This thread's OpenMP workers would slow every parallel region of the loop thread (`openmp.py`).
+        release_thread_pool()
         self._thread = threading.Thread(target=self._run, name="inference-engine", daemon=True)
         self._thread.start()
 
@@ -482,7 +486,17 @@ class InferenceEngine:
             return [str(self.tokenizer.decode([int(t)], skip_special_tokens=False)) for t in ids]
 
     def _detokenize(self, ids: Sequence[int]) -> str:
-        """Text of `ids` without special tokens. Runs twice per generated token (streaming): keep it lean."""
+        """Text of `ids` without special tokens. Runs twice per generated token (streaming): keep it lean.
+        One id alone (the left context of most streaming windows) is looked up once per token id."""
+        if len(ids) == 1:
+            token = ids[0]
+            text = self._token_text.get(token)
+            if text is None:
+                text = self._token_text[token] = self._decode_ids(ids)
+            return text
+        return self._decode_ids(ids)
+
+    def _decode_ids(self, ids: Sequence[int]) -> str:
         with self._tokenizer_lock:
             if self._backend_decode is not None:
                 return self._backend_decode(list(ids), skip_special_tokens=True)

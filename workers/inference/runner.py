@@ -7,10 +7,10 @@ forward gets left-padded rows (`left_pad`), explicit position ids and one adapte
 This is the "dynamic" decode path: every decode step re-launches the whole model eagerly, `DynamicCache`
 re-concatenates each layer's keys and values (O(batch x length) copies per step) and peft loops over adapter
 sub-batches in Python in every LoRA layer. It serves any causal LM. For Llama-family models the engine's default
-is the static path (`static/`: preallocated KV slots, stacked LoRA, one fixed-shape step that can be compiled
-and captured as CUDA graphs), which still prefills through `prefill` here. Per-step Python already trimmed on
-this path: adapter names reach the LoRA layers through hooks registered once per adapter change
-(`adapters.py`), and streaming detokenization calls the Rust decoder directly.
+is the static path (`static/`: preallocated KV slots, stacked LoRA, its own prefill forward, one fixed-shape
+step that can be compiled and captured as CUDA graphs); it still scores through this runner. Per-step Python
+already trimmed on this path: adapter names reach the LoRA layers through hooks registered once per adapter
+change (`adapters.py`), and streaming detokenization calls the Rust decoder directly.
 """
 
 from __future__ import annotations

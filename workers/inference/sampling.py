@@ -18,7 +18,7 @@ import torch
 if TYPE_CHECKING:
     from workers.inference.constraints import TokenConstraint
 
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit; the compiled step always computes this many
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit; the compiled step computes this many when any row asks
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,9 @@ class StopMatcher:
         """Add decoded text; return the part that can be streamed now. Sets `stopped` on a stop string."""
         if self.stopped or not delta:
             return ""
+        if not self._stop:  # nothing to hold back
+            self._text += delta
+            return self._release(len(self._text))
         # A stop string not found before must end inside `delta`, so it starts at most `longest - 1` earlier.
         search_from = max(0, len(self._text) - self._longest + 1)
         self._text += delta

@@ -1,10 +1,10 @@
-"""The static decode path of the engine: prefill as before, then one fixed-shape step per decoded token.
+"""The static decode path of the engine: a prefill into KV slots, then one fixed-shape step per decoded token.
 
 `StaticDecoder` has the scheduler-facing surface of `ModelRunner` (`adapters`, `prefill`, `decode`):
 
-- `prefill` runs the prompts through the Hugging Face model (peft adapters per row, left padding; the same
-  forward as the dynamic path, so first tokens are identical) and copies each row's keys/values into its slot
-  row (`slots.py`);
+- `prefill` runs the prompts through `StaticLlama.prefill` (left-aligned rows, causal SDPA, the stacked LoRA
+  of `lora.py` instead of peft's loop over adapter sub-batches), which writes each row's keys/values straight
+  into its slot row (`slots.py`), and samples the first tokens as the dynamic path does;
 - `decode` pads the running rows to the next batch bucket (powers of two up to `max_batch_size`, from 2 when
   compiled) and the attended columns to the next length bucket (multiples of 64; powers of two under CUDA
   graphs, where each bucket is a captured graph), turns the per-row settings into tensors and runs
@@ -34,11 +34,12 @@ from workers.inference.sampling import (
     RowSampling,
     Sampled,
     choose_tokens,
+    next_tokens,
     to_host,
     uniform_draws,
 )
 from workers.inference.static.llama import StaticLlama
-from workers.inference.static.lora import LoraStacks
+from workers.inference.static.lora import BASE_SLOT, LoraStacks
 from workers.inference.static.slots import SlotBatch, SlotStore
 
 log = logging.getLogger(__name__)
@@ -135,15 +136,9 @@ class StaticDecoder:
         """Run `prompts` through the model, store their keys/values in the slot rows after `after`'s."""
         start = after.size if after is not None else 0
         batch = SlotBatch(self.store, start, len(prompts))  # raises before any work if the rows do not fit
-        first, padded = self._runner.prefill(prompts, adapters, sampling)
-        layers: list[Any] = list(padded.cache.layers)  # plain DynamicLayers (`kv.check_supported`)
-        keys = torch.stack([layer.keys for layer in layers])  # [layers, B, kv_heads, T, head_dim]
-        values = torch.stack([layer.values for layer in layers])
-        width = keys.shape[-2]
-        for row, prompt in enumerate(prompts):
-            # Rows are right-aligned: row's prompt is the last len(prompt) columns, at positions 0..n-1.
-            first_column = width - len(prompt)
-            self.store.write_prefill(start + row, keys[:, row, :, first_column:], values[:, row, :, first_column:])
+        logits = self._prefill_logits(prompts, adapters, start)
+        first = next_tokens(logits, sampling)
+        self.store.used_columns = max(self.store.used_columns, max(len(prompt) for prompt in prompts))
         for row, settings in enumerate(sampling):  # always: a slot row may still hold an earlier request's bias
             self._write_bias(start + row, settings)
         if any(row.penalized for row in sampling):
@@ -170,6 +165,7 @@ class StaticDecoder:
             self._write_bias(row, settings, constrained=True)
         ids = self._slot_ids(adapters)
         uniform = uniform_draws(sampling)
+        wanted = [row.top for row in sampling]
         ints, floats, columns = self._inputs(
             bucket_for(rows, self.batch_buckets),
             bucket_for(max(positions) + 1, self.length_buckets),
@@ -190,13 +186,34 @@ class StaticDecoder:
             penalize=self.compiled or any(row.penalized for row in sampling),
             biased=self.compiled or bool(constrained) or any(row.bias for row in sampling),
             with_lora=self.compiled or any(ids),  # compiled: one graph whatever the mix (zeros for base rows)
-            top_k=MAX_TOP_LOGPROBS if self.compiled else max(row.top for row in sampling),
+            # Compiled: two graphs, with the top 20 when any row asks for alternatives and without (few requests
+            # do, and a top-k over the vocabulary would cost every step).
+            top_k=(MAX_TOP_LOGPROBS if any(wanted) else 0) if self.compiled else max(wanted),
         )
         self.store.used_columns = max(self.store.used_columns, max(positions) + 1)
-        wanted = [row.top for row in sampling]
         if top is not None:
             top = (top[0][:rows], top[1][:rows])
         return to_host(chosen[:rows], logprobs[:rows], top, wanted)
+
+    def _prefill_logits(self, prompts: list[list[int]], adapters: list[str], start: int) -> torch.Tensor:
+        """`StaticLlama.prefill` of `prompts` (left-aligned, padded with token 0) into slot rows from `start`."""
+        width = max(len(prompt) for prompt in prompts)
+        tokens = torch.tensor([prompt + [0] * (width - len(prompt)) for prompt in prompts], dtype=torch.long)
+        last = torch.tensor([len(prompt) - 1 for prompt in prompts], dtype=torch.long)
+        rows_of: dict[int, list[int]] = {}
+        for row, slot in enumerate(self._slot_ids(adapters)):
+            if slot != BASE_SLOT:
+                rows_of.setdefault(slot, []).append(row)
+        groups = [(slot, torch.tensor(rows, dtype=torch.long).to(self.device)) for slot, rows in rows_of.items()]
+        return self.model.prefill(
+            self.store.keys,
+            self.store.values,
+            tokens.to(self.device),
+            last.to(self.device),
+            start,
+            self.lora if groups else None,
+            groups,
+        )
 
     def _write_bias(self, slot: int, settings: RowSampling, *, constrained: bool = False) -> None:
         """The slot's bias row: its request's logit_bias, plus (`constrained`) the grammar's mask of this step."""
@@ -279,10 +296,13 @@ class StaticDecoder:
         return int_rows, float_rows, columns
 
     def warm_up(self) -> float:
-        """Run (compile, when compiled) the step for every batch and length bucket, greedy and sampling; returns
-        the seconds taken."""
+        """Run (compile, when compiled) the step for every batch and length bucket, greedy and sampling (compiled:
+        with and without the top alternatives); returns the seconds taken."""
         start = time.perf_counter()
-        for size, length, sample in itertools.product(self.batch_buckets, self.length_buckets, (False, True)):
+        tops = (0, MAX_TOP_LOGPROBS) if self.compiled else (0,)
+        for size, length, sample, top_k in itertools.product(
+            self.batch_buckets, self.length_buckets, (False, True), tops
+        ):
             ints, floats, columns = self._inputs(size, length, [[], [], []], [[]] * 5)
             self._run_step(
                 ints,
@@ -292,7 +312,7 @@ class StaticDecoder:
                 penalize=self.compiled,
                 biased=self.compiled,
                 with_lora=self.compiled,
-                top_k=MAX_TOP_LOGPROBS if self.compiled else 0,
+                top_k=top_k,
             )
         self.store.clear()
         seconds = time.perf_counter() - start

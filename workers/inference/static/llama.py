@@ -15,7 +15,7 @@ any RoPE variant whose table depends on the position only, tied or untied output
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -185,4 +185,70 @@ class StaticLlama(nn.Module):
             gated = layer.act(project("gate_proj", h)) * project("up_proj", h)
             x = x + project("down_proj", gated)
         logits: torch.Tensor = self.lm_head(self.norm(x))
+        return logits.float()
+
+    def prefill(
+        self,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        tokens: torch.Tensor,
+        last: torch.Tensor,
+        start: int,
+        lora: LoraStacks | None = None,
+        groups: Sequence[tuple[int, torch.Tensor]] = (),
+    ) -> torch.Tensor:
+        """Logits (float32, [B, vocab]) after each row's prompt. `tokens` [B, T] holds row b's prompt in its first
+        `last[b] + 1` columns (the rest is padding, any token); its keys/values go to columns 0..T-1 of slot row
+        `start + b`. Columns past a prompt get the padding's keys/values, which no decode step reads: a step
+        writes its row's position before attending to it and masks every column after it.
+
+        Rows are left-aligned, so every row sees positions 0..T-1 and plain causal attention is exact for its
+        prompt. `lora` with `groups` (`(slot, rows)` per adapter in the batch) adds each adapter's delta to its
+        rows (`LoraStacks.add_grouped_delta`)."""
+        rows, width = tokens.shape
+        cos = self.cos[:width][None, :, None, :]  # [1, T, 1, head_dim]
+        sin = self.sin[:width][None, :, None, :]
+        x = self.embed(tokens)
+        for index, layer in enumerate(self.layers):
+            assert isinstance(layer, StaticLayer)
+
+            def project(
+                name: str, inputs: torch.Tensor, layer: StaticLayer = layer, index: int = index
+            ) -> torch.Tensor:
+                out: torch.Tensor = layer.projections[name](inputs)
+                if lora is not None:
+                    out = lora.add_grouped_delta(index, name, inputs, out, groups)
+                return out
+
+            h = layer.input_norm(x)
+            q = project("q_proj", h).view(rows, width, self.heads, self.head_dim)
+            k = project("k_proj", h).view(rows, width, self.kv_heads, self.head_dim)
+            v = project("v_proj", h).view(rows, width, self.kv_heads, self.head_dim)
+            if layer.q_norm is not None and layer.k_norm is not None:
+                q, k = layer.q_norm(q), layer.k_norm(k)
+            q = (q * cos + _rotate_half(q) * sin).transpose(1, 2)  # [B, heads, T, head_dim]
+            k = (k * cos + _rotate_half(k) * sin).transpose(1, 2)
+            v = v.transpose(1, 2)
+            keys[index][start : start + rows, :, :width].copy_(k)
+            values[index][start : start + rows, :, :width].copy_(v)
+            window_mask = None
+            if layer.window is not None:
+                query = torch.arange(width, device=tokens.device)[:, None]
+                column = torch.arange(width, device=tokens.device)[None, :]
+                window_mask = (column <= query) & (column > query - layer.window)
+            attended = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=window_mask,
+                is_causal=window_mask is None,
+                scale=self.scale,
+                enable_gqa=self.heads != self.kv_heads,
+            )
+            x = x + project("o_proj", attended.transpose(1, 2).reshape(rows, width, self.heads * self.head_dim))
+            h = layer.post_norm(x)
+            gated = layer.act(project("gate_proj", h)) * project("up_proj", h)
+            x = x + project("down_proj", gated)
+        final = x[torch.arange(rows, device=tokens.device), last]  # [B, hidden]: each row's last prompt token
+        logits: torch.Tensor = self.lm_head(self.norm(final))
         return logits.float()

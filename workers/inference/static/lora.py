@@ -73,6 +73,27 @@ class LoraStacks(nn.Module):
         key = f"{layer}__{projection}"
         return torch.matmul(torch.matmul(x, self.a[key]) * mask, self.b[key])
 
+    def add_grouped_delta(
+        self,
+        layer: int,
+        projection: str,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        groups: Sequence[tuple[int, torch.Tensor]],
+    ) -> torch.Tensor:
+        """`out` plus the LoRA delta of `projection` in `layer`, for x [B, T, in] whose rows `groups` assigns to
+        slots (`(slot, row indices)`, base rows left out). For prefill: with many tokens per row, each adapter's
+        own `rank` columns over its rows cost less than every slot's columns times a mask over all rows."""
+        key = f"{layer}__{projection}"
+        if not groups or key not in self.a:
+            return out
+        a, b = self.a[key], self.b[key]
+        for slot, rows in groups:
+            columns = slice(slot * self.rank, (slot + 1) * self.rank)
+            delta = torch.matmul(torch.matmul(x.index_select(0, rows), a[:, columns]), b[columns])
+            out = out.index_add(0, rows, delta)
+        return out
+
     def sync(self, decoder_layers: Sequence[nn.Module], loaded: Sequence[str]) -> None:
         """Make the slots hold exactly the adapters in `loaded`, reading their weights from the peft layers."""
         for name in [n for n in self._slot_of if n not in loaded]:
