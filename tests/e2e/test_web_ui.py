@@ -131,6 +131,8 @@ def test_train_watch_deploy_and_chat(
     expect(form.locator("[name=learning_rate]")).to_have_attribute("aria-invalid", "true")
     form.locator("[name=learning_rate]").fill("")
     form.locator("[name=max_steps]").fill("20")
+    # 8 micro-batches per step: the run lasts seconds, not a fraction of one, so its growth can be watched.
+    form.locator("[name=gradient_accumulation_steps]").fill("8")
     form.get_by_role("button", name="Submit").click()
     row = page.locator("#experiments tbody tr", has_text="ui-run")
     expect(row).to_have_count(1)
@@ -140,9 +142,9 @@ def test_train_watch_deploy_and_chat(
     run_url = page.url
     loss = page.locator("#chart-loss")
     seen = []
-    while len(seen) < 120 and not (page.locator("#detail-status").text_content() or "").startswith("succeeded"):
+    while len(seen) < 600 and not (page.locator("#detail-status").text_content() or "").startswith("succeeded"):
         seen.append(int(loss.get_attribute("data-points") or 0))
-        page.wait_for_timeout(500)
+        page.wait_for_timeout(100)
     expect(page.locator("#detail-status")).to_contain_text("succeeded", timeout=180_000)
     expect(loss).to_have_attribute("data-points", "11")  # 20 steps: the first, then a log every 2
     assert any(0 < n < 11 for n in seen), f"the chart did not grow while the run went on: {seen}"
