@@ -75,7 +75,8 @@ class EventWriter:
 
 class LossTokenCounter:
     """Wraps the training loader's collate function to count the tokens the loss sees (labels != -100) in every
-    batch drawn, so throughput is reported for trained tokens as well as for all tokens."""
+    batch drawn, so throughput is reported for trained tokens as well as for all tokens. accelerate draws one
+    batch ahead, so the count leads the trainer's by at most one batch (and a window's rate shifts with it)."""
 
     def __init__(self, collate: Any) -> None:
         self.collate = collate
@@ -149,8 +150,11 @@ class EventsCallback(TrainerCallback):
         # Count the loss's tokens on the training loader only (evaluation batches must not inflate them).
         loader = kwargs.get("train_dataloader")
         if loader is not None and self.loss_tokens is None and self.count_loss_tokens:
-            self.loss_tokens = LossTokenCounter(loader.collate_fn)
-            loader.collate_fn = self.loss_tokens
+            # accelerate's DataLoaderShard iterates the DataLoader it wraps (`base_dataloader`): the collate
+            # function to wrap is that one's, not the adapter's attribute (which nothing calls).
+            inner = getattr(loader, "base_dataloader", loader)
+            self.loss_tokens = LossTokenCounter(inner.collate_fn)
+            inner.collate_fn = self.loss_tokens
         self.writer.emit(
             "started",
             **self.started_fields,
