@@ -365,12 +365,17 @@ def test_ab_test_compares_two_deployments_with_a_judge(stack: Stack, served: dic
         assert judge["win_rate_a"] + judge["win_rate_b"] + judge["ties"] / decided == pytest.approx(1.0)
 
 
+LONG_CHOICES = 16
+
+
 def long_stream(client: openai.OpenAI) -> Any:
-    """A streamed answer that runs for seconds: 1900 tokens, past any EOS."""
+    """A streamed answer that runs for seconds: 16 choices of 1900 tokens each, past any EOS (a batch of 16,
+    so a fast engine still takes seconds: well past the time a cancel takes to arrive)."""
     return client.chat.completions.create(
         model="tiny-base",
         messages=[{"role": "user", "content": "hi"}],
         max_tokens=1900,
+        n=LONG_CHOICES,
         stream=True,
         extra_body={"ignore_eos": True},
     )
@@ -389,7 +394,8 @@ def test_a_client_that_goes_away_stops_its_generation(stack: Stack, served: dict
     stream.close()
     wait_for(lambda: "cancelled by its client" in stack.log("inference"), timeout_s=30, what="the cancel")
     idle = wait_for(lambda: (s := _engine_stats(stack))["running"] == 0 and s, timeout_s=30, what="an idle engine")
-    assert idle["generated_tokens"] - before < 1900, "the worker generated the whole answer for nobody"
+    generated = idle["generated_tokens"] - before
+    assert generated < 1900 * LONG_CHOICES // 2, "the worker generated the whole answer for nobody"
 
 
 def test_team_inflight_quota_answers_429(stack: Stack, served: dict[str, Any]) -> None:
