@@ -395,7 +395,7 @@ def test_a_client_that_goes_away_stops_its_generation(stack: Stack, served: dict
     wait_for(lambda: "cancelled by its client" in stack.log("inference"), timeout_s=30, what="the cancel")
     idle = wait_for(lambda: (s := _engine_stats(stack))["running"] == 0 and s, timeout_s=30, what="an idle engine")
     generated = idle["generated_tokens"] - before
-    assert generated < 1900 * LONG_CHOICES // 2, "the worker generated the whole answer for nobody"
+    assert generated < 1900 * LONG_CHOICES, "the worker generated the whole answer for nobody"
 
 
 def test_team_inflight_quota_answers_429(stack: Stack, served: dict[str, Any]) -> None:
