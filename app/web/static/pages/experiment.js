@@ -52,7 +52,9 @@ function follow(e) {
         if (event.event === "metrics") charts.add(data);
         else if (event.event === "status") {
           step(`${data.status}${data.error ? `: ${data.error}` : ""}`, data.created_at);
-          if (data.status !== shown?.status && shown?.id === e.id) await refresh(e.id);
+          // Re-read the run only on a change newer than what was loaded (not on the replayed history).
+          const latest = e.finished_at ?? e.started_at ?? e.created_at;
+          if (data.status !== shown?.status && shown?.id === e.id && Date.parse(data.created_at) > Date.parse(latest)) await refresh(e.id);
         } else if (event.event === "checkpoint") step(`checkpoint at step ${data.step ?? "?"}`, data.created_at);
       }
     } catch (error) { if (!signal.aborted) showError(error); }
