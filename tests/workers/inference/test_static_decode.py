@@ -321,14 +321,44 @@ def test_an_adapter_on_the_output_head_is_refused_on_the_static_path(tiny_model:
 
 
 def test_compiled_step_has_no_graph_break_and_matches_eager(tiny_model: Path, adapters: dict[str, Path]) -> None:
-    """torch.compile(fullgraph=True) with inductor on CPU: a graph break would raise here."""
+    """torch.compile(fullgraph=True) with inductor on CPU: a graph break would raise here. The warm-up compiles
+    the graphs every later step uses: batches and lengths it never saw (the step runs at exact sizes on CPU)
+    compile nothing more once the LoRA stacks have their shape (on CPU they grow with the adapters loaded)."""
     with InferenceEngine(tiny_model, max_batch_size=4, max_adapters=3, decode="compiled") as compiled:
         assert compiled.info()["decode_path"] == "compiled"
         requests = _requests(compiled, adapters, 6)
+        for name, path in adapters.items():
+            compiled.generate(greedy(chat_prompt(compiled, 0), 2, adapter=name, adapter_path=path), timeout=WAIT_S)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         got = [h.result(WAIT_S) for h in [compiled.submit(r) for r in requests]]
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     with InferenceEngine(tiny_model, max_batch_size=4, max_adapters=3, decode="dynamic") as dynamic:
         expected = [dynamic.generate(r, timeout=WAIT_S) for r in requests]
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+
+
+def test_compiled_engine_serves_every_option_as_the_lora_stacks_grow(
+    tiny_model: Path, adapters: dict[str, Path]
+) -> None:
+    """Each mix of step options (greedy or sampled, top alternatives, penalties) is a graph, and each shape the
+    LoRA stacks grow to (A adapts q/v, B adds k/o, C the MLP) is another set: with the warm-up's, more graphs
+    than Dynamo's default limit of 8, past which fullgraph=True would fail the requests."""
+    with InferenceEngine(tiny_model, max_batch_size=4, max_adapters=3, decode="compiled") as engine:
+        prompt = chat_prompt(engine, 1)
+        for name in [None, "A", "B", "C"]:
+            options: list[dict[str, Any]] = [
+                {"temperature": 0.0},
+                {"temperature": 0.8, "seed": 3, "top_logprobs": 2, "presence_penalty": 1.0},
+            ]
+            for option in options:
+                request = GenerationRequest(
+                    prompt_ids=prompt,
+                    max_tokens=3,
+                    adapter=name,
+                    adapter_path=adapters[name] if name else None,
+                    **option,
+                )
+                assert engine.generate(request, timeout=WAIT_S).completion_tokens == 3
 
 
 # ------------------------------------------------------------------------------------------------- penalties

@@ -5,14 +5,15 @@
 - `prefill` runs the prompts through `StaticLlama.prefill` (left-aligned rows, causal SDPA, the stacked LoRA
   of `lora.py` instead of peft's loop over adapter sub-batches), which writes each row's keys/values straight
   into its slot row (`slots.py`), and samples the first tokens as the dynamic path does;
-- `decode` pads the running rows to the next batch bucket (powers of two up to `max_batch_size`, from 2 when
-  compiled) and the attended columns to the next length bucket (multiples of 64; powers of two under CUDA
-  graphs, where each bucket is a captured graph), turns the per-row settings into tensors and runs
-  `step`: `StaticLlama` over the slots with the stacked LoRA of `lora.py`, then `sampling.choose_tokens`.
+- `decode` turns the per-row settings into tensors and runs `step`: `StaticLlama` over the slots with the
+  stacked LoRA of `lora.py`, then `sampling.choose_tokens`. The step runs at the exact batch size and reads
+  exactly the columns in use, except under CUDA graphs, where rows are padded to the next power of two and
+  columns to the next power of two from 64 (each such bucket is a captured graph).
   Padded rows are free slot rows past the batch; what they compute is dropped.
 
 With `compiled=True` the step is `torch.compile(fullgraph=True)` (mode "reduce-overhead", i.e. CUDA graphs,
-on CUDA) and `warm_up` compiles it for every bucket before the engine takes requests, logging the time.
+on CUDA) and `warm_up` compiles it before the engine takes requests (every bucket under CUDA graphs; one graph
+with symbolic sizes on CPU), logging the time.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +46,10 @@ from workers.inference.static.slots import SlotBatch, SlotStore
 log = logging.getLogger(__name__)
 
 LENGTH_STEP = 64
+# Each combination of the compiled step's flags is a graph (8 on CPU), and each shape the LoRA stacks grow to
+# (they never shrink: a rank step or new projections, a dozen times at most) is another set of them. Past
+# Dynamo's default limit of 8 per function, fullgraph=True would fail the requests instead.
+RECOMPILE_LIMIT = 128
 # The step's outputs: chosen tokens, their log-probabilities, and (ids, log-probabilities) of the top_k.
 StepOutput = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
 
@@ -60,6 +65,11 @@ def buckets(limit: int, start: int = 1) -> list[int]:
 
 def bucket_for(value: int, sizes: Sequence[int]) -> int:
     return next(size for size in sizes if size >= value)
+
+
+def spread(low: int, high: int) -> list[int]:
+    """`low`, `high` and one size between: the shapes a warm-up runs where sizes are symbolic."""
+    return sorted({low, (low + high) // 2, high})
 
 
 class StaticDecoder:
@@ -106,14 +116,19 @@ class StaticDecoder:
             max_len,
             sum(t.numel() * t.element_size() for t in (*self.store.keys, *self.store.values)) / 2**30,
         )
-        # Compiled: no bucket of 1, which dynamic shapes would specialise into a graph of its own.
-        self.batch_buckets = buckets(max(max_batch_size, 2), start=2 if compiled else 1)
-        # Attention reads every column of the bucket, so buckets are fine-grained (multiples of 64), except
-        # for CUDA graphs, where each bucket is a captured graph: powers of two keep those few.
-        if compiled and self.device.type == "cuda":
-            self.length_buckets = buckets(max_len, start=min(LENGTH_STEP, max_len))
+        # CUDA graphs replay one captured graph per (batch, length) bucket, so rows are padded to powers of two
+        # and columns to powers of two from 64: few graphs. Elsewhere the step runs at the exact batch size and
+        # reads exactly the columns in use (attention reads every column it is given): eager has no graphs,
+        # and the CPU-compiled step is one graph with symbolic sizes, except that rows and columns are at
+        # least 2, since dynamic shapes specialise a size of 1 into a graph of its own.
+        self.captured = compiled and self.device.type == "cuda"
+        if self.captured:
+            self.batch_buckets: list[int] | None = buckets(max(max_batch_size, 2), start=2)
+            self.length_buckets: list[int] | None = buckets(max_len, start=min(LENGTH_STEP, max_len))
         else:
-            self.length_buckets = [*range(LENGTH_STEP, max_len, LENGTH_STEP), max_len]
+            self.batch_buckets = self.length_buckets = None
+        self._min_size = 2 if compiled else 1
+        self.max_batch_size, self.max_len = max_batch_size, max_len
         self.compiled = compiled
         self._columns = torch.arange(max_len + 1, device=self.device)
         self._step: Callable[..., StepOutput] = self.step
@@ -122,7 +137,15 @@ class StaticDecoder:
                 for stored in (*self.store.keys, *self.store.values):
                     torch._dynamo.mark_static_address(stored)
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._step = torch.compile(self.step, fullgraph=True, dynamic=True, mode=mode)
+            # Sizes are static but for those `_inputs` marks dynamic (rows and columns): a symbolic head count or
+            # head size would cost codegen quality and invite duck-sizing specialisations (2 rows = 2 KV heads).
+            self._step = torch.compile(self.step, fullgraph=True, mode=mode)
+        # On CPU the compiled path compiles the prefill too (one graph with symbolic rows and width): eager, its
+        # many elementwise ops over [rows, width, hidden] and the per-adapter scatter of the LoRA deltas cost
+        # more than its matmuls. Under CUDA graphs prefill stays eager: its shapes vary too much to capture.
+        self._compiled_prefill: Callable[..., torch.Tensor] | None = None
+        if compiled and not self.captured:
+            self._compiled_prefill = torch.compile(self.prefill_forward, fullgraph=True)
 
     # --- the scheduler's surface ---------------------------------------------------------------------------
 
@@ -164,11 +187,17 @@ class StaticDecoder:
         for row, settings in constrained:  # this step's grammar mask joins the row's logit_bias
             self._write_bias(row, settings, constrained=True)
         ids = self._slot_ids(adapters)
+        penalize = any(row.penalized for row in sampling)
+        biased = bool(constrained) or any(row.bias for row in sampling)
+        if self.captured:  # one graph with both: next to a GPU step their ops cost nothing
+            penalize = biased = True
+        elif self.compiled:  # two graphs, with both and with neither: on CPU they cost every step, few rows ask
+            penalize = biased = penalize or biased
         uniform = uniform_draws(sampling)
         wanted = [row.top for row in sampling]
         ints, floats, columns = self._inputs(
-            bucket_for(rows, self.batch_buckets),
-            bucket_for(max(positions) + 1, self.length_buckets),
+            self._padded(rows, self.batch_buckets),
+            self._padded(max(positions) + 1, self.length_buckets),
             [last_tokens, positions, ids],
             [
                 [row.temperature for row in sampling],
@@ -183,8 +212,8 @@ class StaticDecoder:
             floats,
             columns,
             sample=any(row.generator is not None for row in sampling),
-            penalize=self.compiled or any(row.penalized for row in sampling),
-            biased=self.compiled or bool(constrained) or any(row.bias for row in sampling),
+            penalize=penalize,
+            biased=biased,
             with_lora=self.compiled or any(ids),  # compiled: one graph whatever the mix (zeros for base rows)
             # Compiled: two graphs, with the top 20 when any row asks for alternatives and without (few requests
             # do, and a top-k over the vocabulary would cost every step).
@@ -195,8 +224,16 @@ class StaticDecoder:
             top = (top[0][:rows], top[1][:rows])
         return to_host(chosen[:rows], logprobs[:rows], top, wanted)
 
+    def _padded(self, size: int, bucket_sizes: list[int] | None) -> int:
+        """`size` rows or columns as the step runs them: the next bucket under CUDA graphs, else exact."""
+        if bucket_sizes is not None:
+            return bucket_for(size, bucket_sizes)
+        return max(size, self._min_size)
+
     def _prefill_logits(self, prompts: list[list[int]], adapters: list[str], start: int) -> torch.Tensor:
         """`StaticLlama.prefill` of `prompts` (left-aligned, padded with token 0) into slot rows from `start`."""
+        if self._compiled_prefill is not None:
+            return self._run_compiled_prefill(prompts, self._slot_ids(adapters), start)
         width = max(len(prompt) for prompt in prompts)
         tokens = torch.tensor([prompt + [0] * (width - len(prompt)) for prompt in prompts], dtype=torch.long)
         last = torch.tensor([len(prompt) - 1 for prompt in prompts], dtype=torch.long)
@@ -214,6 +251,40 @@ class StaticDecoder:
             self.lora if groups else None,
             groups,
         )
+
+    def prefill_forward(
+        self,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        tokens: torch.Tensor,
+        last: torch.Tensor,
+        slot_rows: torch.Tensor,
+        adapter_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """The compiled prefill: `StaticLlama.prefill` into slot rows `slot_rows`, with every row's LoRA delta
+        in the stacked, masked form of the decode step (`adapter_ids`: each row's slot, 0 for the base)."""
+        use_lora = len(self.lora.a) > 0
+        mask = self.lora.row_mask(adapter_ids)[:, None, :] if use_lora else None
+        return self.model.prefill(keys, values, tokens, last, slot_rows, self.lora if use_lora else None, mask=mask)
+
+    def _run_compiled_prefill(self, prompts: list[list[int]], slot_ids: list[int], start: int) -> torch.Tensor:
+        """`prefill_forward` at sizes of at least 2 (as for the step): a lone prompt gets a padding row, written
+        to the free slot row after it; a one-token prompt a padding column, which no step reads."""
+        rows = len(prompts)
+        size = max(rows, self._min_size)
+        width = max(self._min_size, *(len(prompt) for prompt in prompts))
+        padded = [prompt + [0] * (width - len(prompt)) for prompt in prompts] + [[0] * width] * (size - rows)
+        tokens = torch.tensor(padded, dtype=torch.long).to(self.device)
+        last = torch.tensor([len(prompt) - 1 for prompt in prompts] + [0] * (size - rows)).to(self.device)
+        ids = torch.tensor(slot_ids + [BASE_SLOT] * (size - rows)).to(self.device)
+        slot_rows = torch.arange(start, start + size, device=self.device)
+        for tensor in (tokens, last, ids, slot_rows):
+            torch._dynamo.mark_dynamic(tensor, 0)
+        torch._dynamo.mark_dynamic(tokens, 1)
+        assert self._compiled_prefill is not None
+        _allow_recompiles()
+        logits = self._compiled_prefill(self.store.keys, self.store.values, tokens, last, slot_rows, ids)
+        return logits[:rows]
 
     def _write_bias(self, slot: int, settings: RowSampling, *, constrained: bool = False) -> None:
         """The slot's bias row: its request's logit_bias, plus (`constrained`) the grammar's mask of this step."""
@@ -273,13 +344,15 @@ class StaticDecoder:
     def _run_step(self, ints: torch.Tensor, floats: torch.Tensor, columns: torch.Tensor, **flags: Any) -> StepOutput:
         """The (possibly compiled) step on this decoder's slots and token counts."""
         store = self.store
+        if self.compiled:
+            _allow_recompiles()
         return self._step(store.keys, store.values, ints, floats, columns, store.counts, store.bias, **flags)
 
     def _inputs(
         self, size: int, length: int, ints: list[list[int]], floats: list[list[float]]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step's tensors for `size` padded rows: padding rows are token 0 at position 0 on the base model,
-        greedy. Sizes are marked dynamic, so one compiled graph serves every bucket."""
+        greedy."""
         padding = size - len(ints[0])
         int_rows = torch.tensor([row + [0] * padding for row in ints], dtype=torch.long)
         float_rows = torch.tensor(
@@ -289,38 +362,45 @@ class StaticDecoder:
         int_rows = int_rows.to(self.device, non_blocking=True)
         float_rows = float_rows.to(self.device, non_blocking=True)
         columns = self._columns[:length]
-        if self.compiled:
+        if self.compiled:  # one graph for every size (of at least 2: a size of 1 would specialise)
             torch._dynamo.mark_dynamic(int_rows, 1)
             torch._dynamo.mark_dynamic(float_rows, 1)
             torch._dynamo.mark_dynamic(columns, 0)
         return int_rows, float_rows, columns
 
     def warm_up(self) -> float:
-        """Run (compile, when compiled) the step for every batch and length bucket, greedy and sampling (compiled:
-        with and without the top alternatives); returns the seconds taken."""
+        """Run (compile, when compiled) the step before the engine takes requests, greedy and sampling; compiled,
+        also with and without the top alternatives and (on CPU) with and without penalties and biases. Under
+        CUDA graphs for every batch and length bucket, else at the smallest, a middle and the largest sizes (a
+        graph with symbolic sizes serves them all). Compiled on CPU, also the prefill. Returns the seconds."""
         start = time.perf_counter()
         tops = (0, MAX_TOP_LOGPROBS) if self.compiled else (0,)
-        for size, length, sample, top_k in itertools.product(
-            self.batch_buckets, self.length_buckets, (False, True), tops
-        ):
+        adjusted = (True,) if self.captured else (False, True) if self.compiled else (False,)
+        sizes = self.batch_buckets or spread(self._min_size, self.max_batch_size)
+        lengths = self.length_buckets or spread(self._min_size, self.max_len)
+        shapes = unequal_first(itertools.product(sizes, lengths))
+        for (size, length), sample, top_k, adjust in itertools.product(shapes, (False, True), tops, adjusted):
             ints, floats, columns = self._inputs(size, length, [[], [], []], [[]] * 5)
             self._run_step(
                 ints,
                 floats,
                 columns,
                 sample=sample,
-                penalize=self.compiled,
-                biased=self.compiled,
+                penalize=adjust,
+                biased=adjust,
                 with_lora=self.compiled,
                 top_k=top_k,
             )
+        if self._compiled_prefill is not None:
+            for size, width in unequal_first(itertools.product(sizes, spread(self._min_size, LENGTH_STEP))):
+                self._run_compiled_prefill([[0] * width] * size, [BASE_SLOT] * size, 0)
         self.store.clear()
         seconds = time.perf_counter() - start
         log.info(
             "static decode step %s for batch sizes %s x lengths %s in %.1fs",
             "compiled" if self.compiled else "warmed up",
-            self.batch_buckets,
-            self.length_buckets,
+            sizes,
+            lengths,
             seconds,
         )
         return seconds
@@ -330,3 +410,16 @@ class StaticDecoder:
             self.lora.sync(self._layers, self.adapters.loaded())
             self._lora_version = self.adapters.version
         return self.lora.slot_ids(adapters, BASE_ADAPTER)
+
+
+def _allow_recompiles() -> None:
+    """Raise Dynamo's recompile limit to RECOMPILE_LIMIT for the calling thread (its config is per thread)."""
+    if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+
+
+def unequal_first(shapes: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`shapes` with the pairs of two different sizes first. Dynamo's duck sizing gives two sizes that are equal
+    when a graph compiles one symbol, so a graph first compiled at, say, 2 rows x 2 columns would serve only
+    square batches. (Turning duck sizing off made each compile several times slower.)"""
+    return sorted(shapes, key=lambda shape: shape[0] == shape[1])

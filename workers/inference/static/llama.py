@@ -193,21 +193,26 @@ class StaticLlama(nn.Module):
         values: list[torch.Tensor],
         tokens: torch.Tensor,
         last: torch.Tensor,
-        start: int,
+        rows_at: int | torch.Tensor,
         lora: LoraStacks | None = None,
         groups: Sequence[tuple[int, torch.Tensor]] = (),
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (float32, [B, vocab]) after each row's prompt. `tokens` [B, T] holds row b's prompt in its first
         `last[b] + 1` columns (the rest is padding, any token); its keys/values go to columns 0..T-1 of slot row
-        `start + b`. Columns past a prompt get the padding's keys/values, which no decode step reads: a step
-        writes its row's position before attending to it and masks every column after it.
+        `rows_at + b` (an int), or of slot row `rows_at[b]` (a tensor: the compiled form, which writes with
+        `index_put_` on the whole per-layer tensors, as `forward` does). Columns past a prompt get the padding's
+        keys/values, which no decode step reads: a step writes its row's position before attending to it and
+        masks every column after it.
 
         Rows are left-aligned, so every row sees positions 0..T-1 and plain causal attention is exact for its
-        prompt. `lora` with `groups` (`(slot, rows)` per adapter in the batch) adds each adapter's delta to its
-        rows (`LoraStacks.add_grouped_delta`)."""
+        prompt. `lora` adds each row's adapter delta: with `groups` (`(slot, rows)` per adapter in the batch)
+        per adapter over its rows (`LoraStacks.add_grouped_delta`, eager), with `mask` ([B, 1, slots * rank],
+        `LoraStacks.row_mask`) as the decode step does (one graph whatever the mix, compiled)."""
         rows, width = tokens.shape
         cos = self.cos[:width][None, :, None, :]  # [1, T, 1, head_dim]
         sin = self.sin[:width][None, :, None, :]
+        write_at: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         x = self.embed(tokens)
         for index, layer in enumerate(self.layers):
             assert isinstance(layer, StaticLayer)
@@ -216,7 +221,10 @@ class StaticLlama(nn.Module):
                 name: str, inputs: torch.Tensor, layer: StaticLayer = layer, index: int = index
             ) -> torch.Tensor:
                 out: torch.Tensor = layer.projections[name](inputs)
-                if lora is not None:
+                if lora is not None and mask is not None:
+                    if lora.adapts(index, name):
+                        out = out + lora.delta(index, name, inputs, mask)
+                elif lora is not None:
                     out = lora.add_grouped_delta(index, name, inputs, out, groups)
                 return out
 
@@ -229,8 +237,15 @@ class StaticLlama(nn.Module):
             q = (q * cos + _rotate_half(q) * sin).transpose(1, 2)  # [B, heads, T, head_dim]
             k = (k * cos + _rotate_half(k) * sin).transpose(1, 2)
             v = v.transpose(1, 2)
-            keys[index][start : start + rows, :, :width].copy_(k)
-            values[index][start : start + rows, :, :width].copy_(v)
+            if isinstance(rows_at, int):
+                keys[index][rows_at : rows_at + rows, :, :width].copy_(k)
+                values[index][rows_at : rows_at + rows, :, :width].copy_(v)
+            else:
+                if write_at is None:
+                    head_index = torch.arange(self.kv_heads, device=tokens.device)[None, :, None]
+                    write_at = (rows_at[:, None, None], head_index, torch.arange(width, device=tokens.device))
+                keys[index].index_put_(write_at, k)
+                values[index].index_put_(write_at, v)
             window_mask = None
             if layer.window is not None:
                 query = torch.arange(width, device=tokens.device)[:, None]
