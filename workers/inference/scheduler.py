@@ -9,7 +9,8 @@ Each engine iteration (`Scheduler.step`):
    their first token, and merges that cache into the running one (`kv.PaddedKV`: the shorter side is
    left-padded along the sequence axis);
 3. runs one decode step for every running row: the last sampled token of each row, its own position id,
-   and the batch mask grown by one column;
+   and the batch mask grown by one column (the compiled static path runs a few steps per call, feeding each
+   step's tokens to the next on the device: `_chunk`);
 4. streams the new text of each row (`text.py`), and removes finished rows right away (`index_select` on
    the cache, then the columns no remaining row uses are trimmed off the left).
 
@@ -236,33 +237,51 @@ class Scheduler:
         self.running.extend(sequences[row] for row in order)
 
     def _decode(self) -> None:
-        """One token for every running row."""
+        """One token for every running row, or a few (`_chunk`) where the decoder takes several per call."""
         rows = self.running
         assert self.kv is not None and self.kv.batch_size == len(rows)
+        chunk = self._chunk(rows)
         try:
-            sampled = self._runner.decode(
+            inputs = (
                 self.kv,
                 [s.generated[-1] for s in rows],
                 [s.position for s in rows],
                 [s.adapter for s in rows],
                 [s.sampling for s in rows],
-                [s.generated for s in rows],
             )
+            if chunk > 1:
+                steps = self._runner.decode_steps(*inputs, chunk)  # type: ignore[attr-defined]
+            else:
+                steps = [self._runner.decode(*inputs, [s.generated for s in rows])]
         except Exception as exc:
             # The cache may hold this step for some layers only: the whole batch is lost.
             self.running, self.kv = [], None
             self.fail(rows, exc)
             return
-        self._stats.record_decode(len(rows), len(rows))
-        keep = []
-        for row, (sequence, token, logprob, top) in enumerate(
-            zip(rows, sampled.tokens, sampled.logprobs, sampled.tops, strict=True)
-        ):
-            sequence.position += 1
-            if not self._accept(sequence, token, logprob, top):
+        keep, accepted = [], [0] * len(steps)
+        for row, sequence in enumerate(rows):
+            for step, sampled in enumerate(steps):
+                sequence.position += 1
+                accepted[step] += 1
+                if self._accept(sequence, sampled.tokens[row], sampled.logprobs[row], sampled.tops[row]):
+                    break  # finished: the tokens of later steps are dropped
+            else:
                 keep.append(row)
+        for tokens in accepted:
+            if tokens:  # a step past the end of every row's output decoded nothing
+                self._stats.record_decode(len(rows), tokens)
         if len(keep) < len(rows):
             self._retain(keep)
+
+    def _chunk(self, rows: list[SequenceState]) -> int:
+        """Tokens to decode in this call: the decoder's `chunk`, but one while requests wait to be admitted (a
+        chunk would delay their first token) or a row follows a grammar (the host masks every token), and no
+        more than any row still wants."""
+        chunk: int = getattr(self._runner, "chunk", 1)
+        admitting = bool(self.waiting) and len(rows) < self.max_batch_size
+        if chunk == 1 or admitting or any(s.sampling.constraint is not None for s in rows):
+            return 1
+        return max(1, min(chunk, max(s.max_new - len(s.generated) for s in rows)))
 
     # --- finishing ---------------------------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ def test_every_row_equals_its_solo_answer_on_the_dynamic_path(tiny_model: Path, 
     assert max(histogram) > 1 and len(histogram) > 2, histogram  # batched, and the batch size changed
 
 
-@pytest.mark.parametrize("decode", ["dynamic", "static"])
+@pytest.mark.parametrize("decode", ["dynamic", "static", "compiled"])
 def test_logprobs_match_a_teacher_forced_forward(tiny_model: Path, adapters: dict[str, Path], decode: str) -> None:
     """The chosen tokens' log-probabilities and the top-4 alternatives of each step, against a peft forward."""
     with InferenceEngine(tiny_model, max_batch_size=4, decode=decode) as engine:  # type: ignore[arg-type]
@@ -119,7 +119,10 @@ def test_logprobs_match_a_teacher_forced_forward(tiny_model: Path, adapters: dic
     torch.testing.assert_close(got, values, atol=LOGPROB_ATOL, rtol=0)
 
 
-def test_sampled_rows_reproduce_the_dynamic_path_with_the_same_seed(tiny_model: Path) -> None:
+@pytest.mark.parametrize("decode", ["static", "compiled"])
+def test_sampled_rows_reproduce_the_dynamic_path_with_the_same_seed(tiny_model: Path, decode: str) -> None:
+    """Compiled, several steps run per call: each step still takes its own draw from each row's generator."""
+
     def sampled(engine: InferenceEngine, seed: int) -> GenerationRequest:
         return GenerationRequest(
             prompt_ids=chat_prompt(engine, seed), max_tokens=10, temperature=0.9, top_p=0.9, seed=seed
@@ -127,11 +130,46 @@ def test_sampled_rows_reproduce_the_dynamic_path_with_the_same_seed(tiny_model: 
 
     with InferenceEngine(tiny_model, decode="dynamic") as dynamic:
         expected = [dynamic.generate(sampled(dynamic, s), timeout=WAIT_S).token_ids for s in range(4)]
-    with InferenceEngine(tiny_model, decode="static") as static:
+    with InferenceEngine(tiny_model, decode=decode) as static:  # type: ignore[arg-type]
         handles = [static.submit(sampled(static, s)) for s in range(4)]
         handles += [static.submit(greedy(chat_prompt(static, 9), 10))]  # a greedy row in the same batch
         got = [h.result(WAIT_S).token_ids for h in handles[:4]]
     assert got == expected
+
+
+def test_compiled_path_decodes_several_steps_per_call_and_ends_rows_where_they_end(tiny_model: Path) -> None:
+    """The compiled path runs a few steps per call; a row that meets a stop string, EOS or its max_tokens
+    inside a call ends exactly there (same text, tokens and finish reason as the dynamic path), and its stream
+    adds up to its text."""
+    with InferenceEngine(tiny_model, decode="dynamic") as dynamic:
+        free = dynamic.generate(greedy(chat_prompt(dynamic, 5), 24), timeout=WAIT_S)
+        stop = free.text[len(free.text) // 2 :][:3]  # ends a row in the middle of the run
+        assert stop.strip(), free.text
+        requests = [
+            greedy(chat_prompt(dynamic, 5), 24, stop=[stop]),
+            greedy(chat_prompt(dynamic, 6), 7),  # a max_tokens that is not a multiple of the chunk
+            greedy(chat_prompt(dynamic, 7), 30),
+        ]
+        expected = [dynamic.generate(r, timeout=WAIT_S) for r in requests]
+    assert expected[0].finish_reason == "stop"
+    with InferenceEngine(tiny_model, decode="compiled") as compiled:
+        before = compiled.stats()["decode_steps"]
+        calls: list[int] = []
+        original = compiled._scheduler._runner.decode_steps  # type: ignore[attr-defined]
+
+        def counting(*args: Any) -> Any:
+            calls.append(args[-1])
+            return original(*args)
+
+        compiled._scheduler._runner.decode_steps = counting  # type: ignore[attr-defined]
+        handles = [compiled.submit(r) for r in requests]
+        streamed = ["".join(handles[0])]
+        got = [h.result(WAIT_S) for h in handles]
+        steps = compiled.stats()["decode_steps"] - before
+    assert max(calls) > 1 and steps > len(calls)  # several steps per call
+    for ours, theirs in zip(got, expected, strict=True):
+        assert (ours.text, ours.token_ids, ours.finish_reason) == (theirs.text, theirs.token_ids, theirs.finish_reason)
+    assert streamed == [got[0].text]
 
 
 # ----------------------------------------------------------------------------------------- model families
@@ -364,7 +402,7 @@ def test_compiled_engine_serves_every_option_as_the_lora_stacks_grow(
 # ------------------------------------------------------------------------------------------------- penalties
 
 
-@pytest.mark.parametrize("decode", ["dynamic", "static"])
+@pytest.mark.parametrize("decode", ["dynamic", "static", "compiled"])
 def test_presence_and_frequency_penalties_apply_as_openai_defines_them(tiny_model: Path, decode: str) -> None:
     """Each chosen token is the argmax of `logit - frequency * count - presence * (count > 0)` over the tokens
     generated before it (checked against a teacher-forced forward); logprobs stay the model's own. Plain rows
@@ -408,7 +446,7 @@ def test_presence_and_frequency_penalties_apply_as_openai_defines_them(tiny_mode
         counts[token] += 1
 
 
-@pytest.mark.parametrize("decode", ["dynamic", "static"])
+@pytest.mark.parametrize("decode", ["dynamic", "static", "compiled"])
 def test_logit_bias_bans_and_forces_tokens_per_row(tiny_model: Path, decode: str) -> None:
     """-100 on a token means it never appears; +100 makes it the only choice; rows without a bias (even in a
     slot a biased request used before) answer as they do alone; an id outside the vocabulary is refused."""

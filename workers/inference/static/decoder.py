@@ -50,6 +50,7 @@ LENGTH_STEP = 64
 # (they never shrink: a rank step or new projections, a dozen times at most) is another set of them. Past
 # Dynamo's default limit of 8 per function, fullgraph=True would fail the requests instead.
 RECOMPILE_LIMIT = 128
+DECODE_CHUNK = 8  # tokens per compiled decode call (see StaticDecoder.chunk)
 # The step's outputs: chosen tokens, their log-probabilities, and (ids, log-probabilities) of the top_k.
 StepOutput = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
 
@@ -130,6 +131,9 @@ class StaticDecoder:
         self._min_size = 2 if compiled else 1
         self.max_batch_size, self.max_len = max_batch_size, max_len
         self.compiled = compiled
+        # Tokens per decode call (`decode_steps`): the compiled step's host work (inputs, guards, reading the
+        # outputs) is a large share of a step on CPU and leaves a GPU idle, so it is spread over several tokens.
+        self.chunk = DECODE_CHUNK if compiled else 1
         self._columns = torch.arange(max_len + 1, device=self.device)
         self._step: Callable[..., StepOutput] = self.step
         if compiled:
@@ -181,9 +185,28 @@ class StaticDecoder:
     ) -> Sampled:
         """One token for every row of `batch` (the running rows, slot rows 0..n-1). Penalties read the token
         counts the slots keep (`history` is the dynamic path's way to the same numbers)."""
+        return self.decode_steps(batch, last_tokens, positions, adapters, sampling, 1)[0]
+
+    def decode_steps(
+        self,
+        batch: SlotBatch,
+        last_tokens: list[int],
+        positions: list[int],
+        adapters: list[str],
+        sampling: list[RowSampling],
+        steps: int,
+    ) -> list[Sampled]:
+        """Up to `steps` tokens for every row (fewer where the slots run out of columns), one `Sampled` per step.
+        Each step's tokens feed the next on the device, so the steps cost one set of inputs, and the host reads
+        them all at the end. A row that finishes after step j gets tokens for the later steps as well; the
+        scheduler drops them (they cost compute only: the row leaves its slot). A grammar needs the host between
+        tokens, so constrained rows take one step at a time."""
         rows = len(last_tokens)
         assert batch.start == 0 and batch.size == rows
         constrained = [(row, settings) for row, settings in enumerate(sampling) if settings.constraint is not None]
+        if constrained and steps > 1:
+            raise ValueError("rows with a grammar decode one step at a time")
+        steps = max(1, min(steps, self.max_len - max(positions)))
         for row, settings in constrained:  # this step's grammar mask joins the row's logit_bias
             self._write_bias(row, settings, constrained=True)
         ids = self._slot_ids(adapters)
@@ -193,8 +216,17 @@ class StaticDecoder:
             penalize = biased = True
         elif self.compiled:  # two graphs, with both and with neither: on CPU they cost every step, few rows ask
             penalize = biased = penalize or biased
-        uniform = uniform_draws(sampling)
+        sample = any(row.generator is not None for row in sampling)
         wanted = [row.top for row in sampling]
+        flags: dict[str, Any] = {
+            "sample": sample,
+            "penalize": penalize,
+            "biased": biased,
+            "with_lora": self.compiled or any(ids),  # compiled: one graph whatever the mix (zeros for base rows)
+            # Compiled: two graphs, with the top 20 when any row asks for alternatives and without (few requests
+            # do, and a top-k over the vocabulary would cost every step).
+            "top_k": (MAX_TOP_LOGPROBS if any(wanted) else 0) if self.compiled else max(wanted),
+        }
         ints, floats, columns = self._inputs(
             self._padded(rows, self.batch_buckets),
             self._padded(max(positions) + 1, self.length_buckets),
@@ -202,27 +234,27 @@ class StaticDecoder:
             [
                 [row.temperature for row in sampling],
                 [row.top_p for row in sampling],
-                uniform,
+                uniform_draws(sampling),
                 [row.presence for row in sampling],
                 [row.frequency for row in sampling],
             ],
         )
-        chosen, logprobs, top = self._run_step(
-            ints,
-            floats,
-            columns,
-            sample=any(row.generator is not None for row in sampling),
-            penalize=penalize,
-            biased=biased,
-            with_lora=self.compiled or any(ids),  # compiled: one graph whatever the mix (zeros for base rows)
-            # Compiled: two graphs, with the top 20 when any row asks for alternatives and without (few requests
-            # do, and a top-k over the vocabulary would cost every step).
-            top_k=(MAX_TOP_LOGPROBS if any(wanted) else 0) if self.compiled else max(wanted),
-        )
-        self.store.used_columns = max(self.store.used_columns, max(positions) + 1)
-        if top is not None:
-            top = (top[0][:rows], top[1][:rows])
-        return to_host(chosen[:rows], logprobs[:rows], top, wanted)
+        outputs: list[StepOutput] = []
+        for step in range(steps):
+            if step:
+                chosen = outputs[-1][0]
+                ints = torch.stack((chosen, ints[1] + 1, ints[2]))
+                if sample:  # each step's draw from each row's own generator, in order
+                    floats = floats.clone()
+                    floats[2, :rows] = torch.tensor(uniform_draws(sampling), dtype=floats.dtype).to(self.device)
+                columns = self._columns[: self._padded(max(positions) + 1 + step, self.length_buckets)]
+                self._mark_dynamic(ints, floats, columns)
+            outputs.append(self._run_step(ints, floats, columns, **flags))
+        self.store.used_columns = max(self.store.used_columns, max(positions) + steps)
+        return [
+            to_host(chosen[:rows], logprobs[:rows], None if top is None else (top[0][:rows], top[1][:rows]), wanted)
+            for chosen, logprobs, top in outputs
+        ]
 
     def _padded(self, size: int, bucket_sizes: list[int] | None) -> int:
         """`size` rows or columns as the step runs them: the next bucket under CUDA graphs, else exact."""
@@ -362,11 +394,16 @@ class StaticDecoder:
         int_rows = int_rows.to(self.device, non_blocking=True)
         float_rows = float_rows.to(self.device, non_blocking=True)
         columns = self._columns[:length]
-        if self.compiled:  # one graph for every size (of at least 2: a size of 1 would specialise)
-            torch._dynamo.mark_dynamic(int_rows, 1)
-            torch._dynamo.mark_dynamic(float_rows, 1)
-            torch._dynamo.mark_dynamic(columns, 0)
+        self._mark_dynamic(int_rows, float_rows, columns)
         return int_rows, float_rows, columns
+
+    def _mark_dynamic(self, ints: torch.Tensor, floats: torch.Tensor, columns: torch.Tensor) -> None:
+        """Compiled: the step's rows and columns are symbolic, so one graph serves every size (of at least 2:
+        a size of 1 would specialise)."""
+        if self.compiled:
+            torch._dynamo.mark_dynamic(ints, 1)
+            torch._dynamo.mark_dynamic(floats, 1)
+            torch._dynamo.mark_dynamic(columns, 0)
 
     def warm_up(self) -> float:
         """Run (compile, when compiled) the step before the engine takes requests, greedy and sampling; compiled,
