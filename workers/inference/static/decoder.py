@@ -255,7 +255,11 @@ class StaticDecoder:
                     floats[2, :rows] = torch.tensor(uniform_draws(sampling), dtype=floats.dtype).to(self.device)
                 columns = self._columns[: self._padded(max(positions) + 1 + step, self.length_buckets)]
                 self._mark_dynamic(ints, floats, columns)
-            outputs.append(self._run_step(ints, floats, columns, **flags))
+            chosen, logprobs, top = self._run_step(ints, floats, columns, **flags)
+            if self.captured:  # a CUDA-graph replay reuses its output memory: keep this step's before the next
+                chosen, logprobs = chosen.clone(), logprobs.clone()
+                top = None if top is None else (top[0].clone(), top[1].clone())
+            outputs.append((chosen, logprobs, top))
         self.store.used_columns = max(self.store.used_columns, max(positions) + steps)
         return [
             to_host(chosen[:rows], logprobs[:rows], None if top is None else (top[0][:rows], top[1][:rows]), wanted)
