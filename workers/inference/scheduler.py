@@ -126,6 +126,7 @@ class Scheduler:
         self.running: list[SequenceState] = []  # row order of `kv`
         self.kv: BatchKV | None = None
         self._finished: list[tuple[GenerationHandle, GenerationResult]] = []
+        self._deferred = 0  # requests put back this iteration to wait for an adapter slot (front of `waiting`)
 
     def adapters_in_use(self) -> set[str]:
         """Adapters of the running rows (BASE_ADAPTER included when a row uses the base model)."""
@@ -205,6 +206,7 @@ class Scheduler:
         if deferred:
             with self._cond:
                 self.waiting.extendleft(reversed(deferred))
+        self._deferred = len(deferred)
         return ready
 
     def _prefill(self, sequences: list[SequenceState]) -> None:
@@ -261,6 +263,8 @@ class Scheduler:
         keep, accepted = [], [0] * len(steps)
         for row, sequence in enumerate(rows):
             for step, sampled in enumerate(steps):
+                if step and self._finish_if_cancelled(sequence):
+                    break  # cancelled while this call ran: nothing more streams
                 sequence.position += 1
                 accepted[step] += 1
                 if self._accept(sequence, sampled.tokens[row], sampled.logprobs[row], sampled.tops[row]):
@@ -278,7 +282,9 @@ class Scheduler:
         chunk would delay their first token) or a row follows a grammar (the host masks every token), and no
         more than any row still wants."""
         chunk: int = getattr(self._runner, "chunk", 1)
-        admitting = bool(self.waiting) and len(rows) < self.max_batch_size
+        # Requests that arrived since this iteration took the queue (not those waiting for an adapter slot,
+        # which may wait for whole generations).
+        admitting = len(self.waiting) > self._deferred and len(rows) < self.max_batch_size
         if chunk == 1 or admitting or any(s.sampling.constraint is not None for s in rows):
             return 1
         return max(1, min(chunk, max(s.max_new - len(s.generated) for s in rows)))

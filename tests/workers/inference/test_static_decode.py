@@ -7,6 +7,7 @@ static step sums attention in another order than SDPA, ~1e-6 relative on these l
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,34 @@ def test_compiled_path_decodes_several_steps_per_call_and_ends_rows_where_they_e
     for ours, theirs in zip(got, expected, strict=True):
         assert (ours.text, ours.token_ids, ours.finish_reason) == (theirs.text, theirs.token_ids, theirs.finish_reason)
     assert streamed == [got[0].text]
+
+
+def test_a_request_waiting_for_an_adapter_slot_does_not_stop_multi_step_decode(
+    tiny_model: Path, adapters: dict[str, Path]
+) -> None:
+    """A newly arrived request makes the next call decode one step (its first token comes sooner), but one put
+    back to wait for an adapter slot (here: the only slot is in use) may wait a whole generation: the running
+    rows keep decoding several steps per call meanwhile."""
+    with InferenceEngine(tiny_model, max_adapters=1, decode="compiled") as engine:
+        calls: list[int] = []
+        original = engine._scheduler._runner.decode_steps  # type: ignore[attr-defined]
+
+        def counting(*args: Any) -> Any:
+            calls.append(args[-1])
+            return original(*args)
+
+        engine._scheduler._runner.decode_steps = counting  # type: ignore[attr-defined]
+        prompt = chat_prompt(engine, 2)
+        running = engine.submit(greedy(prompt, 60, adapter="A", adapter_path=adapters["A"], ignore_eos=True))
+        deadline = time.monotonic() + WAIT_S
+        while not calls and time.monotonic() < deadline:  # A is decoding
+            time.sleep(0.005)
+        waiting = engine.submit(greedy(prompt, 4, adapter="B", adapter_path=adapters["B"]))
+        assert running.result(WAIT_S).completion_tokens == 60
+        waited = len(calls)
+        assert waiting.result(WAIT_S).completion_tokens == 4
+    assert waited >= 2 and sum(calls[:waited]) > waited  # several steps per call while B waited
+    assert max(calls[1:waited]) > 1
 
 
 # ----------------------------------------------------------------------------------------- model families

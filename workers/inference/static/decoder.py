@@ -137,8 +137,8 @@ class StaticDecoder:
         self._columns = torch.arange(max_len + 1, device=self.device)
         self._step: Callable[..., StepOutput] = self.step
         if compiled:
-            if self.device.type == "cuda":
-                for stored in (*self.store.keys, *self.store.values):
+            if self.device.type == "cuda":  # tensors the step writes: CUDA graphs must see them at fixed addresses
+                for stored in (*self.store.keys, *self.store.values, self.store.counts, self.store.bias):
                     torch._dynamo.mark_static_address(stored)
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             # Sizes are static but for those `_inputs` marks dynamic (rows and columns): a symbolic head count or
