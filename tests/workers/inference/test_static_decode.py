@@ -138,6 +138,20 @@ def test_sampled_rows_reproduce_the_dynamic_path_with_the_same_seed(tiny_model: 
     assert got == expected
 
 
+def _record_decode_calls(engine: InferenceEngine) -> list[int]:
+    """The steps asked of each multi-step decode call of `engine`'s static decoder, appended as they happen."""
+    calls: list[int] = []
+    decoder = engine._scheduler._runner
+    original = decoder.decode_steps  # type: ignore[attr-defined]
+
+    def recording(*args: Any) -> Any:
+        calls.append(args[-1])
+        return original(*args)
+
+    decoder.decode_steps = recording  # type: ignore[attr-defined]
+    return calls
+
+
 def test_compiled_path_decodes_several_steps_per_call_and_ends_rows_where_they_end(tiny_model: Path) -> None:
     """The compiled path runs a few steps per call; a row that meets a stop string, EOS or its max_tokens
     inside a call ends exactly there (same text, tokens and finish reason as the dynamic path), and its stream
@@ -155,14 +169,7 @@ def test_compiled_path_decodes_several_steps_per_call_and_ends_rows_where_they_e
     assert expected[0].finish_reason == "stop"
     with InferenceEngine(tiny_model, decode="compiled") as compiled:
         before = compiled.stats()["decode_steps"]
-        calls: list[int] = []
-        original = compiled._scheduler._runner.decode_steps  # type: ignore[attr-defined]
-
-        def counting(*args: Any) -> Any:
-            calls.append(args[-1])
-            return original(*args)
-
-        compiled._scheduler._runner.decode_steps = counting  # type: ignore[attr-defined]
+        calls = _record_decode_calls(compiled)
         handles = [compiled.submit(r) for r in requests]
         streamed = ["".join(handles[0])]
         got = [h.result(WAIT_S) for h in handles]
@@ -180,14 +187,7 @@ def test_a_request_waiting_for_an_adapter_slot_does_not_stop_multi_step_decode(
     back to wait for an adapter slot (here: the only slot is in use) may wait a whole generation: the running
     rows keep decoding several steps per call meanwhile."""
     with InferenceEngine(tiny_model, max_adapters=1, decode="compiled") as engine:
-        calls: list[int] = []
-        original = engine._scheduler._runner.decode_steps  # type: ignore[attr-defined]
-
-        def counting(*args: Any) -> Any:
-            calls.append(args[-1])
-            return original(*args)
-
-        engine._scheduler._runner.decode_steps = counting  # type: ignore[attr-defined]
+        calls = _record_decode_calls(engine)
         prompt = chat_prompt(engine, 2)
         running = engine.submit(greedy(prompt, 60, adapter="A", adapter_path=adapters["A"], ignore_eos=True))
         deadline = time.monotonic() + WAIT_S
