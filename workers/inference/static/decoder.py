@@ -276,9 +276,7 @@ class StaticDecoder:
         """`StaticLlama.prefill` of `prompts` (left-aligned, padded with token 0) into slot rows from `start`."""
         if self._compiled_prefill is not None:
             return self._run_compiled_prefill(prompts, self._slot_ids(adapters), start)
-        width = max(len(prompt) for prompt in prompts)
-        tokens = torch.tensor([prompt + [0] * (width - len(prompt)) for prompt in prompts], dtype=torch.long)
-        last = torch.tensor([len(prompt) - 1 for prompt in prompts], dtype=torch.long)
+        tokens, last = self._prompt_batch(prompts, len(prompts), max(len(prompt) for prompt in prompts))
         rows_of: dict[int, list[int]] = {}
         for row, slot in enumerate(self._slot_ids(adapters)):
             if slot != BASE_SLOT:
@@ -287,8 +285,8 @@ class StaticDecoder:
         return self.model.prefill(
             self.store.keys,
             self.store.values,
-            tokens.to(self.device),
-            last.to(self.device),
+            tokens,
+            last,
             start,
             self.lora if groups else None,
             groups,
@@ -314,10 +312,7 @@ class StaticDecoder:
         to the free slot row after it; a one-token prompt a padding column, which no step reads."""
         rows = len(prompts)
         size = max(rows, self._min_size)
-        width = max(self._min_size, *(len(prompt) for prompt in prompts))
-        padded = [prompt + [0] * (width - len(prompt)) for prompt in prompts] + [[0] * width] * (size - rows)
-        tokens = torch.tensor(padded, dtype=torch.long).to(self.device)
-        last = torch.tensor([len(prompt) - 1 for prompt in prompts] + [0] * (size - rows)).to(self.device)
+        tokens, last = self._prompt_batch(prompts, size, max(self._min_size, *(len(prompt) for prompt in prompts)))
         ids = torch.tensor(slot_ids + [BASE_SLOT] * (size - rows)).to(self.device)
         slot_rows = torch.arange(start, start + size, device=self.device)
         for tensor in (tokens, last, ids, slot_rows):
@@ -327,6 +322,15 @@ class StaticDecoder:
         _allow_recompiles()
         logits = self._compiled_prefill(self.store.keys, self.store.values, tokens, last, slot_rows, ids)
         return logits[:rows]
+
+    def _prompt_batch(self, prompts: list[list[int]], size: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`prompts` left-aligned in `size` rows of `width` tokens (padding: token 0, and whole rows of it past
+        the prompts), and each row's last prompt column (0 for padding rows)."""
+        padding_rows = size - len(prompts)
+        padded = [prompt + [0] * (width - len(prompt)) for prompt in prompts] + [[0] * width] * padding_rows
+        tokens = torch.tensor(padded, dtype=torch.long).to(self.device)
+        last = torch.tensor([len(prompt) - 1 for prompt in prompts] + [0] * padding_rows, dtype=torch.long)
+        return tokens, last.to(self.device)
 
     def _write_bias(self, slot: int, settings: RowSampling, *, constrained: bool = False) -> None:
         """The slot's bias row: its request's logit_bias, plus (`constrained`) the grammar's mask of this step."""

@@ -214,7 +214,9 @@ class StaticLlama(nn.Module):
         rows, width = tokens.shape
         cos = self.cos[:width][None, :, None, :]  # [1, T, 1, head_dim]
         sin = self.sin[:width][None, :, None, :]
-        write_at: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if not isinstance(rows_at, int):  # [B, kv_heads, T] indices of every key/value this prefill writes
+            head_index = torch.arange(self.kv_heads, device=tokens.device)[None, :, None]
+            write_at = (rows_at[:, None, None], head_index, torch.arange(width, device=tokens.device))
         x = self.embed(tokens)
         for index, layer in enumerate(self.layers):
             assert isinstance(layer, StaticLayer)
@@ -243,9 +245,6 @@ class StaticLlama(nn.Module):
                 keys[index][rows_at : rows_at + rows, :, :width].copy_(k)
                 values[index][rows_at : rows_at + rows, :, :width].copy_(v)
             else:
-                if write_at is None:
-                    head_index = torch.arange(self.kv_heads, device=tokens.device)[None, :, None]
-                    write_at = (rows_at[:, None, None], head_index, torch.arange(width, device=tokens.device))
                 keys[index].index_put_(write_at, k)
                 values[index].index_put_(write_at, v)
             window_mask = None
