@@ -53,15 +53,45 @@ def _check_services() -> None:
         pytest.exit(f"Redis is not reachable at {REDIS_BASE}: {exc}", returncode=2)
 
 
-# In-process tests (API through TestClient, services) share one database and Redis db 11; the e2e
-# stack uses the next db. STUDIO_TEST_REDIS_DB moves both, so two suites can run side by side.
+# Redis dbs are a shared resource: a suite flushes its own at start, and its Celery workers take any
+# task in theirs. So each run claims a free pair (in-process tests, then the e2e stack) with a key in
+# db 0 that lives as long as a run may; two suites on one machine (a local run beside CI) stay apart.
+REDIS_CLAIM_TTL_S = 3 * 3600
+REDIS_PAIRS = range(2, 16, 2)
+
+
+def _claim_redis_pair() -> int:
+    import redis
+
+    pinned = os.environ.get("STUDIO_TEST_REDIS_DB")
+    if pinned is not None:
+        return int(pinned)
+    client = redis.Redis.from_url(f"{REDIS_BASE}/0", socket_connect_timeout=3)
+    for first in REDIS_PAIRS:
+        if client.set(f"studio-test:redis-pair:{first}", RUN_ID, nx=True, ex=REDIS_CLAIM_TTL_S):
+            return first
+    pytest.exit(f"every Redis db pair at {REDIS_BASE} is claimed by another test run", returncode=2)
+
+
+def _release_redis_pair(first: int) -> None:
+    import redis
+
+    client = redis.Redis.from_url(f"{REDIS_BASE}/0", socket_connect_timeout=3)
+    key = f"studio-test:redis-pair:{first}"
+    if client.get(key) == RUN_ID.encode():
+        client.delete(key)
+
+
+# In-process tests (API through TestClient, services) share one database and the first Redis db of
+# the pair; the e2e stack uses the second.
 DB_NAME = f"studio_test_{RUN_ID}"
 DATA_DIR = Path(tempfile.mkdtemp(prefix="studio-test-"))
-REDIS_DB = int(os.environ.get("STUDIO_TEST_REDIS_DB", "11"))
-IN_PROCESS_REDIS = f"{REDIS_BASE}/{REDIS_DB}"
 os.environ.update({"STUDIO_DATA_DIR": str(DATA_DIR), "STUDIO_ENVIRONMENT": "development"})
 if SERVICES:
     _check_services()
+REDIS_DB = _claim_redis_pair() if SERVICES else 11
+IN_PROCESS_REDIS = f"{REDIS_BASE}/{REDIS_DB}"
+if SERVICES:
     os.environ.update(
         {
             "STUDIO_DATABASE__URL": create_database(DB_NAME),
@@ -87,6 +117,7 @@ def _database() -> Iterator[None]:
 
     get_engine().dispose()
     drop_database(DB_NAME)
+    _release_redis_pair(REDIS_DB)
 
 
 @pytest.fixture(scope="session")

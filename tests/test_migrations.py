@@ -11,7 +11,7 @@ from sqlmodel import SQLModel
 import app.models  # noqa: F401
 from app.core.db import make_engine
 from app.core.migrate import upgrade
-from tests.conftest import create_database, drop_database
+from tests.conftest import RUN_ID, create_database, drop_database
 
 
 def _drift(url: str) -> list[object]:
@@ -26,11 +26,12 @@ def _drift(url: str) -> list[object]:
 
 
 def test_no_drift_on_postgres() -> None:
-    url = create_database("studio_test_drift")
+    name = f"studio_test_drift_{RUN_ID}"  # this run's own, so two suites side by side don't share it
+    url = create_database(name)
     try:
         assert _drift(url) == []
     finally:
-        drop_database("studio_test_drift")
+        drop_database(name)
 
 
 def test_no_drift_on_sqlite(tmp_path: Path) -> None:
