@@ -94,6 +94,16 @@ class Stack:
                     os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
+    @contextmanager
+    def stopped(self, name: str, then: list[str], sig: signal.Signals = signal.SIGTERM) -> Iterator[None]:
+        """Stop `name` with `sig`, and start it again as `then` however the block ends: a failing check
+        inside must not leave the rest of the module's tests without that process."""
+        self.stop(name, sig)
+        try:
+            yield
+        finally:
+            self.start(name, then)
+
 
 def wait_for(predicate, timeout_s: float = 120.0, interval: float = 0.2, what: str = "condition"):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s

@@ -21,7 +21,7 @@ from tests.e2e.test_training_postgres import experiment_row, follow, query, subm
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
-MAX_STEPS = 60
+MAX_STEPS = 200  # a few seconds of the tiny model: 60 steps took 2 s, the same as a slow handoff
 
 
 def _long_run(http: httpx.Client, stack: Stack, model: Path, data: Path) -> str:
@@ -81,25 +81,21 @@ def test_sigterm_to_the_worker_hands_the_job_off_at_once(stack: Stack, tiny_mode
     """Found: a worker's SIGTERM (the usual eviction) neither checkpointed nor handed the job back."""
     with stack.http() as http:
         experiment_id = _long_run(http, stack, tiny_model, chat_file)
-        stack.stop("worker", signal.SIGTERM)  # Celery's warm shutdown; returns once the worker has exited
-        row = experiment_row(stack, experiment_id)
-        # Handed back before the worker exited: no stale-window wait, not counted as a loss.
-        assert (row["status"], row["worker_losses"]) == ("queued", 0), row
-        stack.start("worker", worker_command(["train.cpu"], "train-test-after-drain@%h"))
+        # Celery's warm shutdown; `stop` returns once the worker has exited.
+        with stack.stopped("worker", worker_command(["train.cpu"], "train-test-after-drain@%h"), signal.SIGTERM):
+            row = experiment_row(stack, experiment_id)
+            # Handed back before the worker exited: no stale-window wait, not counted as a loss.
+            assert (row["status"], row["worker_losses"]) == ("queued", 0), row
     _assert_resumed_once(stack, experiment_id, "handed off")
 
 
 def test_a_lost_broker_message_is_sent_again(stack: Stack, tiny_model: Path, chat_file: Path) -> None:
     """Found: a queued job whose broker message was lost (Redis failover) stayed `queued` forever."""
-    stack.stop("worker")
-    try:
-        with stack.http() as http:
-            dataset = upload(http, chat_file)
-            exp = submit(http, dataset["id"], tiny_model, max_steps=5)
-            wait_for(lambda: _sent(stack, exp["id"]), what="the outbox to send the message")
-            assert redis.Redis.from_url(E2E_REDIS).delete("train.cpu") == 1  # the broker loses it
-    finally:
-        stack.start("worker", worker_command(["train.cpu"], "train-test-after-loss@%h"))
+    with stack.stopped("worker", worker_command(["train.cpu"], "train-test-after-loss@%h")), stack.http() as http:
+        dataset = upload(http, chat_file)
+        exp = submit(http, dataset["id"], tiny_model, max_steps=5)
+        wait_for(lambda: _sent(stack, exp["id"]), what="the outbox to send the message")
+        assert redis.Redis.from_url(E2E_REDIS).delete("train.cpu") == 1  # the broker loses it
     events = follow(stack, exp["id"])
     assert [d["status"] for _, k, d in events if k == "status"] == ["queued", "running", "succeeded"]
     assert "its message was sent again" in stack.log("api")

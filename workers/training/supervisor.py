@@ -96,7 +96,7 @@ def run_training(message: TrainMessage, worker: str) -> str:
     libraries = library_versions()
     jobs.with_db_retries("record libraries", lambda: jobs.record_libraries(experiment_id, attempt, libraries), retry_s)
     supervision = Supervision(experiment_id, attempt, files, settings, storage, processes=experiment.gpus)
-    with _sigterm_hands_off(supervision.handoff):
+    with _sigterm_hands_off(supervision):
         outcome = supervision.run()
     if outcome != "lost":
         shutil.rmtree(files.root, ignore_errors=True)
@@ -104,14 +104,14 @@ def run_training(message: TrainMessage, worker: str) -> str:
 
 
 @contextlib.contextmanager
-def _sigterm_hands_off(handoff: threading.Event) -> Iterator[None]:
+def _sigterm_hands_off(supervision: Supervision) -> Iterator[None]:
     """While a job runs, SIGTERM to this process (a systemd stop, a node drain) asks for a handoff
     (checkpoint, requeue at once) instead of killing the supervisor and orphaning the job until the
     stale window passes. Celery's own warm shutdown asks the same through the row (`request_handoff`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: handoff.set())
+    previous = signal.signal(signal.SIGTERM, lambda *_: supervision.hand_off())
     try:
         yield
     finally:
@@ -261,9 +261,17 @@ class Supervision:
     stop_requested: bool = False
     handoff: threading.Event = field(default_factory=threading.Event)
     pause: threading.Event = field(default_factory=threading.Event)  # the user paused the job
+    wake: threading.Event = field(default_factory=threading.Event)  # the heartbeat acts now, not at its next beat
     processes: int = 1  # the job's GPUs (processes on a CPU worker): more than one runs under accelerate
     _events_offset: int = 0
     _stored_checkpoints: list[str] = field(default_factory=list)
+
+    def hand_off(self) -> None:
+        """Checkpoint and hand the job back now (safe in a signal handler). The heartbeat thread is woken:
+        a small model trains dozens of steps in one heartbeat interval, and a job that reached its end
+        meanwhile would be reported `succeeded` by a worker that was asked to stop."""
+        self.handoff.set()
+        self.wake.set()
 
     def run(self) -> str:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -491,7 +499,8 @@ class Heartbeat(threading.Thread):
                 kill_at = now + self.limits.handoff_grace_s
             if kill_at is not None and now >= kill_at:
                 self._kill(signal.SIGKILL)
-            self._closed.wait(self.limits.heartbeat_interval_s)
+            self.job.wake.wait(self.limits.heartbeat_interval_s)
+            self.job.wake.clear()
 
     def _ask_trainer_to_stop(self, reason: str) -> None:
         """The stop file says why (the trainer's callback reads it at the end of a step); SIGTERM makes it look
@@ -507,6 +516,7 @@ class Heartbeat(threading.Thread):
 
     def close(self) -> None:
         self._closed.set()
+        self.job.wake.set()
         self.join(timeout=self.limits.heartbeat_interval_s + 30)
 
 

@@ -424,8 +424,14 @@ def test_a_worker_shutting_down_hands_its_job_off_after_a_checkpoint(harness: Ha
     assert harness.storage.list(f"{checkpoint_prefix(experiment.id)}/checkpoint-7")
 
 
-def test_sigterm_to_the_supervisor_itself_hands_the_job_off(harness: Harness) -> None:
-    """What `_sigterm_hands_off` wires to SIGTERM in the worker's pool process: the handoff event."""
+def test_sigterm_to_the_supervisor_itself_hands_the_job_off_at_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `_sigterm_hands_off` wires to SIGTERM in the worker's pool process: `hand_off`. Found: the
+    heartbeat thread saw it only at its next beat, by when a small model had trained to its end, and the
+    job was `succeeded` although its worker was stopping. With a beat a minute apart, the handoff must
+    still reach the trainer well within the join below."""
+    monkeypatch.setattr(harness.settings.training, "heartbeat_interval_s", 60.0)
     harness.trainer("""
         signal.signal(signal.SIGTERM, lambda *_: (emit("stopped", step=3, reason="handoff"), sys.exit(0)))
         emit("started", max_steps=1000, start_step=0)
@@ -438,7 +444,7 @@ def test_sigterm_to_the_supervisor_itself_hands_the_job_off(harness: Harness) ->
     thread = threading.Thread(target=lambda: outcome.append(supervision.run()), daemon=True)
     thread.start()
     _wait_for(lambda: events(experiment.id, "started"), "the trainer to start")
-    supervision.handoff.set()
+    supervision.hand_off()
     thread.join(timeout=30)
     assert outcome == ["handed off"]
     assert reload(experiment.id).status is ExperimentStatus.queued
