@@ -19,6 +19,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import ColumnElement, exists, func, literal
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -40,6 +41,7 @@ from app.services.deployments import add_deployment, servable
 from app.services.errors import InvalidRequest, NotFound
 from app.services.experiments import check_base_model, create_experiment
 from app.services.model_names import FT_PREFIX, checkpoint_model_name, split_checkpoint
+from app.services.paging import keyset_page
 from app.services.principal import Principal
 from app.services.recipes import RecipeNotFound, resolve
 
@@ -280,18 +282,22 @@ def _estimated_finish(session: Session, experiment: Experiment) -> int | None:
 def list_jobs(
     *, session: Session, team_id: uuid.UUID, after: str | None, limit: int, metadata: dict[str, str]
 ) -> tuple[list[Experiment], bool]:
-    """Newest first; ``after`` is the id of the last job of the previous page."""
+    """Newest first; ``after`` is the id of the last job of the previous page; ``metadata`` keeps the jobs
+    whose labels hold every pair (compared in SQL, so a page reads only its own rows)."""
     query = select(Experiment).where(Experiment.team_id == team_id)
-    if after:
-        cursor = owned_job(session, team_id, after)
-        query = query.where(
-            (col(Experiment.created_at) < cursor.created_at)
-            | ((col(Experiment.created_at) == cursor.created_at) & (col(Experiment.id) < cursor.id))
-        )
-    rows = list(session.exec(query.order_by(col(Experiment.created_at).desc(), col(Experiment.id).desc())).all())
-    if metadata:  # labels are JSON: filtered here, which is fine at a team's scale of jobs
-        rows = [r for r in rows if all((r.labels or {}).get(k) == v for k, v in metadata.items())]
-    return rows[:limit], len(rows) > limit
+    dialect = session.get_bind().dialect.name
+    for label, value in metadata.items():
+        query = query.where(_has_label(dialect, label, value))
+    cursor = owned_job(session, team_id, after) if after else None
+    return keyset_page(session, query, (col(Experiment.created_at), col(Experiment.id)), cursor, limit)
+
+
+def _has_label(dialect: str, key: str, value: str) -> ColumnElement[bool]:
+    """An experiment's labels hold `key` = `value`. The pairs are enumerated rather than looked up by a JSON
+    path: SQLite's paths cannot quote a key that holds a double quote, and label keys are the user's own."""
+    each = func.json_each_text if dialect == "postgresql" else func.json_each  # text values, both
+    pairs = each(col(Experiment.labels)).table_valued("key", "value").alias("label")
+    return exists(select(literal(1)).select_from(pairs).where(pairs.c.key == key, pairs.c.value == value))
 
 
 # ---------------------------------------------------------------- events and checkpoints

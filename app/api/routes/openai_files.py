@@ -23,6 +23,7 @@ from app.models import Dataset, Experiment
 from app.services import curation, fine_tuning
 from app.services import datasets as datasets_service
 from app.services.errors import InvalidRequest
+from app.services.paging import keyset_page
 
 router = APIRouter(
     prefix="/v1/files", tags=["openai"], responses=OPENAI_ERRORS, dependencies=[Depends(reject_unstorable_text)]
@@ -70,20 +71,20 @@ def list_files(
     """The team's datasets as files (purpose `fine-tune`), paged by `after` (a file id)."""
     if purpose not in (None, "fine-tune"):
         return {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
-    key = (col(Dataset.created_at), col(Dataset.id))
-    query = select(Dataset).where(Dataset.team_id == principal.team_id)
-    if after:
-        cursor = fine_tuning.owned_file(session, principal.team_id, after, "after")
-        before = (key[0] < cursor.created_at) | ((key[0] == cursor.created_at) & (key[1] < cursor.id))
-        later = (key[0] > cursor.created_at) | ((key[0] == cursor.created_at) & (key[1] > cursor.id))
-        query = query.where(before if order == "desc" else later)
-    ordering = (key[0].desc(), key[1].desc()) if order == "desc" else (key[0].asc(), key[1].asc())
-    rows = list(session.exec(query.order_by(*ordering).limit(limit + 1)).all())
-    data = [fine_tuning.file_object(d) for d in rows[:limit]]
+    cursor = fine_tuning.owned_file(session, principal.team_id, after, "after") if after else None
+    rows, has_more = keyset_page(
+        session,
+        select(Dataset).where(Dataset.team_id == principal.team_id),
+        (col(Dataset.created_at), col(Dataset.id)),
+        cursor,
+        limit,
+        descending=order == "desc",
+    )
+    data = [fine_tuning.file_object(d) for d in rows]
     return {
         "object": "list",
         "data": data,
-        "has_more": len(rows) > limit,
+        "has_more": has_more,
         "first_id": data[0]["id"] if data else None,
         "last_id": data[-1]["id"] if data else None,
     }

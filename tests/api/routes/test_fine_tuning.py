@@ -177,6 +177,38 @@ def test_a_job_is_an_experiment_and_pauses_resumes_and_cancels(
     assert r.status_code == 404 and error(r)["code"] == "model_not_found"
 
 
+def test_jobs_page_newest_first_and_metadata_filters_every_page(anonymous: TestClient, tiny_model: Path) -> None:
+    """Found: the list read every job of the team to filter labels in Python; the filter is SQL now, so it
+    must still hold on every page, for label keys with JSON-path characters too."""
+    member = make_member(make_team(), Role.trainer)
+    training_file = upload(anonymous, member.headers, CHAT).json()["id"]
+    odd_key = 'odd "key.$[0]'
+    made = []
+    for i in range(5):
+        metadata = {"colour": "blue" if i % 2 == 0 else "red", odd_key: "x" if i == 3 else "y"}
+        body = {"model": str(tiny_model), "training_file": training_file, "metadata": metadata}
+        r = anonymous.post("/v1/fine_tuning/jobs", json=body, headers=member.headers)
+        assert r.status_code == 200, r.text
+        made.append(r.json()["id"])
+
+    def every_page(params: dict[str, str]) -> list[str]:
+        seen: list[str] = []
+        after: dict[str, str] = {}
+        while True:
+            page = anonymous.get(
+                "/v1/fine_tuning/jobs", params={**params, "limit": "2", **after}, headers=member.headers
+            ).json()
+            seen += [job["id"] for job in page["data"]]
+            if not page["has_more"]:
+                return seen
+            after = {"after": page["data"][-1]["id"]}
+
+    assert every_page({}) == made[::-1]
+    assert every_page({"metadata[colour]": "blue"}) == [made[4], made[2], made[0]]
+    assert every_page({f"metadata[{odd_key}]": "x"}) == [made[3]]
+    assert every_page({"metadata[colour]": "green"}) == []
+
+
 def test_a_preference_file_needs_method_dpo(
     anonymous: TestClient, trainer: Member, tiny_model: Path, training_file: str
 ) -> None:
