@@ -404,21 +404,31 @@ class InferenceEngine:
 
     # --- the loop ----------------------------------------------------------------------------------------
 
+    def _has_work(self) -> bool:
+        """Whether the loop has anything to do (the caller holds `_cond`)."""
+        scheduler, scorer = self._scheduler, self._scorer
+        return bool(
+            self._closed or scheduler.waiting or scheduler.running or self._control or scorer.queue or scorer.jobs
+        )
+
     def _run(self) -> None:
         scheduler, scorer = self._scheduler, self._scorer
+        holds_pool = False  # whether this thread has opened OpenMP regions since it last went idle
         try:
             with torch.inference_mode():
                 while True:
                     with self._cond:
-                        while not (
-                            self._closed
-                            or scheduler.waiting
-                            or scheduler.running
-                            or self._control
-                            or scorer.queue
-                            or scorer.jobs
-                        ):
+                        idle = not self._has_work()
+                    if idle and holds_pool:
+                        # An idle engine's OpenMP workers still count against every pool in the process, so
+                        # the other engines of a multi-model worker would take libgomp's slow path
+                        # (`openmp.py`); the next request builds the pool again (tens of microseconds).
+                        release_thread_pool()
+                        holds_pool = False
+                    with self._cond:
+                        while not self._has_work():
                             self._cond.wait()
+                        holds_pool = True
                         if self._closed:
                             return
                         control = list(self._control)
